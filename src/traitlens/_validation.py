@@ -1,0 +1,111 @@
+"""Argument checks and error wording, kept in one place so that every message reads the same.
+
+A message names the argument, what was expected, what was received, and how to fix it when it can.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def shape_of(x: torch.Tensor) -> str:
+    """``(2, 576)``: a shape written as users see it in their own code."""
+    return str(tuple(x.shape))
+
+
+def short_list(items: Iterable[str], limit: int = 10) -> str:
+    """``'a', 'b', 'c', ... (27 more)``."""
+    items = list(items)
+    shown = ", ".join(repr(i) for i in items[:limit])
+    if len(items) > limit:
+        shown += f", ... ({len(items) - limit} more)"
+    return shown or "(none)"
+
+
+def closest(name: str, options: Sequence[str], n: int = 3) -> list[str]:
+    """The options that look most like ``name`` (possibly none)."""
+    return difflib.get_close_matches(name, list(options), n=n, cutoff=0.5)
+
+
+def did_you_mean(name: str, options: Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` or an empty string."""
+    matches = closest(name, options)
+    if not matches:
+        return ""
+    if len(matches) == 1:
+        return f"; did you mean {matches[0]!r}?"
+    return f"; did you mean one of {short_list(matches)}?"
+
+
+def check_tensor(
+    x: object,
+    name: str,
+    *,
+    ndim: int | None = None,
+    shape_doc: str | None = None,
+    finite: bool = True,
+    floating: bool = True,
+) -> torch.Tensor:
+    """Validate a tensor argument and return it unchanged.
+
+    ``shape_doc`` is the documented shape (``"[n, hidden]"``) quoted in the message when ``ndim`` fails.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        expected = shape_doc or f"{ndim}-D"
+        hint = ""
+        if ndim == 2 and x.ndim == 1:
+            hint = f"; for a single example use {name}.unsqueeze(0)"
+        elif ndim == 2 and x.ndim == 3:
+            hint = "; select one position per example first (e.g. x[:, -1]) or flatten with x.flatten(0, 1)"
+        raise ValueError(f"{name} must have shape {expected}, got {shape_of(x)}{hint}")
+    if floating and not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if finite and x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); clean or drop those rows")
+    return x
+
+
+def check_vector(vector: object, name: str = "vector", hidden: int | None = None) -> torch.Tensor:
+    """A direction ``[hidden]``; optionally of a known hidden size."""
+    vector = check_tensor(vector, name, ndim=1, shape_doc="[hidden]")
+    if hidden is not None and vector.shape[0] != hidden:
+        raise ValueError(f"{name} must have shape [hidden]=[{hidden}], got {shape_of(vector)}")
+    return vector
+
+
+def check_pos_neg(
+    pos_acts: object, neg_acts: object, *, min_per_class: int = 1, method: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a contrastive pair of activation sets, each ``[n, hidden]``, and return them."""
+    pos = check_tensor(pos_acts, "pos_acts", ndim=2, shape_doc="[n_pos, hidden]")
+    neg = check_tensor(neg_acts, "neg_acts", ndim=2, shape_doc="[n_neg, hidden]")
+    if pos.shape[1] != neg.shape[1]:
+        raise ValueError(
+            f"pos_acts and neg_acts must have the same hidden size, got pos_acts {shape_of(pos)} "
+            f"and neg_acts {shape_of(neg)}"
+        )
+    who = f"{method} needs" if method else "need"
+    for arg, x in (("pos_acts", pos), ("neg_acts", neg)):
+        if x.shape[0] < min_per_class:
+            what = "is empty" if x.shape[0] == 0 else f"has {x.shape[0]} rows"
+            raise ValueError(
+                f"{arg} {what} (shape {shape_of(x)}); {who} at least {min_per_class} example"
+                f"{'s' if min_per_class != 1 else ''} per class"
+            )
+    return pos, neg
+
+
+def check_choice(value: object, name: str, options: Sequence[str]) -> str:
+    """A string argument that must be one of ``options``."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(
+            f"{name} must be one of {short_list(options)}, got {value!r}"
+            + (did_you_mean(value, options) if isinstance(value, str) else "")
+        )
+    return value

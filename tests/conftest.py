@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random models of three families, and the real bundled model (session-scoped)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Tiny configs: Llama-style ``model.layers``, GPT-2 ``transformer.h``, Qwen2 ``model.layers`` (GQA, biases).
+TINY_FAMILIES = ("llama", "gpt2", "qwen2")
+TINY_HIDDEN = 32
+TINY_LAYERS = 3
+TINY_VOCAB = 128
+
+
+def make_tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A seeded random-weight causal LM of ``family`` on CPU, in eval mode."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    common = {"vocab_size": TINY_VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if family == "llama":
+        config = LlamaConfig(
+            hidden_size=TINY_HIDDEN, intermediate_size=64, num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, **common,
+        )  # fmt: skip
+    elif family == "qwen2":
+        config = Qwen2Config(
+            hidden_size=TINY_HIDDEN, intermediate_size=64, num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **common,
+        )  # fmt: skip
+    elif family == "gpt2":
+        config = GPT2Config(n_embd=TINY_HIDDEN, n_layer=TINY_LAYERS, n_head=4, n_positions=128, **common)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def layer_path(family: str, i: int) -> str:
+    """Dotted path of decoder layer ``i`` in a tiny model of ``family``."""
+    return f"transformer.h.{i}" if family == "gpt2" else f"model.layers.{i}"
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def tiny(request):
+    """``(family, model)`` for each tiny family."""
+    return request.param, make_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The bundled SmolLM2-135M-Instruct: ``(model, tokenizer)``, loaded once per test session."""
+    from traitlens.models import load_model
+
+    return load_model()
