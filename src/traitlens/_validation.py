@@ -71,11 +71,17 @@ def check_tensor(
     return x
 
 
-def check_vector(vector: object, name: str = "vector", hidden: int | None = None) -> torch.Tensor:
-    """A direction ``[hidden]``; optionally of a known hidden size."""
+def check_vector(
+    vector: object, name: str = "vector", hidden: int | None = None, *, hidden_of: str | None = None
+) -> torch.Tensor:
+    """A direction ``[hidden]``; optionally of a known hidden size.
+
+    ``hidden_of`` names where ``hidden`` comes from (``"pos_acts (20, 576)"``) for the message.
+    """
     vector = check_tensor(vector, name, ndim=1, shape_doc="[hidden]")
     if hidden is not None and vector.shape[0] != hidden:
-        raise ValueError(f"{name} must have shape [hidden]=[{hidden}], got {shape_of(vector)}")
+        source = f" to match {hidden_of}" if hidden_of else ""
+        raise ValueError(f"{name} must have shape [hidden]=[{hidden}]{source}, got {shape_of(vector)}")
     return vector
 
 

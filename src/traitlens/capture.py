@@ -1,0 +1,188 @@
+"""Store what hooked modules output, pass after pass, and hand it back in the shape users expect.
+
+``ActivationCapture.make_hook(name)`` makes a forward hook for ``HookManager.add_forward_hook``. Each call
+of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position selector leaves of it);
+``get(name)`` joins the chunks:
+
+- a single forward pass: its chunk;
+- several passes of equal shape: concatenated along batch;
+- ``model.generate`` with the KV cache: the prompt chunk ``[batch, prompt_len, hidden]`` followed by one
+  ``[batch, 1, hidden]`` chunk per decode step is joined along the sequence, giving
+  ``[batch, prompt_len + new_tokens - 1, hidden]`` in position order (the last sampled token is never fed
+  back through the model). Several ``generate`` calls of equal shape are then concatenated along batch.
+  A decode step is recognised by its shape (one position, same batch, after a longer chunk), so a prompt
+  of a single token cannot be told apart from separate one-token passes: use ``get(name, concat=False)``
+  there;
+- anything else raises a ``ValueError`` that says what to do instead.
+
+Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). From a GPU the copy goes
+into pinned memory with ``non_blocking=True`` and ``get`` synchronises once, so hooks never wait for the
+host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from traitlens._validation import did_you_mean, short_list
+from traitlens.positions import apply_selector
+
+
+def output_tensor(output: object) -> torch.Tensor:
+    """The activation tensor in a module's output: the tensor itself, the first element of a tuple or
+    list, or the first value of a dict / transformers ``ModelOutput``.
+
+    Never ``output[0]`` of a plain tensor: that would be batch row 0.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, Mapping) and output:
+        first = next(iter(output.values()))
+        if isinstance(first, torch.Tensor):
+            return first
+    raise TypeError(
+        f"cannot find an activation tensor in a module output of type {type(output).__name__}; "
+        "hook a module that returns a tensor, a tuple starting with one, or a dict / ModelOutput"
+    )
+
+
+class ActivationCapture:
+    """Holds activations captured by the hooks it makes.
+
+    Args:
+        device: where stored activations go: ``"cpu"`` (default) or another device; ``None`` keeps them on
+            the device the module produced them on.
+        dtype: dtype to store in (``None``: as produced). Casting happens on the producing device.
+        positions: which positions to keep, applied on the producing device before storing (see
+            ``traitlens.positions``): ``None`` (all), an ``int`` or ``slice``, a ``[batch]`` / ``[batch, k]``
+            index tensor, or ``[batch, seq]`` weights. An attribute: set it before each batch, e.g.
+            ``capture.positions = last_token_index(inputs["attention_mask"])``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device | None = "cpu",
+        dtype: torch.dtype | None = None,
+        positions=None,
+    ):
+        self.device = None if device is None else torch.device(device)
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+        self.dtype = dtype
+        self.positions = positions
+        self._store: dict[str, list[torch.Tensor]] = {}
+        self._pending_copies = False
+
+    def make_hook(self, name: str) -> Callable:
+        """A forward hook ``(module, args, output)`` that stores the output under ``name``."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty string, got {name!r}")
+
+        def hook(module: torch.nn.Module, args, output) -> None:
+            self.store(name, output_tensor(output))
+
+        return hook
+
+    def store(self, name: str, activations: torch.Tensor) -> None:
+        """Store one chunk under ``name`` (what the hooks call; also usable by hand)."""
+        x = apply_selector(activations.detach(), self.positions)
+        if self.dtype is not None:
+            x = x.to(self.dtype)
+        if self.device is not None and x.device != self.device:
+            x = self._move(x)
+        self._store.setdefault(name, []).append(x)
+
+    def _move(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu" and x.device.type == "cuda":
+            buffer = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            buffer.copy_(x, non_blocking=True)
+            self._pending_copies = True
+            return buffer
+        return x.to(self.device)
+
+    def _sync(self) -> None:
+        if self._pending_copies:
+            torch.cuda.synchronize()
+            self._pending_copies = False
+
+    def get(self, name: str, concat: bool = True) -> torch.Tensor | list[torch.Tensor]:
+        """The activations stored under ``name``: joined (see the module docs) or, with ``concat=False``,
+        the list of chunks in the order the hooks saw them."""
+        if name not in self._store:
+            raise KeyError(
+                f"no activations captured under {name!r}; captured: {short_list(self._store)}"
+                + did_you_mean(name, list(self._store))
+            )
+        self._sync()
+        chunks = self._store[name]
+        if not concat:
+            return list(chunks)
+        if len(chunks) == 1:
+            return chunks[0]
+        runs = [torch.cat(run, dim=1) if len(run) > 1 else run[0] for run in _generation_runs(chunks)]
+        if len(runs) == 1:
+            return runs[0]
+        if all(run.shape[1:] == runs[0].shape[1:] for run in runs):
+            return torch.cat(runs, dim=0)
+        shapes = ", ".join(str(tuple(r.shape)) for r in runs[:4]) + (", ..." if len(runs) > 4 else "")
+        raise ValueError(
+            f"activations under {name!r} come from {len(runs)} passes whose shapes cannot be joined along "
+            f"batch: {shapes}; use get({name!r}, concat=False) for the list of passes, call clear() between "
+            "passes, or keep fixed positions (e.g. positions=last_token_index(attention_mask))"
+        )
+
+    def clear(self, name: str | None = None) -> None:
+        """Forget everything, or only what is stored under ``name``."""
+        if name is None:
+            self._store.clear()
+        else:
+            self._store.pop(name, None)
+
+    def keys(self) -> list[str]:
+        return list(self._store)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._store
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @property
+    def memory_usage(self) -> dict[str, float]:
+        """Megabytes (2**20 bytes) held per name."""
+        return {
+            name: sum(c.numel() * c.element_size() for c in chunks) / 2**20
+            for name, chunks in self._store.items()
+        }
+
+    def __repr__(self) -> str:
+        total = sum(self.memory_usage.values())
+        return f"ActivationCapture({len(self)} names: {short_list(self._store, 5)}, {total:.1f} MB)"
+
+
+def _generation_runs(chunks: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Group chunks into passes: a chunk of one position that follows a longer chunk of the same batch
+    (or a run already extended that way) is a KV-cache decode step of the same pass."""
+    runs: list[list[torch.Tensor]] = []
+    for chunk in chunks:
+        if runs and _is_decode_step(runs[-1], chunk):
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return runs
+
+
+def _is_decode_step(run: list[torch.Tensor], chunk: torch.Tensor) -> bool:
+    head = run[0]
+    return (
+        chunk.ndim == 3
+        and head.ndim == 3
+        and chunk.shape[1] == 1
+        and head.shape[1] > 1
+        and chunk.shape[0] == head.shape[0]
+        and chunk.shape[2] == head.shape[2]
+    )

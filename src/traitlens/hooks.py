@@ -1,0 +1,159 @@
+"""Hooks on any module of any PyTorch model, addressed by the model's own dotted paths.
+
+``HookManager`` registers forward (and forward-pre) hooks and removes every one of them on exit from its
+``with`` block, also when the body raises. The model itself is never wrapped or modified.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from traitlens._validation import closest, short_list
+
+
+def resolve_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule of ``model`` at dotted ``path`` (``""`` is the model itself).
+
+    Raises a ``ValueError`` that names the first segment that failed and suggests the closest real paths.
+    """
+    if not isinstance(path, str):
+        raise TypeError(
+            f"module_path must be a dotted string like 'model.layers.12', got {type(path).__name__}"
+        )
+    module = model
+    done: list[str] = []
+    for segment in path.split(".") if path else []:
+        child = module._modules.get(segment)
+        if child is None:
+            raise ValueError(_missing_message(model, path, done, segment, module))
+        module = child
+        done.append(segment)
+    return module
+
+
+def _missing_message(
+    model: torch.nn.Module, path: str, done: list[str], segment: str, parent: torch.nn.Module
+) -> str:
+    where = ".".join(done)
+    head = f"no module {path!r} in {type(model).__name__}: "
+    children = list(parent._modules)
+    if segment.isdigit() and children and all(c.isdigit() for c in children):
+        head += f"{where!r} has {len(children)} entries (0-{len(children) - 1}), got index {segment}"
+        return head
+    head += f"{where + '.' if where else ''}{segment!r} does not exist"
+    head += f" (children of {where or 'the model'!r}: {short_list(children, 8)})"
+    # Suggest full paths: fix the failing segment, keep the rest, and keep the ones that resolve.
+    rest = path.split(".")[len(done) + 1 :]
+    fixes = []
+    for name in closest(segment, children):
+        candidate = ".".join([*done, name, *rest])
+        try:
+            resolve_module(model, candidate)
+            fixes.append(candidate)
+        except ValueError:
+            pass
+    if not fixes:
+        fixes = closest(path, [n for n, _ in model.named_modules() if n])
+    if fixes:
+        head += (
+            f"; did you mean {fixes[0]!r}?"
+            if len(fixes) == 1
+            else f"; did you mean one of {short_list(fixes)}?"
+        )
+    return head
+
+
+def list_modules(model: torch.nn.Module, pattern: str | None = None) -> list[str]:
+    """Dotted paths of every hookable submodule of ``model``, in definition order.
+
+    ``pattern`` is a regular expression searched in each path (``r"layers\\.\\d+$"`` for decoder layers,
+    ``"mlp"`` for anything containing "mlp").
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    if pattern is None:
+        return names
+    regex = re.compile(pattern)
+    return [name for name in names if regex.search(name)]
+
+
+_HookFn = Callable[..., object]
+
+
+class HookManager:
+    """Registers hooks on ``model``'s submodules and removes them all on ``remove_all()`` or ``with`` exit.
+
+    Example::
+
+        with HookManager(model) as hooks:
+            hooks.add_forward_hook("model.layers.12", capture.make_hook("layer_12"))
+            model(**inputs)
+        # no hooks remain here, even if the body raised
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._handles: list[tuple[str, str, RemovableHandle]] = []  # (name, kind, handle)
+
+    def add_forward_hook(
+        self, module_path: str, hook_fn: _HookFn, name: str | None = None, *, with_kwargs: bool = False
+    ) -> RemovableHandle:
+        """Call ``hook_fn(module, args, output)`` after ``module_path`` runs; return the removable handle.
+
+        A hook that returns a value replaces the module's output. With ``with_kwargs=True`` the hook is
+        called as ``hook_fn(module, args, kwargs, output)``.
+        """
+        module = self._module(module_path, hook_fn)
+        handle = module.register_forward_hook(hook_fn, with_kwargs=with_kwargs)
+        self._handles.append((name or module_path, "forward", handle))
+        return handle
+
+    def add_forward_pre_hook(
+        self, module_path: str, hook_fn: _HookFn, name: str | None = None, *, with_kwargs: bool = False
+    ) -> RemovableHandle:
+        """Call ``hook_fn(module, args)`` before ``module_path`` runs; return the removable handle.
+
+        A hook that returns a value replaces the positional inputs. With ``with_kwargs=True`` it is called
+        as ``hook_fn(module, args, kwargs)`` and may return ``(args, kwargs)``.
+        """
+        module = self._module(module_path, hook_fn)
+        handle = module.register_forward_pre_hook(hook_fn, with_kwargs=with_kwargs)
+        self._handles.append((name or module_path, "forward_pre", handle))
+        return handle
+
+    def _module(self, module_path: str, hook_fn: _HookFn) -> torch.nn.Module:
+        if not callable(hook_fn):
+            raise TypeError(f"hook_fn must be callable, got {type(hook_fn).__name__}")
+        return resolve_module(self.model, module_path)
+
+    def get_module(self, module_path: str) -> torch.nn.Module:
+        """The submodule at ``module_path`` (same errors and suggestions as the ``add_*`` methods)."""
+        return resolve_module(self.model, module_path)
+
+    def list_modules(self, pattern: str | None = None) -> list[str]:
+        """Hookable module paths of the model, optionally filtered by a regular expression."""
+        return list_modules(self.model, pattern)
+
+    def remove_all(self) -> None:
+        """Remove every hook this manager added."""
+        for _, _, handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> HookManager:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove_all()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __repr__(self) -> str:
+        hooks = ", ".join(f"{name} ({kind})" for name, kind, _ in self._handles)
+        return f"HookManager({type(self.model).__name__}, {len(self)} hooks{': ' + hooks if hooks else ''})"

@@ -1,0 +1,537 @@
+"""Extraction methods: from contrastive activations to a trait vector.
+
+Every method takes ``pos_acts [n_pos, hidden]`` and ``neg_acts [n_neg, hidden]`` (float32, float16 or
+bfloat16, on any device) and returns a dict with at least ``vector [hidden]`` in float32 on the input's device,
+plus method-specific keys. Computation is in float32 whatever the input dtype.
+
+    method = get_method("probe", C=0.1)            # hyper-parameters in the constructor ...
+    result = method.extract(pos, neg, penalty="l1")  # ... or per call (the call wins)
+    result["vector"], result["bias"], result["train_acc"]
+
+Except for the random baseline, every vector is oriented so that positives project higher than negatives on
+average: ``(mean(pos_acts) - mean(neg_acts)) @ vector >= 0``. Methods whose sign is arbitrary (PCA, ICA, an
+optimised direction) flip it when needed and report ``flipped``. Mean difference and probe are oriented by
+construction.
+
+Only torch is imported here; scikit-learn is imported by ICA and by the probe's reference solver when used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from traitlens._validation import check_choice, check_pos_neg, did_you_mean, short_list
+
+
+def _orient(vector: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Flip ``vector [hidden]`` if negatives project higher than positives on average; return it and ``flipped``."""
+    flipped = bool((pos.mean(0) - neg.mean(0)) @ vector < 0)
+    return (-vector if flipped else vector), flipped
+
+
+def _generator(seed: int) -> torch.Generator:
+    """A CPU generator, so that a seed gives the same numbers on every device (draw on CPU, then move)."""
+    return torch.Generator().manual_seed(int(seed))
+
+
+class ExtractionMethod:
+    """Base class: ``extract(pos_acts, neg_acts, **params) -> dict``.
+
+    Args of ``extract``:
+        pos_acts: activations of positive examples ``[n_pos, hidden]``.
+        neg_acts: activations of negative examples ``[n_neg, hidden]``, same hidden size.
+        **params: hyper-parameters of the method; they override those given to the constructor.
+
+    Returns a dict with at least ``vector`` ``[hidden]`` (float32, on the input's device). Inputs may be
+    float32, float16 or bfloat16; all computation is in float32. Every method accepts ``seed`` (default 0) so
+    that all of them can be called alike; randomised methods are reproducible given it, deterministic ones
+    ignore it. Bad input (not 2-D, different hidden sizes, too few rows, NaN/inf) raises ``ValueError``
+    naming the argument and its shape; an unknown hyper-parameter raises ``TypeError``.
+
+    A subclass implements ``_extract(self, pos, neg, *, <hyper-parameters with defaults>)`` on float32
+    ``[n, hidden]`` tensors; the keyword-only parameters of that signature are the method's hyper-parameters.
+    """
+
+    min_per_class: int = 1
+    """Fewest examples per class the method accepts."""
+
+    def __init__(self, **params: Any) -> None:
+        self.params = self._check_params(params)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The method's hyper-parameters and their default values."""
+        signature = inspect.signature(cls._extract)
+        found = {p.name: p.default for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY}
+        return {"seed": 0, **found}
+
+    def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        valid = list(self.defaults())
+        for key in params:
+            if key not in valid:
+                raise TypeError(
+                    f"{type(self).__name__} has no parameter {key!r}{did_you_mean(key, valid)}; "
+                    f"valid parameters: {short_list(valid)}"
+                )
+        return dict(params)
+
+    def extract(self, pos_acts: torch.Tensor, neg_acts: torch.Tensor, **params: Any) -> dict[str, Any]:
+        """Extract a trait vector ``[hidden]`` from ``pos_acts [n_pos, hidden]`` and ``neg_acts [n_neg, hidden]``."""
+        pos, neg = check_pos_neg(pos_acts, neg_acts, min_per_class=self.min_per_class, method=type(self).__name__)
+        merged = {**self.params, **self._check_params(params)}
+        if "seed" not in inspect.signature(self._extract).parameters:
+            merged.pop("seed", None)  # deterministic method
+        return self._extract(pos.float(), neg.float(), **merged)
+
+    def _extract(self, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _extract")
+
+    def name(self) -> str:
+        """The class name, e.g. ``'ProbeMethod'``."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+
+class MeanDifferenceMethod(ExtractionMethod):
+    """``vector = mean(pos_acts) - mean(neg_acts)`` (means accumulated in float64).
+
+    Parameters:
+        normalize: return a unit vector instead of the raw difference (default False, as in traitlens 0.4).
+
+    Returns ``vector [hidden]``, ``pos_mean [hidden]``, ``neg_mean [hidden]``.
+    """
+
+    def _extract(self, pos: torch.Tensor, neg: torch.Tensor, *, normalize: bool = False) -> dict[str, Any]:
+        pos_mean = pos.mean(0, dtype=torch.float64).float()  # [hidden]
+        neg_mean = neg.mean(0, dtype=torch.float64).float()  # [hidden]
+        vector = pos_mean - neg_mean
+        if normalize:
+            vector = vector / vector.norm().clamp_min(1e-12)
+        return {"vector": vector, "pos_mean": pos_mean, "neg_mean": neg_mean}
+
+
+class ProbeMethod(ExtractionMethod):
+    """Logistic-regression probe; the weights are the vector.
+
+    The objective is scikit-learn's: ``C * sum_i logloss_i + penalty(w)`` with ``penalty`` ``'l2'``
+    (``||w||^2 / 2``), ``'l1'`` (``||w||_1``) or ``'elasticnet'`` (``l1_ratio * ||w||_1 +
+    (1 - l1_ratio) * ||w||^2 / 2``); the bias is not penalised. Residual streams are strongly anisotropic
+    (a few dimensions ~1e4 larger than the rest), so with ``standardize=True`` (default) the probe is fitted
+    on features scaled to zero mean and unit variance (so the penalty treats dimensions alike) and the
+    weights are mapped back: ``acts @ vector + bias`` is the logit for raw activations ``acts [n, hidden]``.
+
+    Parameters:
+        penalty: ``'l2'`` (default), ``'l1'`` (sparse: many components exactly zero) or ``'elasticnet'``.
+        C: inverse regularisation strength (default 1.0; smaller = stronger).
+        l1_ratio: the L1 share for ``'elasticnet'`` (default 0.5).
+        solver: ``'torch'`` (default: L-BFGS for l2, FISTA for l1/elasticnet, on the activations' device)
+            or ``'sklearn'`` (scikit-learn's LogisticRegression on CPU, lbfgs / saga: the reference).
+        max_iter: iteration cap of the solver (default 1000).
+        tol: convergence tolerance (default 1e-4; for torch, on the gradient's largest component for L-BFGS
+            and on the largest relative parameter change for FISTA).
+        standardize: fit on standardised features (default True).
+        seed: used by the saga solver of scikit-learn only.
+
+    Returns ``vector [hidden]``, ``bias`` (float), ``train_acc`` (float), ``pos_scores [n_pos]`` and
+    ``neg_scores [n_neg]`` (probabilities of the positive class), ``n_iter``, ``converged``.
+    """
+
+    min_per_class = 2
+
+    def _extract(
+        self,
+        pos: torch.Tensor,
+        neg: torch.Tensor,
+        *,
+        penalty: str = "l2",
+        C: float = 1.0,
+        l1_ratio: float = 0.5,
+        solver: str = "torch",
+        max_iter: int = 1000,
+        tol: float = 1e-4,
+        standardize: bool = True,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        check_choice(penalty, "penalty", ("l2", "l1", "elasticnet"))
+        check_choice(solver, "solver", ("torch", "sklearn"))
+        if not C > 0:
+            raise ValueError(f"C must be > 0, got {C!r}")
+        if penalty == "elasticnet" and not 0.0 <= l1_ratio <= 1.0:
+            raise ValueError(f"l1_ratio must be in [0, 1], got {l1_ratio!r}")
+        ratio = {"l2": 0.0, "l1": 1.0, "elasticnet": float(l1_ratio)}[penalty]
+
+        x = torch.cat([pos, neg])  # [n, hidden]
+        y = torch.cat([pos.new_ones(len(pos)), neg.new_zeros(len(neg))])  # [n]
+        if standardize:
+            mean = x.mean(0, dtype=torch.float64).float()  # [hidden]
+            scale = x.std(0, correction=0)  # [hidden]
+            scale = torch.where(scale > 1e-12 * scale.max().clamp_min(1e-30), scale, torch.ones_like(scale))
+        else:
+            mean, scale = torch.zeros_like(x[0]), torch.ones_like(x[0])
+        z = (x - mean) / scale  # [n, hidden]
+
+        if solver == "torch":
+            w, b, n_iter, converged = _fit_logistic_torch(z, y, C=C, l1_ratio=ratio, max_iter=max_iter, tol=tol)
+        else:
+            w, b, n_iter, converged = _fit_logistic_sklearn(
+                z, y, C=C, l1_ratio=ratio, max_iter=max_iter, tol=tol, seed=seed
+            )
+        if not converged:
+            warnings.warn(
+                f"ProbeMethod (solver={solver!r}, penalty={penalty!r}) stopped at max_iter={max_iter} before "
+                f"converging; raise max_iter or lower C",
+                stacklevel=3,
+            )
+        vector = w / scale  # [hidden], raw activation space
+        bias = float(b - (vector * mean).sum())
+        logits = x @ vector + bias  # [n]
+        probs = torch.sigmoid(logits)
+        return {
+            "vector": vector,
+            "bias": bias,
+            "train_acc": float(((logits > 0).float() == y).float().mean()),
+            "pos_scores": probs[: len(pos)],
+            "neg_scores": probs[len(pos) :],
+            "n_iter": n_iter,
+            "converged": converged,
+        }
+
+
+def _logistic_loss_grad(
+    z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, l2: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean log-loss + ``l2 / 2 * ||w||^2`` and its gradients in ``w [hidden]`` and ``b []``."""
+    logits = z @ w + b  # [n]
+    loss = (torch.nn.functional.softplus(logits) - y * logits).mean() + 0.5 * l2 * (w @ w)
+    residual = (torch.sigmoid(logits) - y) / len(y)  # [n]
+    return loss, z.T @ residual + l2 * w, residual.sum()
+
+
+def _fit_logistic_torch(
+    z: torch.Tensor, y: torch.Tensor, *, C: float, l1_ratio: float, max_iter: int, tol: float
+) -> tuple[torch.Tensor, float, int, bool]:
+    """Fit ``w [hidden]``, ``b`` on ``z [n, hidden]``, labels ``y [n]`` in {0, 1}; sklearn's objective / (C n).
+
+    Smooth (``l1_ratio == 0``): L-BFGS with a strong-Wolfe line search. Otherwise FISTA (Beck & Teboulle 2009)
+    with backtracking on the step and adaptive momentum restart (O'Donoghue & Candès 2015); the L1 part is
+    applied by soft-thresholding. Returns ``(w, b, iterations, converged)``.
+    """
+    n, hidden = z.shape
+    l2 = (1.0 - l1_ratio) / (C * n)
+    l1 = l1_ratio / (C * n)
+    theta = z.new_zeros(hidden + 1)  # [w, b]
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return t[:hidden], t[hidden]
+
+    if l1 == 0.0:
+        theta.requires_grad_(True)
+        optimizer = torch.optim.LBFGS(
+            [theta],
+            lr=1.0,
+            max_iter=max_iter,
+            tolerance_grad=tol,
+            tolerance_change=0.0,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> torch.Tensor:
+            with torch.no_grad():
+                loss, grad_w, grad_b = _logistic_loss_grad(z, y, *split(theta), l2)
+                theta.grad = torch.cat([grad_w, grad_b[None]])
+            return loss
+
+        optimizer.step(closure)
+        n_iter = int(optimizer.state[theta]["n_iter"])
+        converged = bool(theta.grad.abs().max() <= tol) or n_iter < max_iter
+        w, b = split(theta.detach())
+        return w.clone(), float(b), n_iter, converged
+
+    def smooth(t: torch.Tensor) -> torch.Tensor:
+        logits = z @ t[:hidden] + t[hidden]
+        return (torch.nn.functional.softplus(logits) - y * logits).mean() + 0.5 * l2 * (t[:hidden] @ t[:hidden])
+
+    def prox(t: torch.Tensor, step: float) -> torch.Tensor:
+        w, b = split(t)
+        w = torch.sign(w) * (w.abs() - l1 * step).clamp_min(0.0)
+        return torch.cat([w, b[None]])
+
+    lipschitz, momentum, current = 1.0, 1.0, theta
+    for n_iter in range(1, max_iter + 1):
+        loss, grad_w, grad_b = _logistic_loss_grad(z, y, *split(theta), l2)
+        grad = torch.cat([grad_w, grad_b[None]])
+        while True:  # backtracking: the quadratic model at theta must bound the loss at the new point
+            new = prox(theta - grad / lipschitz, 1.0 / lipschitz)
+            step = new - theta
+            if smooth(new) <= loss + grad @ step + 0.5 * lipschitz * (step @ step) + 1e-7 * abs(float(loss)):
+                break
+            lipschitz *= 2.0
+        change = float((new - current).abs().max())
+        scale = max(1.0, float(new.abs().max()))
+        if float((theta - new) @ (new - current)) > 0:  # moving uphill: restart the momentum
+            momentum = 1.0
+            theta = new
+        else:
+            next_momentum = (1.0 + math.sqrt(1.0 + 4.0 * momentum**2)) / 2.0
+            theta = new + (momentum - 1.0) / next_momentum * (new - current)
+            momentum = next_momentum
+        current = new
+        if change <= tol * scale:
+            w, b = split(current)
+            return w, float(b), n_iter, True
+    w, b = split(current)
+    return w, float(b), max_iter, False
+
+
+def _fit_logistic_sklearn(
+    z: torch.Tensor, y: torch.Tensor, *, C: float, l1_ratio: float, max_iter: int, tol: float, seed: int
+) -> tuple[torch.Tensor, float, int, bool]:
+    """scikit-learn's LogisticRegression on ``z [n, hidden]`` (CPU, float64): lbfgs for l2, saga otherwise."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    solver = "lbfgs" if l1_ratio == 0.0 else "saga"
+    if LogisticRegression().get_params()["penalty"] == "deprecated":  # scikit-learn >= 1.8: l1_ratio alone
+        penalty_args: dict[str, Any] = {"l1_ratio": l1_ratio}
+    else:
+        penalty = {0.0: "l2", 1.0: "l1"}.get(l1_ratio, "elasticnet")
+        penalty_args = {"penalty": penalty, "l1_ratio": l1_ratio if penalty == "elasticnet" else None}
+    model = LogisticRegression(C=C, solver=solver, max_iter=max_iter, tol=tol, random_state=seed, **penalty_args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(z.cpu().double().numpy(), y.cpu().numpy())
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    w = torch.from_numpy(model.coef_[0]).to(device=z.device, dtype=torch.float32)
+    return w, float(model.intercept_[0]), int(model.n_iter_[0]), converged
+
+
+class ICAMethod(ExtractionMethod):
+    """Independent component analysis (scikit-learn's FastICA) of the pooled activations.
+
+    Positives and negatives are stacked ``[n, hidden]``; FastICA whitens them by PCA to ``n_components``
+    dimensions (default 10, capped at ``n - 1`` and ``hidden``) and unmixes them into independent sources.
+    Each component's direction is its column of the mixing matrix (the pattern a source adds to the
+    activations, in activation units). By default the component that best separates the classes is chosen:
+    largest ``|mean_pos - mean_neg| / pooled std`` of its source values (``separation_scores``).
+
+    Parameters:
+        n_components: number of components (default 10).
+        component_idx: take this component instead of the best-separating one (default None).
+        max_iter, tol: FastICA's iteration cap and tolerance (defaults 200, 1e-4).
+        seed: FastICA's ``random_state``.
+
+    Returns ``vector [hidden]`` (the chosen component, oriented), ``component_idx``, ``all_components
+    [n_components, hidden]`` (not oriented), ``separation_scores [n_components]``, ``pos_proj [n_pos,
+    n_components]`` and ``neg_proj [n_neg, n_components]`` (source values), ``flipped``.
+    """
+
+    min_per_class = 2
+
+    def _extract(
+        self,
+        pos: torch.Tensor,
+        neg: torch.Tensor,
+        *,
+        n_components: int = 10,
+        component_idx: int | None = None,
+        max_iter: int = 200,
+        tol: float = 1e-4,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        from sklearn.decomposition import FastICA
+
+        x = torch.cat([pos, neg])  # [n, hidden]
+        if not (isinstance(n_components, int) and n_components >= 1):
+            raise ValueError(f"n_components must be a positive int, got {n_components!r}")
+        k = min(n_components, len(x) - 1, x.shape[1])
+        ica = FastICA(n_components=k, whiten="unit-variance", max_iter=max_iter, tol=tol, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*did not converge.*")
+            sources = ica.fit_transform(x.cpu().numpy())  # [n, k]
+        sources = torch.from_numpy(sources).to(device=x.device, dtype=torch.float32)
+        mixing = torch.from_numpy(ica.mixing_.T).to(device=x.device, dtype=torch.float32)  # [k, hidden]
+
+        pos_proj, neg_proj = sources[: len(pos)], sources[len(pos) :]
+        pooled_var = (pos_proj.var(0) * (len(pos) - 1) + neg_proj.var(0) * (len(neg) - 1)) / (len(x) - 2)
+        scores = (pos_proj.mean(0) - neg_proj.mean(0)).abs() / pooled_var.sqrt().clamp_min(1e-12)  # [k]
+        if component_idx is None:
+            component_idx = int(scores.argmax())
+        elif not (isinstance(component_idx, int) and -k <= component_idx < k):
+            raise ValueError(f"component_idx must be an int in [0, {k}) (n_components={k}), got {component_idx!r}")
+        vector, flipped = _orient(mixing[component_idx], pos, neg)
+        return {
+            "vector": vector,
+            "component_idx": component_idx % k,
+            "all_components": mixing,
+            "separation_scores": scores,
+            "pos_proj": pos_proj,
+            "neg_proj": neg_proj,
+            "flipped": flipped,
+        }
+
+
+class GradientMethod(ExtractionMethod):
+    """A unit vector optimised by gradient ascent (Adam) on a class-separation objective.
+
+    The objective for a unit vector ``v`` is a shrunk Fisher criterion (Cohen's d of the projections)::
+
+        sep(v) = (mean_pos - mean_neg) @ v / sqrt((1 - shrinkage) * v' S v + shrinkage * trace(S) / hidden)
+
+    with ``S`` the pooled within-class covariance ``[hidden, hidden]`` (never formed: only projections are
+    used). ``shrinkage`` > 0 keeps the problem well posed when ``n < hidden`` (otherwise directions with zero
+    within-class variance give an infinite ratio); ``shrinkage=1`` makes it the normalised mean difference.
+    Its maximiser is the regularised LDA direction ``((1 - shrinkage) S + shrinkage * trace(S)/hidden * I)^-1
+    (mean_pos - mean_neg)``; the gradient method reaches it approximately in a fixed number of steps and
+    extends to other objectives. The start is a seeded random unit vector.
+
+    Parameters:
+        num_steps: Adam steps (default 200).
+        lr: learning rate (default 0.05, on a parameter of unit norm).
+        shrinkage: in (0, 1] (default 0.5).
+        seed: seed of the starting vector.
+
+    Returns ``vector [hidden]`` (unit norm, oriented), ``loss_history [num_steps]`` (``-sep``),
+    ``final_separation`` (``mean_pos - mean_neg`` of the projections on ``vector``), ``pos_mean_proj``,
+    ``neg_mean_proj``, ``flipped``.
+    """
+
+    min_per_class = 2
+
+    def _extract(
+        self,
+        pos: torch.Tensor,
+        neg: torch.Tensor,
+        *,
+        num_steps: int = 200,
+        lr: float = 0.05,
+        shrinkage: float = 0.5,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        if not 0.0 < shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage!r}")
+        if not (isinstance(num_steps, int) and num_steps >= 1):
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        delta = pos.mean(0) - neg.mean(0)  # [hidden]
+        centered = torch.cat([pos - pos.mean(0), neg - neg.mean(0)])  # [n, hidden]
+        dof = len(centered) - 2
+        mean_var = float((centered**2).sum()) / (dof * pos.shape[1])  # trace(S) / hidden
+
+        param = torch.randn(pos.shape[1], generator=_generator(seed)).to(pos.device)
+        param = (param / param.norm()).requires_grad_(True)
+        optimizer = torch.optim.Adam([param], lr=lr)
+        history = []
+        for _ in range(num_steps):
+            v = param / param.norm()
+            within = (centered @ v).pow(2).sum() / dof  # v' S v
+            loss = -(delta @ v) / ((1 - shrinkage) * within + shrinkage * mean_var).sqrt()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append(float(loss))
+
+        vector, flipped = _orient((param / param.norm()).detach(), pos, neg)
+        pos_mean_proj, neg_mean_proj = float(pos.mean(0) @ vector), float(neg.mean(0) @ vector)
+        return {
+            "vector": vector,
+            "loss_history": torch.tensor(history),
+            "final_separation": pos_mean_proj - neg_mean_proj,
+            "pos_mean_proj": pos_mean_proj,
+            "neg_mean_proj": neg_mean_proj,
+            "flipped": flipped,
+        }
+
+
+class PCADiffMethod(ExtractionMethod):
+    """First principal direction of paired differences ``pos_i - neg_i`` (RepE-style), unit norm, oriented.
+
+    Pairs: with ``pairing='index'`` (default) row ``i`` of ``pos_acts`` is paired with row ``i`` of
+    ``neg_acts``, which needs ``n_pos == n_neg`` (the usual contrastive-prompt setup); different counts raise
+    ``ValueError``. With ``pairing='random'`` the rows are paired by a seeded random permutation and the larger
+    class is subsampled to the size of the smaller one.
+
+    Centering: by default (``center=False``) the differences are not centered: the vector is the top right
+    singular vector of the difference matrix, i.e. the direction of largest mean squared projection of the
+    differences. This equals the centered PCA of RepE (Zou et al. 2023), which randomly flips the sign of
+    each pair, in expectation, and keeps the consistent shift between classes that one is after. With
+    ``center=True`` the mean difference is subtracted first, as in repeng's ``pca_diff`` (scikit-learn PCA):
+    the vector is then the direction along which the pair differences *vary* most, which finds the trait
+    only when its strength varies between pairs more than the noise does.
+
+    Computed by ``torch.linalg.svd`` in float32. The sign is fixed by orientation (``flipped``).
+
+    Returns ``vector [hidden]``, ``explained_variance`` (mean squared projection of the differences on
+    ``vector``: divided by ``n_pairs - 1`` when centered, as in scikit-learn, else by ``n_pairs``),
+    ``explained_variance_ratio``, ``n_pairs``, ``flipped``.
+    """
+
+    min_per_class = 2
+
+    def _extract(
+        self, pos: torch.Tensor, neg: torch.Tensor, *, pairing: str = "index", center: bool = False, seed: int = 0
+    ) -> dict[str, Any]:
+        check_choice(pairing, "pairing", ("index", "random"))
+        if pairing == "index" and len(pos) != len(neg):
+            raise ValueError(
+                f"pairing='index' pairs row i of pos_acts with row i of neg_acts and needs as many rows in each, "
+                f"got pos_acts {tuple(pos.shape)} and neg_acts {tuple(neg.shape)}; pass pairing='random' "
+                f"to pair them at random (the larger class is subsampled)"
+            )
+        if pairing == "random":
+            generator = _generator(seed)
+            n = min(len(pos), len(neg))
+            pos = pos[torch.randperm(len(pos), generator=generator)[:n].to(pos.device)]
+            neg = neg[torch.randperm(len(neg), generator=generator)[:n].to(neg.device)]
+        diffs = pos - neg  # [n_pairs, hidden]
+        if center:
+            diffs = diffs - diffs.mean(0)
+        _, singular, vh = torch.linalg.svd(diffs, full_matrices=False)
+        vector, flipped = _orient(vh[0], pos, neg)
+        power = singular**2
+        return {
+            "vector": vector,
+            "explained_variance": float(power[0]) / (len(diffs) - 1 if center else len(diffs)),
+            "explained_variance_ratio": float(power[0] / power.sum().clamp_min(1e-30)),
+            "n_pairs": len(diffs),
+            "flipped": flipped,
+        }
+
+
+class RandomBaselineMethod(ExtractionMethod):
+    """A random unit vector (seeded; the data only give its size and device). Not oriented.
+
+    A sanity check: its held-out accuracy should be near chance; if it is not, the evaluation is broken.
+
+    Returns ``vector [hidden]`` (unit norm) and ``is_random`` (True).
+    """
+
+    def _extract(self, pos: torch.Tensor, neg: torch.Tensor, *, seed: int = 0) -> dict[str, Any]:
+        vector = torch.randn(pos.shape[1], generator=_generator(seed)).to(pos.device)
+        return {"vector": vector / vector.norm(), "is_random": True}
+
+
+METHODS: dict[str, type[ExtractionMethod]] = {
+    "mean_diff": MeanDifferenceMethod,
+    "probe": ProbeMethod,
+    "ica": ICAMethod,
+    "gradient": GradientMethod,
+    "pca_diff": PCADiffMethod,
+    "random_baseline": RandomBaselineMethod,
+}
+"""Method name -> class, for ``get_method``."""
+
+
+def get_method(name: str, **params: Any) -> ExtractionMethod:
+    """The extraction method called ``name`` (a key of ``METHODS``), built with hyper-parameters ``params``.
+
+    >>> get_method("probe", penalty="l1").extract(pos_acts, neg_acts)["vector"]  # doctest: +SKIP
+    """
+    return METHODS[check_choice(name, "method", list(METHODS))](**params)

@@ -1,0 +1,113 @@
+"""Where in the sequence activations are read: the position rules, as selectors for ``ActivationCapture``.
+
+A *selector* is what ``ActivationCapture(positions=...)`` accepts: ``None`` (every position), an ``int`` or a
+``slice`` (the same positions in every row), a ``[batch]`` or ``[batch, k]`` integer tensor (per-row
+positions), or a ``[batch, seq]`` floating tensor of weights (a weighted sum over positions, e.g. a mean
+over the prompt). Selection runs on the activations' device, so hooks never synchronise with the host.
+
+The rules of the pipeline, one vocabulary everywhere:
+
+- ``"prompt_last"``: the last real token of the prompt (for plain texts, the last token of the text);
+- ``"prompt_mean"``: the mean over the prompt's real tokens;
+- ``"response_mean"``: the mean over the response's tokens;
+- ``"all"``: every position (``[batch, seq, hidden]``; pads included, mask them yourself).
+
+All are padding-safe for left and right padding because they come from masks, never from ``shape[1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from traitlens._validation import check_choice, shape_of
+
+POSITION_RULES = ("prompt_last", "prompt_mean", "response_mean", "all")
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real (mask 1) token of each row: ``[batch]``, on the mask's device.
+
+    Correct for right padding (``mask.sum(-1) - 1`` would be too) and for left padding (where it is
+    ``seq - 1``); a row with no real token gets 0.
+    """
+    mask = _check_mask(attention_mask, "attention_mask")
+    steps = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.long() * steps).argmax(dim=-1)
+
+
+def select_positions(
+    rule: str,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The selector for ``rule`` on a batch: pass it as ``ActivationCapture.positions`` for that batch.
+
+    Args:
+        rule: one of ``POSITION_RULES``.
+        attention_mask: ``[batch, seq]``, 1 on real tokens.
+        response_mask: ``[batch, seq]``, 1 on response tokens (prompt = real tokens that are not response).
+            Needed for every rule but ``"all"``; ``None`` means the whole text is the prompt.
+
+    Returns a ``[batch]`` index (``prompt_last``), ``[batch, seq]`` float32 weights that sum to 1 per row
+    (the means), or ``None`` (``all``).
+    """
+    check_choice(rule, "position", POSITION_RULES)
+    mask = _check_mask(attention_mask, "attention_mask").bool()
+    if rule == "all":
+        return None
+    response = (
+        torch.zeros_like(mask) if response_mask is None else _check_mask(response_mask, "response_mask")
+    )
+    if response.shape != mask.shape:
+        raise ValueError(
+            f"response_mask must have the shape of attention_mask {shape_of(mask)}, got {shape_of(response)}"
+        )
+    prompt = mask & ~response.bool()
+    chosen = response.bool() & mask if rule == "response_mean" else prompt
+    counts = chosen.sum(dim=-1)
+    if bool((counts == 0).any()):
+        rows = torch.nonzero(counts == 0).flatten().tolist()
+        part = "response" if rule == "response_mean" else "prompt"
+        raise ValueError(f"position {rule!r} needs {part} tokens, but rows {rows[:10]} have none")
+    if rule == "prompt_last":
+        return last_token_index(prompt)
+    return chosen.float() / counts.unsqueeze(-1).float()
+
+
+def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
+    """Apply a selector to ``hidden`` ``[batch, seq, hidden]`` on its own device.
+
+    Returns ``[batch, seq, hidden]`` (``None``), ``[batch, hidden]`` (``int``, ``[batch]`` index or
+    ``[batch, seq]`` weights) or ``[batch, k, hidden]`` (``slice``, ``[batch, k]`` index).
+    """
+    if selector is None:
+        return hidden
+    if hidden.ndim != 3:
+        raise ValueError(f"positions need activations of shape [batch, seq, hidden], got {shape_of(hidden)}")
+    if isinstance(selector, (int, slice)):
+        return hidden[:, selector]
+    if not isinstance(selector, torch.Tensor):
+        raise TypeError(f"positions must be None, an int, a slice or a tensor, got {type(selector).__name__}")
+    batch, seq, width = hidden.shape
+    selector = selector.to(hidden.device, non_blocking=True)
+    if selector.is_floating_point():
+        if selector.shape != (batch, seq):
+            raise ValueError(
+                f"position weights must have shape [batch, seq]=[{batch}, {seq}], got {shape_of(selector)}"
+            )
+        return torch.einsum("bs,bsh->bh", selector.to(hidden.dtype), hidden)
+    if selector.ndim not in (1, 2) or selector.shape[0] != batch:
+        raise ValueError(
+            f"position index must have shape [batch]=[{batch}] or [batch, k], got {shape_of(selector)}"
+        )
+    index = selector.view(batch, -1, 1).expand(-1, -1, width)
+    picked = hidden.gather(1, index)  # [batch, k, hidden]
+    return picked.squeeze(1) if selector.ndim == 1 else picked
+
+
+def _check_mask(mask: object, name: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [batch, seq], got {type(mask).__name__}")
+    if mask.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, seq], got {shape_of(mask)}")
+    return mask

@@ -1,0 +1,177 @@
+import pytest
+import torch
+from tests.conftest import TINY_HIDDEN, TINY_LAYERS, layer_path, make_tiny_model
+
+from traitlens import ActivationCapture, HookManager, last_token_index, output_tensor
+
+
+def _capture_layers(model, family, **forward_kwargs):
+    capture = ActivationCapture()
+    with HookManager(model) as hooks:
+        for i in range(TINY_LAYERS):
+            hooks.add_forward_hook(layer_path(family, i), capture.make_hook(f"layer_{i}"))
+        with torch.no_grad():
+            out = model(**forward_kwargs, output_hidden_states=True)
+    return capture, out
+
+
+def test_layer_outputs_equal_output_hidden_states(tiny):
+    family, model = tiny
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    capture, out = _capture_layers(model, family, input_ids=ids)
+    # hidden_states[i + 1] is the output of layer i; the last entry is after the final norm instead.
+    for i in range(TINY_LAYERS - 1):
+        got = capture.get(f"layer_{i}")
+        assert got.shape == (2, 7, TINY_HIDDEN)
+        torch.testing.assert_close(got, out.hidden_states[i + 1], rtol=0, atol=0)
+
+
+def test_passes_of_equal_shape_concatenate_along_batch():
+    model = make_tiny_model("llama")
+    capture = ActivationCapture()
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook("model.layers.1", capture.make_hook("l1"))
+        with torch.no_grad():
+            model(torch.tensor([[5, 6, 7]]))
+            model(torch.tensor([[8, 9, 10], [11, 12, 13]]))
+    assert capture.get("l1").shape == (3, 3, TINY_HIDDEN)
+    assert [c.shape[0] for c in capture.get("l1", concat=False)] == [1, 2]
+
+
+def test_mixed_shapes_raise_with_advice():
+    model = make_tiny_model("gpt2")
+    capture = ActivationCapture()
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook("transformer.h.0", capture.make_hook("h0"))
+        with torch.no_grad():
+            model(torch.tensor([[5, 6, 7]]))
+            model(torch.tensor([[5, 6, 7, 8, 9]]))
+    with pytest.raises(ValueError, match=r"\(1, 3, 32\), \(1, 5, 32\).*concat=False.*clear\(\)"):
+        capture.get("h0")
+
+
+def test_generate_capture_has_promised_shape_and_matches_full_forward(tiny):
+    family, model = tiny
+    prompt = torch.tensor([[5, 17, 33, 9], [4, 8, 15, 16]])
+    new_tokens = 6
+    capture = ActivationCapture()
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook(layer_path(family, 1), capture.make_hook("l1"))
+        with torch.no_grad():
+            seq = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+    got = capture.get("l1")
+    assert got.shape == (2, 4 + new_tokens - 1, TINY_HIDDEN)
+    # The same positions from one forward pass over the generated sequence (minus the last token).
+    reference, _ = _capture_layers(model, family, input_ids=seq[:, :-1])
+    torch.testing.assert_close(got, reference.get("layer_1"), rtol=1e-4, atol=1e-5)
+
+
+def test_generate_with_left_padding_matches_forward_on_real_tokens():
+    model = make_tiny_model("qwen2")
+    prompt = torch.tensor([[0, 0, 5, 17], [4, 8, 15, 16]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    capture = ActivationCapture()
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook("model.layers.2", capture.make_hook("l2"))
+        with torch.no_grad():
+            seq = model.generate(
+                prompt,
+                attention_mask=mask,
+                max_new_tokens=3,
+                min_new_tokens=3,
+                do_sample=False,
+                pad_token_id=0,
+            )
+    got = capture.get("l2")
+    assert got.shape == (2, 4 + 3 - 1, TINY_HIDDEN)
+    full_mask = torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], dim=1)
+    reference, _ = _capture_layers(model, "qwen2", input_ids=seq[:, :-1], attention_mask=full_mask)
+    real = full_mask.bool()
+    torch.testing.assert_close(got[real], reference.get("layer_2")[real], rtol=1e-4, atol=1e-5)
+
+
+def test_tuple_output_takes_first_element_not_batch_row():
+    model = make_tiny_model("llama")
+    capture = ActivationCapture()
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook("model.layers.0.self_attn", capture.make_hook("attn"))
+        hooks.add_forward_hook("model.layers.0.self_attn.o_proj", capture.make_hook("o_proj"))
+        with torch.no_grad():
+            model(ids)
+    assert capture.get("attn").shape == (2, 3, TINY_HIDDEN)
+    torch.testing.assert_close(capture.get("attn"), capture.get("o_proj"))
+
+
+def test_output_tensor_of_each_structure():
+    x = torch.randn(2, 3, 4)
+    assert output_tensor(x) is x
+    assert output_tensor((x, None)) is x
+    assert output_tensor({"hidden": x, "other": 1}) is x
+    with pytest.raises(TypeError, match="cannot find an activation tensor"):
+        output_tensor((None, x))
+
+
+def test_model_output_from_a_whole_submodel():
+    model = make_tiny_model("llama")
+    capture = ActivationCapture()
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook("model", capture.make_hook("base"))
+        with torch.no_grad():
+            out = model(torch.tensor([[5, 6, 7]]), output_hidden_states=True)
+    torch.testing.assert_close(capture.get("base"), out.hidden_states[-1])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_last_token_positions_are_padding_safe(side):
+    model = make_tiny_model("llama")
+    rows = [[5, 6, 7, 8, 9], [10, 11]]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r)
+        mask[i, span] = 1
+    capture = ActivationCapture(positions=last_token_index(mask))
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook("model.layers.2", capture.make_hook("last"))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    got = capture.get("last")
+    assert got.shape == (2, TINY_HIDDEN)
+    for i, r in enumerate(rows):  # each row alone, unpadded
+        alone, _ = _capture_layers(model, "llama", input_ids=torch.tensor([r]))
+        torch.testing.assert_close(got[i], alone.get("layer_2")[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_dtype_device_and_bookkeeping():
+    model = make_tiny_model("gpt2")
+    capture = ActivationCapture(device=None, dtype=torch.bfloat16, positions=slice(-2, None))
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook("transformer.h.1", capture.make_hook("h1"))
+        hooks.add_forward_hook("transformer.h.2", capture.make_hook("h2"))
+        with torch.no_grad():
+            model(torch.tensor([[5, 6, 7, 8]]))
+    got = capture.get("h1")
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 2, TINY_HIDDEN) and not got.requires_grad
+    assert capture.keys() == ["h1", "h2"] and len(capture) == 2 and "h1" in capture
+    assert capture.memory_usage["h1"] == pytest.approx(2 * TINY_HIDDEN * 2 / 2**20)
+    capture.clear("h1")
+    assert "h1" not in capture and len(capture) == 1
+    with pytest.raises(KeyError, match=r"captured: 'h2'; did you mean 'h2'\?"):
+        capture.get("h1")
+    capture.clear()
+    assert len(capture) == 0
+
+
+def test_stored_activations_are_detached_copies_not_views_of_grad_graph():
+    model = make_tiny_model("llama")
+    capture = ActivationCapture()
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook("model.layers.0", capture.make_hook("l0"))
+        model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    assert not capture.get("l0").requires_grad

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from tests.conftest import TINY_LAYERS, layer_path, make_tiny_model
+
+from traitlens import HookManager, list_modules
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_run_and_are_removed_on_exit(tiny):
+    family, model = tiny
+    calls = []
+    with HookManager(model) as hooks:
+        handle = hooks.add_forward_hook(layer_path(family, 1), lambda m, a, o: calls.append("fwd"))
+        hooks.add_forward_pre_hook(layer_path(family, 0), lambda m, a: calls.append("pre"), name="pre0")
+        assert len(hooks) == 2
+        assert "pre0 (forward_pre)" in repr(hooks)
+        assert _hook_count(model) == 2
+        model(torch.tensor([[3, 4, 5]]))
+        assert hasattr(handle, "remove")
+    assert calls == ["pre", "fwd"]
+    assert _hook_count(model) == 0
+
+
+def test_hooks_removed_after_exception_in_body():
+    model = make_tiny_model("llama")
+    with pytest.raises(RuntimeError, match="boom"), HookManager(model) as hooks:
+        for i in range(TINY_LAYERS):
+            hooks.add_forward_hook(f"model.layers.{i}", lambda m, a, o: None)
+        assert _hook_count(model) == TINY_LAYERS
+        raise RuntimeError("boom")
+    assert _hook_count(model) == 0
+
+
+def test_remove_all_and_reuse():
+    model = make_tiny_model("gpt2")
+    hooks = HookManager(model)
+    hooks.add_forward_hook("transformer.h.0.attn", lambda m, a, o: None)
+    hooks.remove_all()
+    assert len(hooks) == 0 and _hook_count(model) == 0
+    hooks.add_forward_hook("transformer.h.0.mlp", lambda m, a, o: None)
+    assert _hook_count(model) == 1
+    hooks.remove_all()
+
+
+def test_forward_pre_hook_can_replace_inputs():
+    model = make_tiny_model("llama")
+    ids = torch.tensor([[3, 4, 5]])
+    with HookManager(model) as hooks:
+        hooks.add_forward_pre_hook("model.norm", lambda m, args: (torch.zeros_like(args[0]),))
+        logits = model(ids).logits
+    # A zero input to the final RMSNorm gives zero hidden states and therefore zero logits.
+    assert torch.count_nonzero(logits) == 0
+
+
+def test_missing_segment_names_it_and_suggests_the_real_path():
+    model = make_tiny_model("llama")
+    with pytest.raises(ValueError) as err:
+        HookManager(model).add_forward_hook("model.layer.1", lambda m, a, o: None)
+    message = str(err.value)
+    assert "'model.layer.1'" in message and "'layer'" in message
+    assert "did you mean 'model.layers.1'?" in message
+
+
+def test_index_out_of_range_says_how_many_entries():
+    model = make_tiny_model("gpt2")
+    with pytest.raises(ValueError, match=r"'transformer.h' has 3 entries \(0-2\), got index 7"):
+        HookManager(model).add_forward_hook("transformer.h.7", lambda m, a, o: None)
+
+
+def test_gpt2_path_typo_suggestion():
+    model = make_tiny_model("gpt2")
+    with pytest.raises(ValueError, match=r"did you mean 'transformer.h.0.mlp'\?"):
+        HookManager(model).get_module("transformer.h.0.mpl")
+
+
+def test_bad_arguments_are_type_errors():
+    model = make_tiny_model("llama")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        HookManager("not a model")
+    with pytest.raises(TypeError, match="hook_fn must be callable"):
+        HookManager(model).add_forward_hook("model.layers.0", None)
+    with pytest.raises(TypeError, match="dotted string"):
+        HookManager(model).add_forward_hook(0, lambda m, a, o: None)
+
+
+def test_list_modules_with_pattern(tiny):
+    family, model = tiny
+    layers = list_modules(model, r"(layers|h)\.\d+$")
+    assert layers == [layer_path(family, i) for i in range(TINY_LAYERS)]
+    assert all(name for name in list_modules(model))
+    assert HookManager(model).list_modules("mlp") == list_modules(model, "mlp")

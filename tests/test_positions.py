@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from traitlens.positions import POSITION_RULES, apply_selector, last_token_index, select_positions
+
+# Two rows, seq 6. Row 0 right-padded: prompt 0-2, response 3-4, pad 5. Row 1 left-padded: pad 0-1,
+# prompt 2-3, response 4-5.
+MASK = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]])
+RESPONSE = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]])
+HIDDEN = torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3)
+
+
+def test_last_token_index_right_and_left_padding():
+    assert last_token_index(MASK).tolist() == [4, 5]
+    assert last_token_index(torch.tensor([[1, 0, 0]])).tolist() == [0]
+
+
+def test_prompt_last():
+    index = select_positions("prompt_last", MASK, RESPONSE)
+    assert index.tolist() == [2, 3]
+    torch.testing.assert_close(apply_selector(HIDDEN, index), torch.stack([HIDDEN[0, 2], HIDDEN[1, 3]]))
+
+
+def test_means_match_numpy_style_reference():
+    for rule, rows in [("prompt_mean", [[0, 1, 2], [2, 3]]), ("response_mean", [[3, 4], [4, 5]])]:
+        got = apply_selector(HIDDEN, select_positions(rule, MASK, RESPONSE))
+        expected = torch.stack([HIDDEN[i, r].mean(0) for i, r in enumerate(rows)])
+        torch.testing.assert_close(got, expected)
+
+
+def test_plain_text_is_all_prompt():
+    index = select_positions("prompt_last", MASK)
+    assert index.tolist() == [4, 5]
+    assert select_positions("all", MASK) is None
+
+
+def test_rule_errors():
+    with pytest.raises(ValueError, match=r"position must be one of .*did you mean 'prompt_last'"):
+        select_positions("prompt_lst", MASK, RESPONSE)
+    with pytest.raises(ValueError, match=r"needs response tokens, but rows \[0, 1\] have none"):
+        select_positions("response_mean", MASK)
+    with pytest.raises(ValueError, match="response_mask must have the shape"):
+        select_positions("prompt_mean", MASK, RESPONSE[:, :3])
+    assert set(POSITION_RULES) == {"prompt_last", "prompt_mean", "response_mean", "all"}
+
+
+def test_selector_shapes_and_errors():
+    assert apply_selector(HIDDEN, None) is HIDDEN
+    assert apply_selector(HIDDEN, -1).shape == (2, 3)
+    assert apply_selector(HIDDEN, slice(1, 3)).shape == (2, 2, 3)
+    assert apply_selector(HIDDEN, torch.tensor([[0, 1], [2, 3]])).shape == (2, 2, 3)
+    with pytest.raises(ValueError, match=r"position index must have shape \[batch\]=\[2\]"):
+        apply_selector(HIDDEN, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"position weights must have shape \[batch, seq\]=\[2, 6\]"):
+        apply_selector(HIDDEN, torch.ones(2, 5))
+    with pytest.raises(TypeError, match="positions must be None"):
+        apply_selector(HIDDEN, [0, 1])
+    with pytest.raises(ValueError, match=r"\[batch, seq, hidden\]"):
+        apply_selector(HIDDEN[0], 0)
