@@ -78,7 +78,7 @@ def test_gpt2_path_typo_suggestion():
 
 def test_bad_arguments_are_type_errors():
     model = make_tiny_model("llama")
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         HookManager("not a model")
     with pytest.raises(TypeError, match="hook_fn must be callable"):
         HookManager(model).add_forward_hook("model.layers.0", None)
