@@ -92,3 +92,27 @@ def test_list_modules_with_pattern(tiny):
     assert layers == [layer_path(family, i) for i in range(TINY_LAYERS)]
     assert all(name for name in list_modules(model))
     assert HookManager(model).list_modules("mlp") == list_modules(model, "mlp")
+
+
+def test_stop_after_ends_the_pass_and_skips_later_modules(tiny):
+    from traitlens import ActivationCapture
+
+    family, model = tiny
+    capture = ActivationCapture()
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook(layer_path(family, 0), capture.make_hook("l0"))
+        hooks.add_forward_hook(layer_path(family, 2), capture.make_hook("l2"))
+        hooks.stop_after(layer_path(family, 0))
+        model(torch.tensor([[3, 4, 5]]))
+        raise AssertionError("not reached: the pass stopped")  # pragma: no cover
+    assert "l0" in capture and "l2" not in capture
+    assert _hook_count(model) == 0
+
+
+def test_decoder_layer_paths(tiny):
+    from traitlens import decoder_layer_paths
+
+    family, model = tiny
+    assert decoder_layer_paths(model) == [layer_path(family, i) for i in range(TINY_LAYERS)]
+    with pytest.raises(ValueError, match="cannot find the decoder layers"):
+        decoder_layer_paths(torch.nn.Linear(2, 2))

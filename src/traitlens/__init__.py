@@ -1,7 +1,7 @@
 """traitlens: find, test and use trait vectors in transformer language models."""
 
 from traitlens.capture import ActivationCapture, output_tensor
-from traitlens.hooks import HookManager, list_modules, resolve_module
+from traitlens.hooks import HookManager, StopForward, decoder_layer_paths, list_modules, resolve_module
 from traitlens.models import load_model
 from traitlens.positions import POSITION_RULES, last_token_index, select_positions
 
@@ -11,7 +11,9 @@ __all__ = [
     "POSITION_RULES",
     "ActivationCapture",
     "HookManager",
+    "StopForward",
     "__version__",
+    "decoder_layer_paths",
     "last_token_index",
     "list_modules",
     "load_model",

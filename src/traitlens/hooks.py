@@ -80,6 +80,35 @@ def list_modules(model: torch.nn.Module, pattern: str | None = None) -> list[str
     return [name for name in names if regex.search(name)]
 
 
+def decoder_layer_paths(model: torch.nn.Module) -> list[str]:
+    """Paths of the model's decoder layers in order (``model.layers.0``, ... or ``transformer.h.0``, ...).
+
+    They are the children of the longest ``ModuleList`` in the model (the one with
+    ``config.num_hidden_layers`` entries where the config says so): the model's own names, nothing
+    invented.
+    """
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if expected is not None:
+        lists = [(n, m) for n, m in lists if len(m) == expected] or lists
+    if not lists:
+        raise ValueError(
+            f"cannot find the decoder layers of {type(model).__name__}: it has no torch.nn.ModuleList; "
+            "name the modules to hook yourself (see list_modules(model))"
+        )
+    name, layers = max(lists, key=lambda item: len(item[1]))
+    return [f"{name}.{i}" for i in range(len(layers))]
+
+
+class StopForward(Exception):
+    """Raised by the hook of ``HookManager.stop_after`` to end a forward pass early; the manager's ``with``
+    block swallows it."""
+
+
+def _raise_stop(module: torch.nn.Module, args, output) -> None:
+    raise StopForward
+
+
 _HookFn = Callable[..., object]
 
 
@@ -131,6 +160,21 @@ class HookManager:
             raise TypeError(f"hook_fn must be callable, got {type(hook_fn).__name__}")
         return resolve_module(self.model, module_path)
 
+    def stop_after(self, module_path: str) -> RemovableHandle:
+        """End the forward pass right after ``module_path`` runs, skipping every later module (and the LM
+        head) when only activations are wanted.
+
+        Add it after the hooks that read that module (hooks run in the order they were added). The pass
+        raises ``StopForward``, which leaving this manager's ``with`` block swallows, so use one manager
+        per forward pass, or catch ``StopForward`` yourself::
+
+            with HookManager(model) as hooks:
+                hooks.add_forward_hook("model.layers.12", capture.make_hook("l12"))
+                hooks.stop_after("model.layers.12")
+                model(**inputs)  # returns nothing: the pass stopped after layer 12
+        """
+        return self.add_forward_hook(module_path, _raise_stop, name=f"stop after {module_path}")
+
     def get_module(self, module_path: str) -> torch.nn.Module:
         """The submodule at ``module_path`` (same errors and suggestions as the ``add_*`` methods)."""
         return resolve_module(self.model, module_path)
@@ -148,8 +192,9 @@ class HookManager:
     def __enter__(self) -> HookManager:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> bool:
         self.remove_all()
+        return exc_type is not None and issubclass(exc_type, StopForward)
 
     def __len__(self) -> int:
         return len(self._handles)

@@ -69,7 +69,12 @@ _DTYPES = {
     torch.float64: "float64",
 }
 # safetensors header dtype codes of the dtypes above.
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
 
 # Metadata fields without a default: a file must have them.
 _REQUIRED = ("model", "module", "position", "method", "traitlens_version")
@@ -148,7 +153,9 @@ class TraitVector:
         if not self.vector.is_floating_point():
             raise TypeError(f"vector must be a floating-point tensor, got dtype {self.vector.dtype}")
         if self.vector.dtype not in _DTYPES:
-            raise TypeError(f"vector dtype must be one of {short_list(_DTYPES.values())}, got {self.vector.dtype}")
+            raise TypeError(
+                f"vector dtype must be one of {short_list(_DTYPES.values())}, got {self.vector.dtype}"
+            )
         for name in ("model", "module", "position", "method", "traitlens_version"):
             value = getattr(self, name)
             if not isinstance(value, str):
@@ -311,8 +318,12 @@ class TraitVector:
             return NotImplemented
         divisor = float(divisor)
         if divisor == 0 or not math.isfinite(divisor):
-            raise ValueError(f"cannot divide a TraitVector by {divisor}: the divisor must be finite and non-zero")
-        return self._derive(self.vector / divisor, {"op": "divide", "divisor": divisor}, keep_metrics=divisor > 0)
+            raise ValueError(
+                f"cannot divide a TraitVector by {divisor}: the divisor must be finite and non-zero"
+            )
+        return self._derive(
+            self.vector / divisor, {"op": "divide", "divisor": divisor}, keep_metrics=divisor > 0
+        )
 
     def __neg__(self) -> TraitVector:
         return self._derive(-self.vector, {"op": "negate"}, keep_metrics=False)
@@ -384,7 +395,9 @@ class TraitVector:
         if sidecar:
             side = path.with_suffix(".json")
             if side == path:
-                raise ValueError(f"path {str(path)!r} ends in .json; with sidecar=True use a .safetensors name")
+                raise ValueError(
+                    f"path {str(path)!r} ends in .json; with sidecar=True use a .safetensors name"
+                )
             side.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
@@ -475,9 +488,7 @@ def _layer_from_module(module: str) -> int | None:
 
 
 def _key_metric(metrics: Mapping[str, Any]) -> tuple[str, float] | None:
-    numeric = {
-        k: v for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)
-    }
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
     for name in _REPR_METRICS:
         if name in numeric:
             return name, float(numeric[name])
@@ -616,7 +627,9 @@ def _parse_meta(text: str, path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: the {HEADER_KEY!r} header metadata is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: the {HEADER_KEY!r} header metadata must be a JSON object, got {type(meta).__name__}")
+        raise ValueError(
+            f"{path}: the {HEADER_KEY!r} header metadata must be a JSON object, got {type(meta).__name__}"
+        )
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: metadata 'format' must be {FORMAT!r}, got {meta.get('format')!r}")
     version = meta.get("format_version")

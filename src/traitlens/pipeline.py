@@ -1,0 +1,350 @@
+"""From contrastive examples to a trusted trait vector, built only from traitlens's public primitives.
+
+1. ``collect_activations``: one batched forward pass per batch with hooks on every chosen decoder layer at
+   once; the position rule is applied inside the hooks (on the model's device), and the pass stops after
+   the last hooked layer, so the LM head is never computed.
+2. ``extract_trait``: every extraction method at every layer on the train split, every (method, layer)
+   scored on the validation split, the best one chosen on validation and reported once on the untouched
+   test split. The random baseline is the control: it must come out near chance.
+
+Selection rule: highest validation accuracy, then AUROC, then effect size, then the earlier layer; the
+random baseline is never chosen. Accuracy uses the threshold fitted on the train split (the midpoint of
+the class means of the projections), so held-out splits are never used to fit anything.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from traitlens import __version__
+from traitlens._validation import check_choice, short_list
+from traitlens.capture import ActivationCapture
+from traitlens.compute import projection
+from traitlens.dataset import SPLITS, ContrastiveDataset, Example, encode_examples
+from traitlens.hooks import HookManager, decoder_layer_paths
+from traitlens.methods import get_method
+from traitlens.metrics import evaluate_vector
+from traitlens.positions import POSITION_RULES, select_positions
+from traitlens.vector import TraitVector
+
+METHODS = ("mean_diff", "probe", "pca_diff", "ica", "gradient", "random_baseline")
+CONTROL = "random_baseline"
+CHANCE_BAND = 0.15
+"""The random baseline's validation accuracy should lie within 0.5 +/- this."""
+
+
+def collect_activations(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[str | Example],
+    *,
+    layers: Sequence[int] | None = None,
+    position: str = "prompt_last",
+    batch_size: int = 16,
+    chat: bool | None = None,
+    progress: bool | str = False,
+) -> torch.Tensor:
+    """Activations of ``examples`` at the outputs of decoder ``layers``: ``[layer, n, hidden]`` float32, CPU.
+
+    ``position`` is one of ``POSITION_RULES``; with ``"all"`` every real token is a row, so ``n`` is the
+    total number of real tokens. ``progress`` shows a progress bar (a string is used as its label).
+    """
+    check_choice(position, "position", POSITION_RULES)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    paths = decoder_layer_paths(model)
+    layers = _check_layers(layers, len(paths))
+    device = next(model.parameters()).device
+    capture = ActivationCapture(device="cpu", dtype=torch.float32)
+    rows: list[list[torch.Tensor]] = [[] for _ in layers]
+    batches = range(0, len(examples), batch_size)
+    for start in _progress(batches, progress, unit="batch"):
+        enc = encode_examples(tokenizer, list(examples[start : start + batch_size]), chat=chat)
+        capture.positions = select_positions(position, enc.attention_mask, enc.response_mask)
+        with torch.no_grad(), HookManager(model) as hooks:
+            for layer in layers:
+                hooks.add_forward_hook(paths[layer], capture.make_hook(str(layer)))
+            hooks.stop_after(paths[max(layers)])
+            model(**{k: v.to(device) for k, v in enc.model_inputs().items()})
+        real = enc.attention_mask.bool()
+        for i, layer in enumerate(layers):
+            acts = capture.get(str(layer))
+            rows[i].append(acts[real] if position == "all" else acts)
+        capture.clear()
+    return torch.stack([torch.cat(r) for r in rows])
+
+
+@dataclass
+class ExtractionResult:
+    """Everything ``extract_trait`` found: vectors, validation scores, the choice and its test scores.
+
+    ``vectors[method]`` is ``[layer, hidden]`` over ``layers``; ``val[method][i]`` and ``details[method][i]``
+    belong to ``layers[i]``.
+    """
+
+    trait: str
+    model_name: str
+    revision: str | None
+    module_paths: list[str]
+    layers: list[int]
+    position: str
+    methods: list[str]
+    dataset_hash: str
+    split_sizes: dict[str, int]
+    vectors: dict[str, torch.Tensor]
+    thresholds: dict[str, list[float]]
+    val: dict[str, list[dict]]
+    details: dict[str, list[dict]]
+    best_method: str
+    best_layer: int
+    test: dict
+    control_test: dict
+    control_ok: bool
+    activations: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    """split -> (pos, neg), each ``[layer, n, hidden]``; kept in memory for reports, never saved."""
+
+    def index(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not extracted; extracted layers: {self.layers}")
+        return self.layers.index(layer)
+
+    def trait_vector(self, method: str | None = None, layer: int | None = None) -> TraitVector:
+        """The vector of ``method`` at ``layer`` (default: the chosen one) with its full metadata."""
+        method = method or self.best_method
+        layer = self.best_layer if layer is None else layer
+        check_choice(method, "method", self.methods)
+        i = self.index(layer)
+        metrics = {f"val_{k}": v for k, v in self.val[method][i].items()}
+        if (method, layer) == (self.best_method, self.best_layer):
+            metrics.update({f"test_{k}": v for k, v in self.test.items()})
+        return TraitVector(
+            vector=self.vectors[method][i].clone(),
+            model=self.model_name,
+            revision=self.revision,
+            module=self.module_paths[i],
+            layer=layer,
+            position=self.position,
+            method=method,
+            method_params={**self.details[method][i], "threshold": self.thresholds[method][i]},
+            dataset=self.trait,
+            dataset_hash=self.dataset_hash,
+            split_sizes=self.split_sizes,
+            metrics=metrics,
+            trait=self.trait,
+        )
+
+    def summary(self) -> dict:
+        """A JSON-serialisable summary (no tensors)."""
+        return {
+            "trait": self.trait,
+            "model": self.model_name,
+            "revision": self.revision,
+            "position": self.position,
+            "layers": self.layers,
+            "methods": self.methods,
+            "dataset_hash": self.dataset_hash,
+            "split_sizes": self.split_sizes,
+            "chosen": {"method": self.best_method, "layer": self.best_layer, "test": self.test},
+            "control": {
+                "method": CONTROL,
+                "layer": self.best_layer,
+                "test": self.control_test,
+                "ok": self.control_ok,
+            },
+            "validation": {
+                m: dict(zip(map(str, self.layers), self.val[m], strict=True)) for m in self.methods
+            },
+            "details": {
+                m: dict(zip(map(str, self.layers), self.details[m], strict=True)) for m in self.methods
+            },
+            "traitlens_version": __version__,
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``trait_vector.safetensors`` (the chosen one), ``vectors/<method>_layer<L>.safetensors`` (the
+        best layer of each method), ``all_layers.safetensors`` (``[layer, hidden]`` per method) and
+        ``summary.json`` into ``folder``."""
+        import json
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        (folder / "vectors").mkdir(parents=True, exist_ok=True)
+        self.trait_vector().save(folder / "trait_vector.safetensors")
+        for method in self.methods:
+            layer = self.best_layer_of(method)
+            self.trait_vector(method, layer).save(folder / "vectors" / f"{method}_layer{layer}.safetensors")
+        save_file(
+            {m: v.contiguous() for m, v in self.vectors.items()},
+            folder / "all_layers.safetensors",
+            metadata={"layers": json.dumps(self.layers), "model": self.model_name, "trait": self.trait},
+        )
+        (folder / "summary.json").write_text(json.dumps(self.summary(), indent=2))
+        return folder
+
+    def best_layer_of(self, method: str) -> int:
+        """The layer where ``method`` scores best on validation (same rule as the overall choice)."""
+        scores = [_rank_key(v) for v in self.val[method]]
+        return self.layers[max(range(len(scores)), key=lambda i: (scores[i], -i))]
+
+
+def extract_trait(
+    model: torch.nn.Module,
+    tokenizer,
+    dataset: ContrastiveDataset,
+    *,
+    layers: Sequence[int] | None = None,
+    methods: Sequence[str] = METHODS,
+    position: str = "prompt_last",
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> ExtractionResult:
+    """Extract, score and choose a trait vector; see the module docs for the procedure."""
+    methods = list(methods)
+    for method in methods:
+        check_choice(method, "method", METHODS)
+    if not [m for m in methods if m != CONTROL]:
+        raise ValueError(f"methods must include at least one method besides {CONTROL!r}, got {methods}")
+    if CONTROL not in methods:
+        methods.append(CONTROL)
+    paths = decoder_layer_paths(model)
+    layers = _check_layers(layers, len(paths))
+    for split in SPLITS:
+        if not dataset.split(split):
+            raise ValueError(f"dataset {dataset.name!r} has no {split!r} examples; every split is needed")
+
+    acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for split in SPLITS:
+        pos, neg = dataset.examples(split)
+        acts[split] = tuple(
+            collect_activations(
+                model,
+                tokenizer,
+                side,
+                layers=layers,
+                position=position,
+                batch_size=batch_size,
+                progress=f"{dataset.name} {split} {label}" if progress else False,
+            )  # fmt: skip
+            for label, side in (("pos", pos), ("neg", neg))
+        )
+
+    vectors: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    thresholds: dict[str, list[float]] = {m: [] for m in methods}
+    val: dict[str, list[dict]] = {m: [] for m in methods}
+    details: dict[str, list[dict]] = {m: [] for m in methods}
+    (train_pos, train_neg), (val_pos, val_neg) = acts["train"], acts["val"]
+    jobs = [(m, i) for i in range(len(layers)) for m in methods]
+    for method, i in _progress(jobs, "methods x layers" if progress else False, unit="fit"):
+        out = get_method(method).extract(train_pos[i], train_neg[i], seed=seed)
+        vector = out["vector"].float().cpu()
+        threshold = _midpoint(vector, train_pos[i], train_neg[i])
+        vectors[method].append(vector)
+        thresholds[method].append(threshold)
+        val[method].append(_clean(evaluate_vector(vector, val_pos[i], val_neg[i], threshold=threshold)))
+        details[method].append(_scalars(out))
+
+    candidates = [(m, i) for m in methods if m != CONTROL for i in range(len(layers))]
+    best_method, best_i = max(candidates, key=lambda mi: (_rank_key(val[mi[0]][mi[1]]), -mi[1]))
+    test_pos, test_neg = acts["test"]
+
+    def on_test(method: str) -> dict:
+        return _clean(
+            evaluate_vector(
+                vectors[method][best_i],
+                test_pos[best_i],
+                test_neg[best_i],
+                threshold=thresholds[method][best_i],
+            )
+        )
+
+    control_val = val[CONTROL][best_i]["accuracy"]
+    control_ok = abs(control_val - 0.5) <= CHANCE_BAND
+    if not control_ok:
+        warnings.warn(
+            f"the random baseline reaches validation accuracy {control_val:.2f} at layer {layers[best_i]}, "
+            f"outside 0.5 +/- {CHANCE_BAND}: the validation split may be too small or too easy",
+            stacklevel=2,
+        )
+    return ExtractionResult(
+        trait=dataset.name,
+        model_name=str(getattr(model.config, "_name_or_path", type(model).__name__)),
+        revision=getattr(model.config, "_commit_hash", None),
+        module_paths=[paths[layer] for layer in layers],
+        layers=layers,
+        position=position,
+        methods=methods,
+        dataset_hash=dataset.sha256,
+        split_sizes=dataset.sizes,
+        vectors={m: torch.stack(v) for m, v in vectors.items()},
+        thresholds=thresholds,
+        val=val,
+        details=details,
+        best_method=best_method,
+        best_layer=layers[best_i],
+        test=on_test(best_method),
+        control_test=on_test(CONTROL),
+        control_ok=control_ok,
+        activations=acts,
+    )
+
+
+def _rank_key(metrics: dict) -> tuple[float, float, float]:
+    return tuple(_finite(metrics[k]) for k in ("accuracy", "auroc", "effect_size"))
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else (1e9 if x > 0 else -1e9)
+
+
+def _midpoint(vector: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
+    return float((projection(pos, vector).mean() + projection(neg, vector).mean()) / 2)
+
+
+def _scalars(out: dict) -> dict:
+    """The JSON-friendly scalars of a method's result (booleans, numbers, strings)."""
+    keep = {}
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (bool, int, float, str)):
+            keep[key] = _clean(value)
+    return keep
+
+
+def _clean(value):
+    """Floats made JSON-safe (NaN/inf become None inside dicts)."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value
+    return value
+
+
+def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    layers = sorted(set(int(layer) for layer in layers))
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad or not layers:
+        raise ValueError(
+            f"layers must be indices in 0..{n_layers - 1}, got {short_list(map(str, bad or layers))}"
+        )
+    return layers
+
+
+def _progress(items, label: bool | str, unit: str):
+    if not label:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the pipeline extra brings tqdm; without it, no bar
+        return items
+    return tqdm(items, desc=label if isinstance(label, str) else None, unit=unit, leave=False)
