@@ -232,7 +232,7 @@ def extract_trait(
                 position=position,
                 batch_size=batch_size,
                 progress=f"{dataset.name} {split} {label}" if progress else False,
-            )  # fmt: skip
+            )
             for label, side in (("pos", pos), ("neg", neg))
         )
 
