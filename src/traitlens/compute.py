@@ -125,7 +125,9 @@ def _difference(x: object, order: int, dt: float, normalize: bool, dim: int, who
     return normalize_vectors(out) if normalize else out
 
 
-def projection(activations: torch.Tensor, vector: torch.Tensor, normalize_vector: bool = True) -> torch.Tensor:
+def projection(
+    activations: torch.Tensor, vector: torch.Tensor, normalize_vector: bool = True
+) -> torch.Tensor:
     """Scalar projection of activations onto a trait vector: ``activations @ vector / |vector|``.
 
     Args:
@@ -178,11 +180,15 @@ def normalize_vectors(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
         dim: the vector dimension.
 
     Returns:
-        Same shape, float32. Zero vectors stay zero (no epsilon is added to other norms).
+        Same shape, float32. Zero vectors stay zero (no epsilon is added to other norms); very large or
+        very small vectors are scaled before squaring, so they neither overflow nor underflow.
     """
     x = _upcast(_at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]"))
-    norms = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
-    return torch.where(norms > 0, x / torch.where(norms > 0, norms, 1.0), 0.0)
+    # Divide by the largest magnitude first so that squaring can neither overflow nor underflow.
+    biggest = x.abs().amax(dim=dim, keepdim=True)
+    nonzero = biggest > 0
+    scaled = x / torch.where(nonzero, biggest, 1.0)
+    return torch.where(nonzero, scaled / torch.linalg.vector_norm(scaled, dim=dim, keepdim=True), 0.0)
 
 
 def magnitude(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -236,7 +242,9 @@ def _trajectory(trajectory: object, dim: int, who: str) -> torch.Tensor:
     if x.ndim < 2:
         raise ValueError(f"trajectory must have shape [n_points, ..., hidden], got {shape_of(x)}")
     if dim in (-1, x.ndim - 1):
-        raise ValueError(f"dim={dim} is the hidden (last) dimension of trajectory {shape_of(x)}; pick another")
+        raise ValueError(
+            f"dim={dim} is the hidden (last) dimension of trajectory {shape_of(x)}; pick another"
+        )
     _size_along(x, "trajectory", dim, 2, who)
     return x
 

@@ -257,7 +257,9 @@ def _check_row(row: object, line: int) -> tuple[Pair | None, list[str]]:
                 problems.append(f"missing field {key!r} (a plain pair needs 'pos' and 'neg')")
         for key in ("system_pos", "system_neg"):
             if has[key]:
-                problems.append(f"field {key!r} needs a 'prompt' (system prompts belong to prompt-style pairs)")
+                problems.append(
+                    f"field {key!r} needs a 'prompt' (system prompts belong to prompt-style pairs)"
+                )
     else:
         answers = has["pos"] + has["neg"]
         systems = has["system_pos"] + has["system_neg"]
@@ -369,7 +371,11 @@ class Encoding:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask`` and ``position_ids`` for ``model(**enc.model_inputs())``."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+        }
 
     @property
     def last_prompt_index(self) -> torch.Tensor:

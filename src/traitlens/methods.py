@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-class ExtractionMethod:
+class ExtractionMethod(ABC):
     """Base class: ``extract(pos_acts, neg_acts, **params) -> dict``.
 
     Args of ``extract``:
@@ -82,14 +83,17 @@ class ExtractionMethod:
 
     def extract(self, pos_acts: torch.Tensor, neg_acts: torch.Tensor, **params: Any) -> dict[str, Any]:
         """Extract a trait vector ``[hidden]`` from ``pos_acts [n_pos, hidden]`` and ``neg_acts [n_neg, hidden]``."""
-        pos, neg = check_pos_neg(pos_acts, neg_acts, min_per_class=self.min_per_class, method=type(self).__name__)
+        pos, neg = check_pos_neg(
+            pos_acts, neg_acts, min_per_class=self.min_per_class, method=type(self).__name__
+        )
         merged = {**self.params, **self._check_params(params)}
         if "seed" not in inspect.signature(self._extract).parameters:
             merged.pop("seed", None)  # deterministic method
         return self._extract(pos.float(), neg.float(), **merged)
 
+    @abstractmethod
     def _extract(self, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} must implement _extract")
+        """The method on validated float32 ``pos [n_pos, hidden]``, ``neg [n_neg, hidden]``."""
 
     def name(self) -> str:
         """The class name, e.g. ``'ProbeMethod'``."""
@@ -173,22 +177,28 @@ class ProbeMethod(ExtractionMethod):
         if standardize:
             mean = x.mean(0, dtype=torch.float64).float()  # [hidden]
             scale = x.std(0, correction=0)  # [hidden]
-            scale = torch.where(scale > 1e-12 * scale.max().clamp_min(1e-30), scale, torch.ones_like(scale))
+            scale = torch.where(scale > 1e-6 * mean.abs(), scale, torch.ones_like(scale))  # constant: keep
         else:
             mean, scale = torch.zeros_like(x[0]), torch.ones_like(x[0])
         z = (x - mean) / scale  # [n, hidden]
 
         if solver == "torch":
-            w, b, n_iter, converged = _fit_logistic_torch(z, y, C=C, l1_ratio=ratio, max_iter=max_iter, tol=tol)
+            w, b, n_iter, converged = _fit_logistic_torch(
+                z, y, C=C, l1_ratio=ratio, max_iter=max_iter, tol=tol
+            )
         else:
             w, b, n_iter, converged = _fit_logistic_sklearn(
                 z, y, C=C, l1_ratio=ratio, max_iter=max_iter, tol=tol, seed=seed
             )
         if not converged:
             warnings.warn(
-                f"ProbeMethod (solver={solver!r}, penalty={penalty!r}) stopped at max_iter={max_iter} before "
-                f"converging; raise max_iter or lower C",
+                f"ProbeMethod (solver={solver!r}, penalty={penalty!r}) did not converge within "
+                f"max_iter={max_iter}; raise max_iter or lower C",
                 stacklevel=3,
+            )
+        if not bool(w.any()):
+            warnings.warn(
+                f"ProbeMethod: every weight is zero (penalty={penalty!r}, C={C}); raise C", stacklevel=3
             )
         vector = w / scale  # [hidden], raw activation space
         bias = float(b - (vector * mean).sum())
@@ -197,7 +207,7 @@ class ProbeMethod(ExtractionMethod):
         return {
             "vector": vector,
             "bias": bias,
-            "train_acc": float(((logits > 0).float() == y).float().mean()),
+            "train_acc": int(((logits > 0) == (y == 1)).sum()) / len(y),
             "pos_scores": probs[: len(pos)],
             "neg_scores": probs[len(pos) :],
             "n_iter": n_iter,
@@ -205,12 +215,19 @@ class ProbeMethod(ExtractionMethod):
         }
 
 
+def _logistic_loss(
+    z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean log-loss of ``z [n, hidden] @ w + b`` against ``y [n]``, plus ``l2 / 2 * ||w||^2``; and the logits."""
+    logits = z @ w + b  # [n]
+    return (torch.nn.functional.softplus(logits) - y * logits).mean() + 0.5 * l2 * (w @ w), logits
+
+
 def _logistic_loss_grad(
     z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, l2: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean log-loss + ``l2 / 2 * ||w||^2`` and its gradients in ``w [hidden]`` and ``b []``."""
-    logits = z @ w + b  # [n]
-    loss = (torch.nn.functional.softplus(logits) - y * logits).mean() + 0.5 * l2 * (w @ w)
+    """``_logistic_loss`` and its gradients in ``w [hidden]`` and ``b []``."""
+    loss, logits = _logistic_loss(z, y, w, b, l2)
     residual = (torch.sigmoid(logits) - y) / len(y)  # [n]
     return loss, z.T @ residual + l2 * w, residual.sum()
 
@@ -238,6 +255,7 @@ def _fit_logistic_torch(
             [theta],
             lr=1.0,
             max_iter=max_iter,
+            max_eval=2 * max_iter,
             tolerance_grad=tol,
             tolerance_change=0.0,
             history_size=20,
@@ -251,14 +269,10 @@ def _fit_logistic_torch(
             return loss
 
         optimizer.step(closure)
-        n_iter = int(optimizer.state[theta]["n_iter"])
-        converged = bool(theta.grad.abs().max() <= tol) or n_iter < max_iter
-        w, b = split(theta.detach())
-        return w.clone(), float(b), n_iter, converged
-
-    def smooth(t: torch.Tensor) -> torch.Tensor:
-        logits = z @ t[:hidden] + t[hidden]
-        return (torch.nn.functional.softplus(logits) - y * logits).mean() + 0.5 * l2 * (t[:hidden] @ t[:hidden])
+        w, b = split(theta.detach().clone())
+        _, grad_w, grad_b = _logistic_loss_grad(z, y, w, b, l2)
+        converged = max(float(grad_w.abs().max()), abs(float(grad_b))) <= tol
+        return w, float(b), int(optimizer.state[theta]["n_iter"]), converged
 
     def prox(t: torch.Tensor, step: float) -> torch.Tensor:
         w, b = split(t)
@@ -272,7 +286,9 @@ def _fit_logistic_torch(
         while True:  # backtracking: the quadratic model at theta must bound the loss at the new point
             new = prox(theta - grad / lipschitz, 1.0 / lipschitz)
             step = new - theta
-            if smooth(new) <= loss + grad @ step + 0.5 * lipschitz * (step @ step) + 1e-7 * abs(float(loss)):
+            if _logistic_loss(z, y, *split(new), l2)[0] <= loss + grad @ step + 0.5 * lipschitz * (
+                step @ step
+            ) + 1e-7 * abs(float(loss)):
                 break
             lipschitz *= 2.0
         change = float((new - current).abs().max())
@@ -305,7 +321,9 @@ def _fit_logistic_sklearn(
     else:
         penalty = {0.0: "l2", 1.0: "l1"}.get(l1_ratio, "elasticnet")
         penalty_args = {"penalty": penalty, "l1_ratio": l1_ratio if penalty == "elasticnet" else None}
-    model = LogisticRegression(C=C, solver=solver, max_iter=max_iter, tol=tol, random_state=seed, **penalty_args)
+    model = LogisticRegression(
+        C=C, solver=solver, max_iter=max_iter, tol=tol, random_state=seed, **penalty_args
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(z.cpu().double().numpy(), y.cpu().numpy())
@@ -365,12 +383,14 @@ class ICAMethod(ExtractionMethod):
         scores = (pos_proj.mean(0) - neg_proj.mean(0)).abs() / pooled_var.sqrt().clamp_min(1e-12)  # [k]
         if component_idx is None:
             component_idx = int(scores.argmax())
-        elif not (isinstance(component_idx, int) and -k <= component_idx < k):
-            raise ValueError(f"component_idx must be an int in [0, {k}) (n_components={k}), got {component_idx!r}")
+        elif not (isinstance(component_idx, int) and 0 <= component_idx < k):
+            raise ValueError(
+                f"component_idx must be an int in [0, {k}) (n_components={k}), got {component_idx!r}"
+            )
         vector, flipped = _orient(mixing[component_idx], pos, neg)
         return {
             "vector": vector,
-            "component_idx": component_idx % k,
+            "component_idx": component_idx,
             "all_components": mixing,
             "separation_scores": scores,
             "pos_proj": pos_proj,
@@ -423,7 +443,7 @@ class GradientMethod(ExtractionMethod):
         delta = pos.mean(0) - neg.mean(0)  # [hidden]
         centered = torch.cat([pos - pos.mean(0), neg - neg.mean(0)])  # [n, hidden]
         dof = len(centered) - 2
-        mean_var = float((centered**2).sum()) / (dof * pos.shape[1])  # trace(S) / hidden
+        mean_var = max(float((centered**2).sum()) / (dof * pos.shape[1]), 1e-30)  # trace(S) / hidden
 
         param = torch.randn(pos.shape[1], generator=_generator(seed)).to(pos.device)
         param = (param / param.norm()).requires_grad_(True)
@@ -436,7 +456,7 @@ class GradientMethod(ExtractionMethod):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            history.append(float(loss))
+            history.append(float(loss.detach()))
 
         vector, flipped = _orient((param / param.norm()).detach(), pos, neg)
         pos_mean_proj, neg_mean_proj = float(pos.mean(0) @ vector), float(neg.mean(0) @ vector)
@@ -476,7 +496,13 @@ class PCADiffMethod(ExtractionMethod):
     min_per_class = 2
 
     def _extract(
-        self, pos: torch.Tensor, neg: torch.Tensor, *, pairing: str = "index", center: bool = False, seed: int = 0
+        self,
+        pos: torch.Tensor,
+        neg: torch.Tensor,
+        *,
+        pairing: str = "index",
+        center: bool = False,
+        seed: int = 0,
     ) -> dict[str, Any]:
         check_choice(pairing, "pairing", ("index", "random"))
         if pairing == "index" and len(pos) != len(neg):

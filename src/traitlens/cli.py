@@ -1,0 +1,253 @@
+"""The ``traitlens`` command: extract, evaluate, monitor, steer, modules.
+
+With no ``--model`` every command uses the bundled SmolLM2-135M-Instruct, offline. Bad arguments get one
+clear line on stderr and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG = "Run 'traitlens COMMAND --help' for the options of each command."
+
+
+def _parse_layers(text: str) -> list[int]:
+    """``"5,10-12"`` -> ``[5, 10, 11, 12]``."""
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            start, _, end = part.partition("-")
+            layers.extend(range(int(start), int(end or start) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must look like '12' or '5,10-20', got {text!r}") from None
+    return layers
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub id or local folder of a causal LM (default: the bundled SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--revision", default=None, help="hub revision of --model")
+    parser.add_argument("--device", default=None, help="torch device for the model (default: cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from traitlens import __version__
+    from traitlens.methods import METHODS
+    from traitlens.positions import POSITION_RULES
+
+    parser = argparse.ArgumentParser(
+        prog="traitlens",
+        description="Find, test and use trait vectors in transformer language models.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"traitlens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "extract",
+        help="contrastive dataset -> vectors at every layer and method, chosen on validation, report",
+        description="Collect activations of a contrastive dataset at every layer in one batched pass, run every "
+        "extraction method at every layer on the train split, score each on the validation split, pick the best, "
+        "report it once on the test split, and write vectors, summary.json and report.html.",
+    )
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--trait", default=None, help="a shipped dataset: sentiment, formality, certainty")
+    data.add_argument(
+        "--data", type=Path, default=None, help="a JSONL dataset file (see the data format docs)"
+    )
+    _add_model(p)
+    p.add_argument(
+        "--layers", type=_parse_layers, default=None, help="layers to extract, e.g. '5,10-20' (default: all)"
+    )
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                   help=f"extraction methods (default: all of {', '.join(METHODS)})")  # fmt: skip
+    p.add_argument(
+        "--position", default="prompt_last", choices=POSITION_RULES, help="where activations are read"
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<trait>)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report and plots")
+
+    p = sub.add_parser("evaluate", help="score a saved vector on a dataset split",
+                       description="Score a saved trait vector on a dataset split (accuracy with its saved "
+                       "threshold, AUROC, effect size, p-value, ...), reading activations where it was extracted.")  # fmt: skip
+    p.add_argument("vector", type=Path, help="a .safetensors vector written by 'traitlens extract'")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--trait", default=None, help="a shipped dataset name")
+    data.add_argument("--data", type=Path, default=None, help="a JSONL dataset file")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_model(p)
+
+    p = sub.add_parser("monitor", help="per-token projections of a text or a generation, as an HTML heatmap",
+                       description="Project every token of a text (or of a prompt and the model's answer, "
+                       "scored live as it is generated) onto a saved vector; print the scores and write a heatmap.")  # fmt: skip
+    p.add_argument("vector", type=Path, help="a .safetensors vector")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a text to score as it is")
+    what.add_argument("--prompt", help="a user message to answer (chat template) and score token by token")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument(
+        "--out", type=Path, default=Path("monitor.html"), help="HTML heatmap file (default: monitor.html)"
+    )
+    _add_model(p)
+
+    p = sub.add_parser("modules", help="list a model's hookable module paths",
+                       description="List the dotted paths of a model's modules, for HookManager.add_forward_hook.")  # fmt: skip
+    p.add_argument("--pattern", default=None, help=r"regular expression to filter paths, e.g. 'layers\.\d+$'")
+    _add_model(p)
+
+    return parser
+
+
+def _load(args):
+    from traitlens.models import load_model
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, revision=args.revision, device=args.device)
+    _info(f"loaded {model.config._name_or_path} in {time.perf_counter() - start:.1f} s")
+    return model, tokenizer
+
+
+def _info(message: str) -> None:
+    print(f"traitlens: {message}", file=sys.stderr)
+
+
+def _dataset(args):
+    from traitlens.dataset import load_dataset
+
+    return load_dataset(args.data if args.data is not None else (args.trait or "sentiment"))
+
+
+def cmd_extract(args) -> None:
+    from traitlens.pipeline import extract_trait
+
+    dataset = _dataset(args)
+    model, tokenizer = _load(args)
+    start = time.perf_counter()
+    result = extract_trait(
+        model, tokenizer, dataset, layers=args.layers, methods=args.methods, position=args.position,
+        batch_size=args.batch_size, seed=args.seed,
+    )  # fmt: skip
+    out = args.out or Path("runs") / dataset.name
+    result.save(out)
+    _info(
+        f"extracted {len(result.methods)} methods x {len(result.layers)} layers in {time.perf_counter() - start:.1f} s"
+    )
+    if not args.no_report:
+        from traitlens.report import write_report
+
+        page = write_report(result, out, model=model, tokenizer=tokenizer, dataset=dataset)
+        _info(f"report: {page}")
+    test, control = result.test, result.control_test
+    print(f"chosen: {result.best_method} at layer {result.best_layer} ({result.position})")
+    print(
+        f"test:   accuracy {test['accuracy']:.3f}  AUROC {test['auroc']:.3f}  effect size {test['effect_size']:.2f}"
+    )
+    print(
+        f"random baseline at that layer: test accuracy {control['draws_accuracy_mean']:.3f} "
+        f"(mean of {control['draws']} random directions, std {control['draws_accuracy_std']:.3f})"
+        + ("" if result.control_ok else "  NOT near chance on validation")
+    )
+    print(f"vector: {out / 'trait_vector.safetensors'}")
+
+
+def cmd_evaluate(args) -> None:
+    from traitlens.metrics import evaluate_vector
+    from traitlens.pipeline import collect_activations
+    from traitlens.vector import load_vector
+
+    vector = load_vector(args.vector)
+    dataset = _dataset(args)
+    model, tokenizer = _load(args)
+    vector = load_vector(args.vector, model=model)
+    if vector.layer is None:
+        raise ValueError(f"{args.vector} records no decoder layer; evaluate needs one")
+    pos, neg = dataset.examples(args.split)
+    acts = [
+        collect_activations(model, tokenizer, side, layers=[vector.layer], position=vector.position, batch_size=args.batch_size)[0]
+        for side in (pos, neg)
+    ]  # fmt: skip
+    threshold = vector.method_params.get("threshold")
+    metrics = evaluate_vector(vector.vector.float(), *acts, threshold=threshold)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return
+    print(
+        f"{vector.trait or '?'} vector ({vector.method}, layer {vector.layer}) on {dataset.name}/{args.split}:"
+    )
+    for key in (
+        "accuracy",
+        "auroc",
+        "effect_size",
+        "p_value",
+        "separation",
+        "polarity_correct",
+        "n_pos",
+        "n_neg",
+    ):
+        print(f"  {key:18s} {metrics[key]}")
+
+
+def cmd_monitor(args) -> None:
+    from traitlens.dataset import Example
+    from traitlens.monitor import generate_with_projections, token_heatmap_html, token_projections
+    from traitlens.vector import load_vector
+
+    model, tokenizer = _load(args)
+    vector = load_vector(args.vector, model=model)
+    if args.text is not None:
+        scores = token_projections(model, tokenizer, vector, args.text)
+        for token, value in zip(scores.tokens, scores.scores.tolist(), strict=True):
+            print(f"{value:10.3f}  {token!r}")
+    else:
+        scores = generate_with_projections(
+            model, tokenizer, vector, Example(prompt=args.prompt), max_new_tokens=args.max_new_tokens,
+            on_token=lambda token, value: print(f"{value:10.3f}  {token!r}", flush=True),
+        )  # fmt: skip
+    args.out.write_text(
+        "<!doctype html><meta charset='utf-8'>" + token_heatmap_html(scores, title=str(args.vector))
+    )
+    print(
+        f"mean projection: {scores.mean():.3f} (prompt {scores.mean('prompt'):.3f}, response {scores.mean('response'):.3f})"
+    )
+    _info(f"heatmap: {args.out}")
+
+
+def cmd_modules(args) -> None:
+    from traitlens.hooks import list_modules
+
+    model, _ = _load(args)
+    for name in list_modules(model, args.pattern):
+        print(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {
+        "extract": cmd_extract,
+        "evaluate": cmd_evaluate,
+        "monitor": cmd_monitor,
+        "modules": cmd_modules,
+    }
+    try:
+        commands[args.command](args)
+    except (ValueError, TypeError, KeyError, LookupError, OSError, ModuleNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"traitlens {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

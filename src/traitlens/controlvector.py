@@ -1,0 +1,178 @@
+"""llama.cpp control vectors: write per-layer vectors to the GGUF file that ``llama-cli --control-vector``
+reads, and read such files back.
+
+The format (as read by llama.cpp's ``common_control_vector_load`` and written by its ``cvector-generator``
+and by repeng's ``ControlVector.export_gguf``):
+
+- a GGUF file whose ``general.architecture`` is ``"controlvector"``;
+- metadata ``controlvector.model_hint`` (the model family, e.g. ``"llama"``; llama.cpp ignores it, other
+  readers such as vLLM require it) and ``controlvector.layer_count`` (the number of direction tensors,
+  written as int32 as llama.cpp's own writer does);
+- one 1-D float32 tensor ``direction.{N}`` of length ``n_embd`` per steered layer.
+
+**Layer numbering.** llama.cpp adds ``direction.N`` to the *output* of its layer ``N`` (counted from 0, the
+same order as Hugging Face's ``model.layers``), after the layer's last residual addition, at every token.
+``direction.0`` is rejected by llama.cpp's loader: the output of the first layer cannot be steered from a
+file. So traitlens layer ``i`` (the output of ``model.layers.i``, what ``TraitVector.layer`` and
+``steer(layer=i)`` mean) is written as ``direction.i`` unchanged, and ``i`` must be at least 1.
+
+**Strength.** llama.cpp adds the stored vector times the scale of ``--control-vector-scaled FILE SCALE``
+(1 for ``--control-vector``). Store the vector you want added at scale 1, e.g. ``4 * v``: then
+``steer(model, load_control_vector(path).directions)`` in traitlens and ``--control-vector path`` in
+llama.cpp add the same thing (llama.cpp also steers every position, the prompt included).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from traitlens._validation import check_tensor, short_list
+
+ARCHITECTURE = "controlvector"
+MODEL_HINT_KEY = f"{ARCHITECTURE}.model_hint"
+LAYER_COUNT_KEY = f"{ARCHITECTURE}.layer_count"
+TENSOR_PREFIX = "direction."
+
+
+@dataclass
+class ControlVector:
+    """The contents of a control-vector file.
+
+    Attributes:
+        directions: ``{layer: [hidden] float32 tensor}``, keyed by traitlens layer index (the output of
+            ``model.layers.{layer}``), sorted by layer. Pass it to ``steer(model, cv.directions)``.
+        model_hint: the file's ``controlvector.model_hint`` (``None`` when absent).
+    """
+
+    directions: dict[int, torch.Tensor]
+    model_hint: str | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.directions)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(next(iter(self.directions.values())).shape[0])
+
+
+def save_control_vector(path: str | os.PathLike, directions, *, model_hint: str) -> Path:
+    """Write ``directions`` to ``path`` as a llama.cpp control-vector GGUF file and return the path.
+
+    Args:
+        directions: ``{layer: [hidden] tensor or TraitVector}``, or a single ``TraitVector`` / a list of
+            them (each written at its ``.layer``). Layers are traitlens indices, at least 1 (see the
+            module docs); values are written as float32.
+        model_hint: the model family llama.cpp users should load it with, e.g. ``model.config.model_type``
+            (``"llama"`` for the bundled SmolLM2).
+    """
+    from gguf import GGUFWriter
+
+    rows = _as_directions(directions)
+    if not isinstance(model_hint, str) or not model_hint:
+        raise ValueError(
+            f"model_hint must be a non-empty string such as model.config.model_type, got {model_hint!r}"
+        )
+    path = Path(path)
+    writer = GGUFWriter(path, ARCHITECTURE)
+    writer.add_string(MODEL_HINT_KEY, model_hint)
+    writer.add_int32(LAYER_COUNT_KEY, len(rows))
+    for layer, vector in rows.items():
+        writer.add_tensor(f"{TENSOR_PREFIX}{layer}", vector.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def load_control_vector(path: str | os.PathLike) -> ControlVector:
+    """Read a control-vector GGUF file (written by traitlens, repeng or llama.cpp's cvector-generator)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no control-vector file at {path}")
+    reader = GGUFReader(path)
+    arch = _string_field(reader, "general.architecture")
+    if arch != ARCHITECTURE:
+        raise ValueError(
+            f"{path} is not a control vector: its general.architecture is {arch!r}, expected {ARCHITECTURE!r}"
+        )
+    directions: dict[int, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        suffix = tensor.name.removeprefix(TENSOR_PREFIX)
+        if suffix == tensor.name or not suffix.isdigit() or int(suffix) < 1:
+            raise ValueError(
+                f"{path}: tensor {tensor.name!r} is not a control-vector direction "
+                f"('{TENSOR_PREFIX}N' with N >= 1, as llama.cpp requires)"
+            )
+        if tensor.tensor_type != GGMLQuantizationType.F32 or len(tensor.shape) != 1:
+            raise ValueError(
+                f"{path}: {tensor.name} must be a 1-D F32 tensor, got {tensor.tensor_type.name} with shape "
+                f"{tuple(int(s) for s in tensor.shape)}"
+            )
+        layer = int(suffix)
+        vector = torch.tensor(tensor.data, dtype=torch.float32).reshape(-1)
+        # A file may hold several directions for one layer; llama.cpp sums them.
+        directions[layer] = directions[layer] + vector if layer in directions else vector
+    if not directions:
+        raise ValueError(f"{path} holds no {TENSOR_PREFIX}N tensors")
+    sizes = {int(v.shape[0]) for v in directions.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"{path}: direction tensors have different lengths {sorted(sizes)}")
+    return ControlVector(
+        directions=dict(sorted(directions.items())), model_hint=_string_field(reader, MODEL_HINT_KEY)
+    )
+
+
+def _string_field(reader, key: str) -> str | None:
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    value = field.contents()
+    return value if isinstance(value, str) else None
+
+
+def _as_directions(directions) -> dict[int, torch.Tensor]:
+    """``{layer: [hidden] float32 CPU tensor}``, sorted, validated."""
+    if hasattr(directions, "vector") and hasattr(directions, "layer"):
+        directions = [directions]
+    if isinstance(directions, (list, tuple)):
+        items = []
+        for item in directions:
+            if not hasattr(item, "layer") or item.layer is None:
+                raise ValueError("each TraitVector in the list needs a layer; or pass {layer: vector}")
+            items.append((item.layer, item))
+    elif isinstance(directions, Mapping):
+        items = list(directions.items())
+    else:
+        raise TypeError(
+            f"directions must be {{layer: vector}}, a TraitVector or a list of them, got {type(directions).__name__}"
+        )
+    if not items:
+        raise ValueError("directions is empty; give at least one {layer: vector}")
+    rows: dict[int, torch.Tensor] = {}
+    for layer, vector in items:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layers must be ints, got {type(layer).__name__} {layer!r}")
+        if layer < 1:
+            raise ValueError(
+                f"layer {layer} cannot be written: llama.cpp adds direction.N to the output of layer N and "
+                "rejects N = 0, so layers start at 1 (see traitlens.controlvector)"
+            )
+        if layer in rows:
+            raise ValueError(f"layer {layer} is given twice")
+        tensor = getattr(vector, "vector", vector)
+        tensor = check_tensor(tensor, f"directions[{layer}]", ndim=1, shape_doc="[hidden]")
+        rows[layer] = tensor.detach().to("cpu", torch.float32).contiguous()
+    sizes = {layer: int(v.shape[0]) for layer, v in rows.items()}
+    if len(set(sizes.values())) > 1:
+        shown = short_list([f"{layer}: {size}" for layer, size in sizes.items()])
+        raise ValueError(f"all directions must have the same hidden size, got {shown}")
+    return dict(sorted(rows.items()))

@@ -1,0 +1,162 @@
+"""Per-token monitoring: the projection of every token's activation onto a trait vector.
+
+``token_projections`` scores a given text; ``generate_with_projections`` scores a prompt and each new
+token as it is produced (``on_token`` is called once per token, live). ``token_heatmap_html`` draws the
+result as a self-contained HTML fragment. Projections are onto the unit vector, read at the output of the
+vector's module, in float32.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from traitlens.capture import ActivationCapture, output_tensor
+from traitlens.compute import projection
+from traitlens.dataset import Example, encode_examples
+from traitlens.hooks import HookManager
+from traitlens.vector import TraitVector
+
+
+@dataclass
+class TokenScores:
+    """Tokens and their projections. ``scores`` is ``[seq]`` float32; ``response`` marks response (or
+    generated) tokens; ``center`` is the score that counts as neutral (the vector's decision threshold
+    when it has one, else 0)."""
+
+    tokens: list[str]
+    scores: torch.Tensor
+    response: torch.Tensor
+    center: float = 0.0
+
+    def mean(self, part: str = "all") -> float:
+        """Mean score over ``"all"`` tokens, the ``"prompt"`` or the ``"response"``."""
+        mask = {"all": torch.ones_like(self.response), "prompt": ~self.response, "response": self.response}[
+            part
+        ]
+        return float(self.scores[mask].mean()) if bool(mask.any()) else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "scores": [round(float(s), 5) for s in self.scores],
+            "response": self.response.tolist(),
+            "center": self.center,
+        }
+
+
+def _center(vector: TraitVector) -> float:
+    threshold = vector.method_params.get("threshold")
+    return float(threshold) if isinstance(threshold, (int, float)) else 0.0
+
+
+def _token_strings(tokenizer, ids: list[int]) -> list[str]:
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def token_projections(
+    model: torch.nn.Module, tokenizer, vector: TraitVector, text: str | Example, *, chat: bool | None = None
+) -> TokenScores:
+    """Projection of every token of ``text`` (a plain string or a prompt-style ``Example``) onto
+    ``vector`` at ``vector.module``."""
+    enc = encode_examples(tokenizer, [text], chat=chat)
+    capture = ActivationCapture(dtype=torch.float32)
+    device = next(model.parameters()).device
+    with torch.no_grad(), HookManager(model) as hooks:
+        hooks.add_forward_hook(vector.module, capture.make_hook("h"))
+        hooks.stop_after(vector.module)
+        model(**{k: v.to(device) for k, v in enc.model_inputs().items()})
+    scores = projection(capture.get("h")[0], vector.vector.float())
+    return TokenScores(
+        tokens=_token_strings(tokenizer, enc.input_ids[0].tolist()),
+        scores=scores,
+        response=enc.response_mask[0].bool(),
+        center=_center(vector),
+    )
+
+
+def generate_with_projections(
+    model: torch.nn.Module,
+    tokenizer,
+    vector: TraitVector,
+    prompt: str | Example,
+    *,
+    max_new_tokens: int = 40,
+    on_token: Callable[[str, float], None] | None = None,
+    chat: bool | None = None,
+    **generate_kwargs,
+) -> TokenScores:
+    """Generate from ``prompt`` (greedy unless ``generate_kwargs`` say otherwise) and score every prompt and
+    generated token; ``on_token(token, score)`` is called for each as soon as its activation exists.
+
+    A prompt-style ``Example`` is rendered with the chat template and the generation prompt, so the model
+    answers as the assistant.
+    """
+    enc = encode_examples(tokenizer, [prompt], chat=chat)
+    device = next(model.parameters()).device
+    unit = vector.vector.float().to(device)
+    unit = unit / unit.norm().clamp_min(1e-12)
+    fed: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
+
+    def read_ids(module, args, kwargs):
+        fed.append(kwargs["input_ids"][0])
+
+    def score(module, args, output):
+        step = output_tensor(output)[0].float() @ unit  # [positions]
+        scores.append(step)
+        if on_token is not None:
+            ids, values = fed[-1].tolist(), step.tolist()
+            for token_id, value in zip(ids[-len(values) :], values, strict=True):
+                on_token(tokenizer.decode([token_id]), value)
+
+    inputs = {k: v.to(device) for k, v in enc.model_inputs().items() if k != "position_ids"}
+    settings = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
+    with torch.no_grad(), HookManager(model) as hooks:
+        hooks.add_forward_pre_hook("", read_ids, with_kwargs=True)
+        hooks.add_forward_hook(vector.module, score)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **settings
+        )
+        sequence = out.sequences[0]
+        if sequence.shape[0] > enc.input_ids.shape[1]:  # the last sampled token was never fed: feed it
+            model(input_ids=sequence[-1:].unsqueeze(0), past_key_values=out.past_key_values, use_cache=True)
+    values = torch.cat(scores).cpu()
+    prompt_len = enc.input_ids.shape[1]
+    response = torch.zeros(sequence.shape[0], dtype=torch.bool)
+    response[prompt_len:] = True
+    return TokenScores(
+        tokens=_token_strings(tokenizer, sequence.tolist()),
+        scores=values[: sequence.shape[0]],
+        response=response,
+        center=_center(vector),
+    )
+
+
+def token_heatmap_html(scores: TokenScores, title: str | None = None, scale: float | None = None) -> str:
+    """A self-contained HTML fragment: each token on a background from blue (below the center) through
+    white to red (above), with its score in a tooltip. ``scale`` is the deviation that gets full colour
+    (default: the largest absolute deviation in ``scores``)."""
+    deviation = scores.scores - scores.center
+    scale = scale or float(deviation.abs().max().clamp_min(1e-6))
+    spans = []
+    for token, dev, value, is_response in zip(
+        scores.tokens, deviation.tolist(), scores.scores.tolist(), scores.response.tolist(), strict=True
+    ):
+        alpha = min(abs(dev) / scale, 1.0)
+        rgb = "214,39,40" if dev > 0 else "31,119,180"
+        border = "border-bottom:2px solid #555;" if is_response else ""
+        text = html.escape(token).replace("\n", "\u21b5<br>")
+        spans.append(
+            f'<span title="{value:.3f}" style="background:rgba({rgb},{alpha:.2f});{border}'
+            f'white-space:pre-wrap;font-family:monospace">{text}</span>'
+        )
+    head = f"<h4>{html.escape(title)}</h4>" if title else ""
+    legend = (
+        f'<div style="font-size:12px;color:#555">blue: below {scores.center:.2f}, red: above; full colour at '
+        f"&plusmn;{scale:.2f}; underlined: response tokens; hover for values</div>"
+    )
+    return f'<div class="traitlens-heatmap">{head}<div style="line-height:1.8">{"".join(spans)}</div>{legend}</div>'

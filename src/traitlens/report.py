@@ -1,0 +1,178 @@
+"""The extraction report: PNG plots and one self-contained HTML page (images embedded) per run.
+
+Plots: validation accuracy and AUROC by layer for each method; histogram of positive and negative test
+projections at the chosen layer; cosine similarity between the methods' vectors at that layer. The page adds
+the chosen vector's test scores, the random-baseline control, and per-token heatmaps of a few test examples.
+Needs matplotlib (the ``pipeline`` extra).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import torch
+
+from traitlens.compute import cosine_similarity, projection
+from traitlens.dataset import ContrastiveDataset
+from traitlens.monitor import token_heatmap_html, token_projections
+from traitlens.pipeline import CHANCE_BAND, CONTROL, ExtractionResult
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_layers(result: ExtractionResult, path: Path) -> Path:
+    """Validation accuracy and AUROC by layer, one line per method."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
+    for ax, key in zip(axes, ("accuracy", "auroc"), strict=True):
+        for method in result.methods:
+            control = method == CONTROL and key == "accuracy"  # mean over random directions
+            values = [v["draws_accuracy_mean" if control else key] for v in result.val[method]]
+            style = {"linestyle": ":", "color": "grey"} if method == CONTROL else {}
+            ax.plot(result.layers, values, marker=".", label=method, **style)
+        ax.axhline(0.5, color="black", linewidth=0.5)
+        ax.axvline(result.best_layer, color="red", linewidth=0.8, linestyle="--")
+        ax.set(xlabel="layer", ylabel=f"validation {key}", ylim=(0, 1.02), title=f"validation {key} by layer")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{result.trait}: {result.model_name}, position {result.position}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_histogram(result: ExtractionResult, path: Path) -> Path:
+    """Test projections of positives and negatives onto the chosen vector, with its train threshold."""
+    plt = _pyplot()
+    i = result.index(result.best_layer)
+    vector = result.vectors[result.best_method][i]
+    pos, neg = (projection(acts[i], vector) for acts in result.activations["test"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = torch.linspace(float(min(pos.min(), neg.min())), float(max(pos.max(), neg.max())), 25).tolist()
+    ax.hist(pos.tolist(), bins=bins, alpha=0.6, label="positive", color="tab:red")
+    ax.hist(neg.tolist(), bins=bins, alpha=0.6, label="negative", color="tab:blue")
+    ax.axvline(result.thresholds[result.best_method][i], color="black", linestyle="--", label="threshold")
+    ax.set(
+        xlabel="projection onto the unit vector",
+        ylabel="test examples",
+        title=f"{result.best_method}, layer {result.best_layer}: test accuracy {result.test['accuracy']:.2f}",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cosines(result: ExtractionResult, path: Path) -> Path:
+    """Cosine similarity between the methods' vectors at the chosen layer."""
+    plt = _pyplot()
+    i = result.index(result.best_layer)
+    stacked = torch.stack([result.vectors[m][i] for m in result.methods])
+    matrix = cosine_similarity(stacked.unsqueeze(1), stacked.unsqueeze(0))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    image = ax.imshow(matrix.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(result.methods)), result.methods, rotation=45, ha="right")
+    ax.set_yticks(range(len(result.methods)), result.methods)
+    n = len(result.methods)
+    for r in range(n):
+        for c in range(n):
+            ax.text(c, r, f"{matrix[r, c]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax)
+    ax.set_title(f"cosine between methods, layer {result.best_layer}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    result: ExtractionResult,
+    folder: str | Path,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
+    dataset: ContrastiveDataset | None = None,
+    n_examples: int = 3,
+) -> Path:
+    """Write the PNG plots and ``report.html`` into ``folder``; return the HTML path.
+
+    With ``model``, ``tokenizer`` and ``dataset``, the page also shows per-token heatmaps of the first
+    ``n_examples`` test pairs under the chosen vector.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "Validation scores by layer": plot_layers(result, folder / "layers.png"),
+        "Test projections at the chosen layer": plot_histogram(result, folder / "histogram.png"),
+        "Agreement between methods": plot_cosines(result, folder / "cosines.png"),
+    }
+    parts = [f"<h1>traitlens: {html.escape(result.trait)}</h1>", _summary_table(result)]
+    for title, path in plots.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(
+            f'<h2>{title}</h2><img alt="{title}" src="data:image/png;base64,{data}" style="max-width:100%">'
+        )
+    if model is not None and tokenizer is not None and dataset is not None:
+        parts.append("<h2>Per-token projections (test examples)</h2>")
+        vector = result.trait_vector()
+        for pair in dataset.test[:n_examples]:
+            for label, example in (("positive", pair.pos_example), ("negative", pair.neg_example)):
+                scores = token_projections(model, tokenizer, vector, example)
+                parts.append(token_heatmap_html(scores, title=f"{label} (line {pair.line})"))
+    page = folder / "report.html"
+    page.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>traitlens report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        ".warn{color:#b00}</style></head><body>" + "\n".join(parts) + "</body></html>"
+    )
+    return page
+
+
+def _summary_table(result: ExtractionResult) -> str:
+    test, control = result.test, result.control_test
+    rows = [
+        ("model", result.model_name),
+        ("position", result.position),
+        ("split sizes (pairs)", ", ".join(f"{k} {v}" for k, v in result.split_sizes.items())),
+        (
+            "chosen",
+            f"{result.best_method} at layer {result.best_layer} ({result.module_paths[result.index(result.best_layer)]})",
+        ),
+        (
+            "test accuracy / AUROC / effect size",
+            f"{test['accuracy']:.3f} / {test['auroc']:.3f} / {test['effect_size']:.2f}",
+        ),
+        (
+            "random baseline, same layer: test accuracy",
+            f"{control['draws_accuracy_mean']:.3f} +/- {control['draws_accuracy_std']:.3f} "
+            f"(mean +/- std over {control['draws']} random directions)",
+        ),
+    ]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    note = (
+        ""
+        if result.control_ok
+        else f"<p class='warn'>The random baseline is outside 0.5 &plusmn; {CHANCE_BAND} on validation: "
+        "the held-out splits may be too small or too easy; treat the scores with care.</p>"
+    )
+    best = "".join(
+        f"<tr><td>{m}</td><td>{result.best_layer_of(m)}</td>"
+        f"<td>{result.val[m][result.index(result.best_layer_of(m))]['accuracy']:.3f}</td>"
+        f"<td>{result.val[m][result.index(result.best_layer_of(m))]['auroc']:.3f}</td></tr>"
+        for m in result.methods
+    )
+    return (
+        f"<table>{body}</table>{note}<h3>Best layer per method (validation)</h3>"
+        f"<table><tr><th>method</th><th>layer</th><th>accuracy</th><th>AUROC</th></tr>{best}</table>"
+    )

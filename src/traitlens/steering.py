@@ -1,0 +1,559 @@
+"""Steering and ablation: interventions on the residual stream as hooks, and a ``steer`` context manager.
+
+Three operations, each a forward hook for ``HookManager.add_forward_hook`` that returns a new output and
+never edits the input, the vector or the model:
+
+- ``add_vector(v, coeff)``: activation addition, ``h + coeff * v``;
+- ``ablate_direction(v)``: directional ablation, ``h - (h . u) u`` with ``u = v / |v|``;
+- ``clamp_direction(v, value)``: set the component along ``u`` to ``value``, ``h + (value - h . u) u``.
+
+The vector is cast to each hidden state's device and dtype on use (bf16 models and models split over
+devices with ``device_map`` work). Addition runs in the hidden state's dtype, so that in float32 the
+steered output is exactly ``h + coeff * v``; the projections of ablation and clamping run in float32.
+
+**Where in the sequence.** ``positions`` is ``"all"``, ``"prompt"``, ``"generated"``, or a sequence of
+token indices counted from each row's first real token (so that index 0 is the same token in every row,
+whatever its left padding). Pads are never steered. A module's hook cannot know these things by itself:
+during ``generate`` with the KV cache a layer sees the whole prompt once and then one position per step,
+and decoder layers get a 4-D causal mask in which pads are no longer marked. So a ``SequenceTracker``
+puts a forward pre-hook (``with_kwargs=True``) on the model's body (``model.base_model``, through which
+every forward pass and every ``generate`` step goes) and records, for that pass:
+
+- the 2-D ``attention_mask`` (which columns are real tokens; during ``generate`` it grows one column per
+  step), or all-real when none is given;
+- how many positions the cache already holds (``cache.get_seq_length()``; transformers 5 no longer
+  passes ``cache_position``), so that the positions of this pass are ``past .. past + seq - 1``;
+- the prompt length: the width of the first pass of a sequence (empty cache). ``generate(use_cache=False)``
+  re-feeds the whole sequence at each step; a pass with an empty cache whose input extends the recorded
+  prompt is recognised as such a step, so "generated" means the same with and without the cache.
+
+The interventions read that record. A forward hook on the same module clears it after each pass, so an
+intervention used outside a forward pass of the model (a layer called by hand) steers every position
+for ``positions="all"`` and raises otherwise. ``steer`` sets all of this up for you.
+
+**Strength.** ``coeff`` is absolute by default: the vector is added as given, times ``coeff``. Unit
+vectors make absolute coefficients depend on the layer, because the residual norm grows with depth; pass
+``norm=residual_norms(...)[layer]`` (or the whole dict) and ``coeff`` becomes relative: the vector is
+scaled to unit length and then to ``coeff`` times that typical norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from traitlens._validation import check_choice, check_vector, shape_of, short_list
+from traitlens.hooks import HookManager, resolve_module
+
+POSITIONS = ("all", "prompt", "generated")
+OPERATIONS = ("add", "ablate", "clamp")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Where each forward pass is in the sequence
+
+
+@dataclass
+class _Step:
+    """What one forward pass of the model covers."""
+
+    real: torch.Tensor  # [batch, seq] bool, False on pads
+    index: torch.Tensor  # [batch, seq] long, position among the row's real tokens (0 = first real token)
+    column: torch.Tensor  # [seq] long, absolute column in the (padded) sequence
+    prompt_len: int  # columns before this are the prompt, from it on generated
+
+
+class SequenceTracker:
+    """Records, for each forward pass of a model, which positions it covers and which of them are pads.
+
+    Attach it to a ``HookManager`` before the interventions that use it::
+
+        tracker = SequenceTracker()
+        with HookManager(model) as hooks:
+            tracker.attach(hooks)
+            hooks.add_forward_hook("model.layers.12", add_vector(v, 4.0, positions="generated", tracker=tracker))
+            model.generate(**inputs, max_new_tokens=20)
+    """
+
+    def __init__(self):
+        self.step: _Step | None = None
+        self._prompt_len: int | None = None
+        self._prompt_input: torch.Tensor | None = None
+
+    def attach(self, hooks: HookManager) -> None:
+        """Register the recording hooks on the body of ``hooks.model`` (``model.base_model`` when it has one)."""
+        if not isinstance(hooks, HookManager):
+            raise TypeError(f"hooks must be a traitlens HookManager, got {type(hooks).__name__}")
+        path = _body_path(hooks.model)
+        hooks.add_forward_pre_hook(path, self._before, name="steering tracker", with_kwargs=True)
+        hooks.add_forward_hook(path, self._after, name="steering tracker (clear)")
+
+    def reset(self) -> None:
+        """Forget the recorded prompt (the next pass starts a new sequence)."""
+        self.step = None
+        self._prompt_len = None
+        self._prompt_input = None
+
+    def _before(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        given = ids if ids is not None else embeds
+        if given is None:
+            self.step = None
+            return
+        batch, seq = given.shape[:2]
+        device = given.device
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            mask = None  # a mask mapping (some models precompute them); fall back to what the cache says
+        if mask is not None and (mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] < seq):
+            raise ValueError(
+                f"steering needs the 2-D attention_mask [batch, past + seq] to tell pads apart; got "
+                f"{shape_of(mask)} for input {shape_of(given)[:-1] if given.ndim == 3 else shape_of(given)}. "
+                "Pass the tokenizer's attention_mask (and use the default dynamic cache with generate)"
+            )
+        past = _cache_length(cache)
+        if past is None:
+            past = mask.shape[1] - seq if mask is not None else 0
+        if mask is None:
+            real = torch.ones(batch, seq, dtype=torch.bool, device=device)
+            index = (torch.arange(seq, device=device) + past).expand(batch, seq)
+        else:
+            mask = mask.to(device).bool()
+            real = mask[:, -seq:]
+            index = (mask.long().cumsum(dim=1) - 1)[:, -seq:]
+        if past == 0 and not self._extends_prompt(given):
+            self._prompt_len = seq
+            self._prompt_input = given.detach()
+        if (
+            self._prompt_len is None
+        ):  # a cache filled before the tracker was attached: this pass is prompt too
+            self._prompt_len = past + seq
+        column = torch.arange(past, past + seq, device=device)
+        self.step = _Step(real=real, index=index, column=column, prompt_len=self._prompt_len)
+
+    def _extends_prompt(self, given: torch.Tensor) -> bool:
+        """Is this pass (empty cache) the prompt plus tokens generated since, as in generate(use_cache=False)?"""
+        prompt = self._prompt_input
+        if prompt is None or given.ndim != prompt.ndim or given.shape[0] != prompt.shape[0]:
+            return False
+        width = prompt.shape[1]
+        if given.shape[1] <= width or given.shape[2:] != prompt.shape[2:]:
+            return False
+        return bool(torch.equal(given[:, :width].to(prompt.device), prompt))
+
+    def _after(self, module, args, output) -> None:
+        self.step = None
+
+    def select(self, positions, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
+        """``[batch, seq]`` bool: which positions of the current pass to steer (``None``: all of them)."""
+        step = self.step
+        if step is None:
+            if positions == "all":
+                return None
+            raise ValueError(
+                f"positions={positions!r} needs to know where the forward pass is in the sequence, but the "
+                "steered module ran outside a forward pass of the model the tracker is attached to; call "
+                "the model itself (or use positions='all')"
+            )
+        if step.real.shape != (batch, seq):
+            raise ValueError(
+                f"the steered module saw [batch, seq]=[{batch}, {seq}] positions, but the model's forward "
+                f"pass has {list(step.real.shape)}; steer modules whose outputs are [batch, seq, hidden]"
+            )
+        chosen = step.real
+        if positions == "prompt":
+            chosen = chosen & (step.column < step.prompt_len)
+        elif positions == "generated":
+            chosen = chosen & (step.column >= step.prompt_len)
+        elif not isinstance(positions, str):
+            wanted = positions.to(step.index.device)
+            chosen = chosen & torch.isin(step.index, wanted)
+        return chosen.to(device, non_blocking=True)
+
+
+def _cache_length(cache: object) -> int | None:
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return None
+    return int(cache.get_seq_length())
+
+
+def _body_path(model: torch.nn.Module) -> str:
+    """Dotted path of the module every forward pass goes through: ``model.base_model`` or the model."""
+    body = getattr(model, "base_model", model)
+    if body is model or not isinstance(body, torch.nn.Module):
+        return ""
+    for name, module in model.named_modules():
+        if module is body:
+            return name
+    return ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Interventions
+
+
+class Intervention:
+    """A forward hook ``(module, args, output) -> new output`` that steers ``[batch, seq, hidden]`` outputs.
+
+    Made by ``add_vector``, ``ablate_direction`` and ``clamp_direction``; ``op``, ``vector`` ``[hidden]``
+    (float32 copy), ``value`` (the coefficient or the clamp value) and ``positions`` are attributes.
+    """
+
+    def __init__(self, op: str, vector: object, value: float, positions, tracker: SequenceTracker | None):
+        self.op = check_choice(op, "op", OPERATIONS)
+        vector = check_vector(vector, "vector")
+        self.vector = vector.detach().to(torch.float32).clone()  # [hidden]
+        if op != "add":
+            norm = self.vector.norm()
+            if float(norm) == 0.0:
+                raise ValueError(f"{op} needs a non-zero vector, got one of norm 0")
+            self.vector = self.vector / norm
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"coeff/value must be a number, got {type(value).__name__}")
+        self.value = float(value)
+        self.positions = _check_positions(positions)
+        if tracker is None and self.positions != "all":
+            raise ValueError(
+                f"positions={positions!r} needs a SequenceTracker attached to the same HookManager "
+                "(tracker=...); steer() sets one up for you"
+            )
+        if tracker is not None and not isinstance(tracker, SequenceTracker):
+            raise TypeError(f"tracker must be a SequenceTracker, got {type(tracker).__name__}")
+        self.tracker = tracker
+        self._cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def __call__(self, module: torch.nn.Module, args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
+            what = shape_of(hidden) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise ValueError(
+                f"steering needs a module whose output is [batch, seq, hidden], got {what} from "
+                f"{type(module).__name__}; hook a decoder layer or another residual-stream module"
+            )
+        if hidden.shape[-1] != self.vector.shape[0]:
+            raise ValueError(
+                f"vector has hidden size {self.vector.shape[0]} but {type(module).__name__} outputs "
+                f"{shape_of(hidden)}; use a vector made for this model and layer"
+            )
+        chosen = None
+        if self.tracker is not None:
+            chosen = self.tracker.select(self.positions, hidden.shape[0], hidden.shape[1], hidden.device)
+        steered = self._apply(hidden)
+        if chosen is not None:
+            steered = torch.where(chosen.unsqueeze(-1), steered, hidden)
+        if isinstance(output, tuple):
+            return (steered, *output[1:])
+        if isinstance(output, list):
+            return [steered, *output[1:]]
+        return steered
+
+    def _apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.op == "add":
+            return hidden + self._on(hidden.device, hidden.dtype, self.value * self.vector)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # projections in float32 (or float64)
+        unit = self._on(hidden.device, dtype, self.vector)  # [hidden]
+        h = hidden.to(dtype)
+        along = h @ unit  # [batch, seq]
+        target = 0.0 if self.op == "ablate" else self.value
+        return (h + (target - along).unsqueeze(-1) * unit).to(hidden.dtype)
+
+    def _on(self, device: torch.device, dtype: torch.dtype, vector: torch.Tensor) -> torch.Tensor:
+        """``vector`` on ``device`` in ``dtype``, copied once per (device, dtype)."""
+        key = (device, dtype)
+        if key not in self._cast:
+            self._cast[key] = vector.to(device=device, dtype=dtype)
+        return self._cast[key]
+
+    def __repr__(self) -> str:
+        value = "" if self.op == "ablate" else f", {'coeff' if self.op == 'add' else 'value'}={self.value:g}"
+        return (
+            f"Intervention({self.op}, vector [{self.vector.shape[0]}] norm {float(self.vector.norm()):.4g}"
+            f"{value}, positions={self.positions!r})"
+        )
+
+
+def add_vector(
+    vector: torch.Tensor, coeff: float = 1.0, *, positions="all", tracker: SequenceTracker | None = None
+) -> Intervention:
+    """A hook that adds ``coeff * vector`` ``[hidden]`` to the module's output at ``positions``."""
+    return Intervention("add", vector, coeff, positions, tracker)
+
+
+def ablate_direction(
+    vector: torch.Tensor, *, positions="all", tracker: SequenceTracker | None = None
+) -> Intervention:
+    """A hook that removes the component of the module's output along ``vector`` ``[hidden]``."""
+    return Intervention("ablate", vector, 0.0, positions, tracker)
+
+
+def clamp_direction(
+    vector: torch.Tensor, value: float, *, positions="all", tracker: SequenceTracker | None = None
+) -> Intervention:
+    """A hook that sets the component along the unit ``vector`` ``[hidden]`` to ``value``."""
+    return Intervention("clamp", vector, value, positions, tracker)
+
+
+def _check_positions(positions):
+    if isinstance(positions, str):
+        return check_choice(positions, "positions", POSITIONS)
+    if isinstance(positions, torch.Tensor):
+        indices = positions.flatten()
+    elif isinstance(positions, Iterable):
+        indices = list(positions)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            raise TypeError(
+                f"positions must be {short_list(POSITIONS)} or a sequence of ints, got {positions!r}"
+            )
+        indices = torch.tensor(indices, dtype=torch.long)
+    else:
+        raise TypeError(
+            f"positions must be one of {short_list(POSITIONS)} or a sequence of token indices, "
+            f"got {type(positions).__name__}"
+        )
+    if indices.is_floating_point() or indices.is_complex():
+        raise TypeError(f"position indices must be integers, got dtype {indices.dtype}")
+    if indices.numel() and int(indices.min()) < 0:
+        raise ValueError(
+            "position indices count from each row's first real token and must be >= 0 (the end of a "
+            f"sequence being generated is not known yet), got {indices.tolist()[:10]}"
+        )
+    return indices.to(torch.long)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The convenience: steer(...)
+
+
+class Steering:
+    """Handle of the hooks that ``steer`` registered: ``.remove()`` them, or use it in a ``with`` block.
+
+    ``interventions`` maps each steered module path to its ``Intervention``; ``hooks`` is the
+    ``HookManager`` that holds them (more hooks, e.g. captures, may be added to it).
+    """
+
+    def __init__(self, hooks: HookManager, tracker: SequenceTracker, interventions: dict[str, Intervention]):
+        self.hooks = hooks
+        self.tracker = tracker
+        self.interventions = interventions
+
+    def remove(self) -> None:
+        """Remove every hook of this handle (safe to call twice)."""
+        self.hooks.remove_all()
+
+    def __enter__(self) -> Steering:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Steering({len(self.interventions)} modules: {short_list(self.interventions, 5)})"
+
+
+def steer(
+    model: torch.nn.Module,
+    vector,
+    *,
+    layer: int | Sequence[int] | None = None,
+    module: str | Sequence[str] | None = None,
+    coeff: float = 1.0,
+    op: str = "add",
+    positions="all",
+    norm: float | Mapping | None = None,
+) -> Steering:
+    """Steer ``model`` until the returned handle is removed (or its ``with`` block ends, also on errors).
+
+    Example::
+
+        with steer(model, vector, layer=12, coeff=4.0, positions="generated"):
+            out = model.generate(**inputs, max_new_tokens=40)
+
+    Args:
+        vector: a ``[hidden]`` tensor; a ``TraitVector`` (its ``layer``/``module`` are used when neither is
+            given here); or a mapping ``{layer index or module path: [hidden] tensor or TraitVector}`` for a
+            vector per layer (e.g. ``load_control_vector(path).directions``).
+        layer: decoder layer index (or indices) whose output is steered; negative counts from the end.
+        module: dotted module path(s) instead of ``layer``, e.g. ``"model.layers.12.mlp"``.
+        coeff: for ``op="add"`` the multiplier of the vector; for ``op="clamp"`` the value the component
+            along the unit vector is set to; ignored by ``op="ablate"``.
+        op: ``"add"``, ``"ablate"`` or ``"clamp"``.
+        positions: ``"all"``, ``"prompt"``, ``"generated"`` or token indices (see the module docs).
+        norm: the typical residual norm at the layer (a number, or ``{layer: number}`` from
+            ``residual_norms``). When given, ``coeff`` is relative: the vector is scaled to unit length
+            and to ``coeff * norm``.
+    """
+    targets = _targets(model, vector, layer, module)
+    check_choice(op, "op", OPERATIONS)
+    tracker = SequenceTracker()
+    hooks = HookManager(model)
+    interventions: dict[str, Intervention] = {}
+    try:
+        tracker.attach(hooks)
+        for path, (vec, layer_index) in targets.items():
+            value = coeff
+            if norm is not None:
+                scale = _norm_for(norm, layer_index, path)
+                if op == "add":
+                    vec = vec.detach().to(torch.float32)
+                    if float(vec.norm()) == 0.0:
+                        raise ValueError(
+                            "a relative coeff (norm=...) needs a non-zero vector, got one of norm 0"
+                        )
+                    vec = vec / vec.norm() * scale
+                else:
+                    value = coeff * scale
+            intervention = Intervention(op, vec, value, positions, tracker)
+            hooks.add_forward_hook(path, intervention, name=f"steer {op} {path}")
+            interventions[path] = intervention
+    except BaseException:
+        hooks.remove_all()
+        raise
+    return Steering(hooks, tracker, interventions)
+
+
+def _targets(model, vector, layer, module) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """``{module path: (vector, layer index or None)}`` from the arguments of ``steer``."""
+    if layer is not None and module is not None:
+        raise ValueError("give either layer=... or module=..., not both")
+    if isinstance(vector, Mapping):
+        if layer is not None or module is not None:
+            raise ValueError(
+                "vector is a mapping {layer or module: vector}; do not also pass layer= or module="
+            )
+        if not vector:
+            raise ValueError("vector mapping is empty; give at least one {layer: vector}")
+        out = {}
+        for key, vec in vector.items():
+            path, index = _where(model, key)
+            if path in out:
+                raise ValueError(f"{key!r} names {path!r}, which is already given; one vector per module")
+            out[path] = (_as_tensor(vec), index)
+        return out
+    tensor = _as_tensor(vector)
+    if layer is None and module is None:
+        module = getattr(vector, "module", None)
+        if module is None:
+            layer = getattr(vector, "layer", None)
+        if layer is None and module is None:
+            raise ValueError("say where to steer: layer=12 (decoder layer index) or module='model.layers.12'")
+    keys = layer if layer is not None else module
+    if isinstance(keys, (int, str)):
+        keys = [keys]
+    out = {}
+    for key in keys:
+        path, index = _where(model, key)
+        if path in out:
+            raise ValueError(f"{key!r} names {path!r}, which is already given; give each layer once")
+        out[path] = (tensor, index)
+    return out
+
+
+def _as_tensor(vector) -> torch.Tensor:
+    tensor = getattr(vector, "vector", vector)  # a TraitVector carries its tensor in .vector
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"vector must be a [hidden] tensor or a TraitVector, got {type(vector).__name__}")
+    return check_vector(tensor, "vector")
+
+
+def _where(model: torch.nn.Module, key) -> tuple[str, int | None]:
+    """Module path and layer index of a ``layer`` (int) or ``module`` (str) key."""
+    if isinstance(key, str):
+        resolve_module(model, key)
+        paths = decoder_layer_paths(model, required=False)
+        return key, paths.index(key) if key in paths else None
+    if isinstance(key, int) and not isinstance(key, bool):
+        paths = decoder_layer_paths(model)
+        if not -len(paths) <= key < len(paths):
+            raise ValueError(f"layer must be in [{-len(paths)}, {len(paths) - 1}] for this model, got {key}")
+        index = key % len(paths)
+        return paths[index], index
+    raise TypeError(f"layer must be an int and module a dotted path string, got {type(key).__name__} {key!r}")
+
+
+def decoder_layer_paths(model: torch.nn.Module, *, required: bool = True) -> list[str]:
+    """Dotted paths of the decoder layers, in order (``model.layers.0`` ... or ``transformer.h.0`` ...).
+
+    They are the entries of the longest ``ModuleList`` whose length is the config's number of layers
+    (``num_hidden_layers`` / ``n_layer``), or of the longest ``ModuleList`` when there is no config.
+    """
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if n_layers is not None:
+        lists = [(name, m) for name, m in lists if len(m) == n_layers] or lists
+    if not lists:
+        if not required:
+            return []
+        raise ValueError(
+            f"cannot find the decoder layers of {type(model).__name__} (no ModuleList); "
+            "pass module='dotted.path' instead of layer="
+        )
+    name, layers = max(lists, key=lambda item: len(item[1]))
+    return [f"{name}.{i}" if name else str(i) for i in range(len(layers))]
+
+
+def _norm_for(norm, layer_index: int | None, path: str) -> float:
+    if isinstance(norm, Mapping):
+        for key in (layer_index, path):
+            if key is not None and key in norm:
+                return float(norm[key])
+        raise ValueError(
+            f"norm has no entry for layer {layer_index} ({path!r}); it has {short_list(map(str, norm))}"
+        )
+    if isinstance(norm, (int, float)) and not isinstance(norm, bool) and norm > 0:
+        return float(norm)
+    raise ValueError(f"norm must be a positive number or a {{layer: norm}} mapping, got {norm!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Typical residual norms, for relative coefficients
+
+
+@torch.no_grad()
+def residual_norms(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layers: int | Sequence[int] | None = None,
+    *,
+    batch_size: int = 8,
+) -> dict[int, float]:
+    """The typical residual norm at each decoder layer's output, measured on ``texts``.
+
+    Returns ``{layer: median L2 norm over every real (non-pad) token}``. The median, because a few
+    positions (often the first token) carry norms orders of magnitude above the rest.
+    """
+    if isinstance(texts, str) or not texts:
+        raise ValueError("texts must be a non-empty list of strings")
+    paths = decoder_layer_paths(model)
+    if layers is None:
+        layers = range(len(paths))
+    elif isinstance(layers, int):
+        layers = [layers]
+    chosen = {index: path for path, index in (_where(model, i) for i in layers)}
+    norms: dict[int, list[torch.Tensor]] = {i: [] for i in chosen}
+    tracker = SequenceTracker()
+
+    def recorder(index: int) -> Callable:
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            real = tracker.select("all", hidden.shape[0], hidden.shape[1], hidden.device)
+            values = hidden.detach().to(torch.float32).norm(dim=-1)  # [batch, seq]
+            norms[index].append((values[real] if real is not None else values.flatten()).cpu())
+
+        return hook
+
+    device = next(model.parameters()).device
+    with HookManager(model) as hooks:
+        tracker.attach(hooks)
+        for index, path in chosen.items():
+            hooks.add_forward_hook(path, recorder(index))
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True)
+            model(**{k: v.to(device) for k, v in batch.items()})
+            tracker.reset()
+    return {i: float(torch.quantile(torch.cat(v).double(), 0.5)) for i, v in norms.items()}

@@ -1,0 +1,358 @@
+"""Extraction methods: planted directions, references (numpy / scikit-learn), dtypes, seeds, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA, FastICA
+from sklearn.linear_model import LogisticRegression
+
+from traitlens.methods import (
+    METHODS,
+    ExtractionMethod,
+    GradientMethod,
+    ICAMethod,
+    MeanDifferenceMethod,
+    PCADiffMethod,
+    ProbeMethod,
+    RandomBaselineMethod,
+    get_method,
+)
+
+
+def planted(n=400, hidden=32, shift=2.0, big=0.0, seed=0):
+    """``pos, neg [n, hidden]``: unit-variance noise -/+ ``shift`` along a random unit direction ``d``.
+
+    With ``big`` > 0, a quarter of the dimensions (orthogonal to ``d``) get noise ``big`` times larger, and all
+    dimensions a large offset: the anisotropy of real residual streams.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(hidden, generator=g)
+    noise = torch.randn(2 * n, hidden, generator=g)
+    if big:
+        loud = torch.randperm(hidden, generator=g)[: hidden // 4]
+        d[loud] = 0.0
+        noise[:, loud] *= big
+        noise += 10 * big * torch.randn(hidden, generator=g)
+    d = d / d.norm()
+    return noise[:n] + shift * d, noise[n:] - shift * d, d
+
+
+def cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def accuracy(pos, neg, vector, bias):
+    logits = torch.cat([pos, neg]) @ vector + bias
+    return float(((logits > 0) == (torch.arange(len(logits)) < len(pos))).float().mean())
+
+
+# Name, parameters and the cosine each must reach with the planted direction on isotropic noise.
+PLANTED = [
+    ("mean_diff", {}, 0.99),
+    ("pca_diff", {}, 0.99),
+    ("gradient", {}, 0.98),  # shrunk LDA: a little noisier than the mean on isotropic noise
+    ("probe", {"C": 0.01}, 0.95),
+    ("probe", {"C": 0.1, "penalty": "l1"}, 0.95),
+    ("probe", {"C": 0.01, "solver": "sklearn"}, 0.95),
+    ("ica", {}, 0.95),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "min_cos"), PLANTED)
+def test_planted_direction_is_recovered_with_the_right_sign(name, params, min_cos):
+    pos, neg, d = planted()
+    vector = get_method(name, **params).extract(pos, neg)["vector"]
+    assert vector.shape == (32,) and vector.dtype == torch.float32
+    assert cos(vector, d) > min_cos
+    assert float((pos.mean(0) - neg.mean(0)) @ vector) > 0
+
+
+@pytest.mark.parametrize(("name", "params"), [("probe", {"C": 0.01}), ("gradient", {"shrinkage": 0.1})])
+def test_probe_and_gradient_see_through_anisotropic_noise_where_mean_difference_fails(name, params):
+    pos, neg, d = planted(big=100.0)
+    assert cos(MeanDifferenceMethod().extract(pos, neg)["vector"], d) < 0.5
+    assert cos(get_method(name, **params).extract(pos, neg)["vector"], d) > 0.9
+
+
+@pytest.mark.parametrize("name", ["pca_diff", "ica", "gradient"])
+def test_arbitrary_sign_methods_are_oriented_and_swap_sign_with_the_classes(name):
+    pos, neg, _ = planted(seed=3)
+    a = get_method(name).extract(pos, neg)
+    b = get_method(name).extract(neg, pos)
+    assert isinstance(a["flipped"], bool)
+    assert float((pos.mean(0) - neg.mean(0)) @ a["vector"]) > 0
+    assert cos(a["vector"], b["vector"]) < -0.99
+
+
+def test_mean_difference_matches_numpy():
+    pos, neg, _ = planted(n=50, seed=1)
+    result = MeanDifferenceMethod().extract(pos, neg)
+    expected = pos.double().numpy().mean(0) - neg.double().numpy().mean(0)
+    np.testing.assert_allclose(result["vector"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result["pos_mean"].numpy(), pos.double().numpy().mean(0), rtol=1e-5, atol=1e-6)
+    unit = MeanDifferenceMethod(normalize=True).extract(pos, neg)["vector"]
+    np.testing.assert_allclose(unit.numpy(), expected / np.linalg.norm(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("big", [0.0, 1e3])
+def test_probe_l2_matches_standardised_sklearn_logistic_regression(big):
+    pos, neg, _ = planted(n=150, hidden=48, shift=0.3, big=big, seed=2)
+    test_pos, test_neg, _ = planted(n=1000, hidden=48, shift=0.3, big=big, seed=2)  # same d, fresh noise
+    result = ProbeMethod().extract(pos, neg)
+
+    # Independent reference: scikit-learn on standardised features, weights mapped back by hand.
+    x = torch.cat([pos, neg]).double().numpy()
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    mean, std = x.mean(0), x.std(0)
+    reference = LogisticRegression(C=1.0, max_iter=10_000, tol=1e-8).fit((x - mean) / std, y)
+    coef = torch.from_numpy(reference.coef_[0] / std).float()
+    intercept = float(reference.intercept_[0] - (reference.coef_[0] / std) @ mean)
+
+    assert cos(result["vector"], coef) > 0.999
+    assert (
+        abs(
+            accuracy(test_pos, test_neg, result["vector"], result["bias"])
+            - accuracy(test_pos, test_neg, coef, intercept)
+        )
+        <= 0.005
+    )
+    assert result["train_acc"] == pytest.approx(reference.score((x - mean) / std, y), abs=1e-9)
+
+
+def test_probe_vector_and_bias_give_the_logit_on_raw_activations():
+    pos, neg, _ = planted(n=100, shift=0.5, big=1e3, seed=4)
+    result = ProbeMethod().extract(pos, neg)
+    torch.testing.assert_close(torch.sigmoid(pos @ result["vector"] + result["bias"]), result["pos_scores"])
+    torch.testing.assert_close(torch.sigmoid(neg @ result["vector"] + result["bias"]), result["neg_scores"])
+    assert result["train_acc"] == pytest.approx(accuracy(pos, neg, result["vector"], result["bias"]))
+    assert result["converged"] and isinstance(result["bias"], float)
+
+
+@pytest.mark.parametrize("penalty", ["l1", "elasticnet"])
+@pytest.mark.parametrize("big", [0.0, 1e3])
+def test_probe_torch_and_sklearn_solvers_agree_on_sparse_penalties(penalty, big):
+    pos, neg, _ = planted(n=150, hidden=48, shift=0.3, big=big, seed=5)
+    test_pos, test_neg, _ = planted(n=1000, hidden=48, shift=0.3, big=big, seed=5)
+    ours = ProbeMethod(penalty=penalty, C=0.05, tol=1e-6).extract(pos, neg)
+    ref = ProbeMethod(penalty=penalty, C=0.05, tol=1e-6, solver="sklearn", max_iter=20_000).extract(pos, neg)
+    assert ref["converged"]
+    assert cos(ours["vector"], ref["vector"]) > 0.99
+    gap = accuracy(test_pos, test_neg, ours["vector"], ours["bias"])
+    gap -= accuracy(test_pos, test_neg, ref["vector"], ref["bias"])
+    assert abs(gap) <= 0.005
+
+
+def test_l1_probe_is_sparse_and_l2_is_not():
+    pos, neg, _ = planted(n=200, hidden=64, shift=0.5, seed=6)
+    l1 = ProbeMethod(C=0.05).extract(pos, neg, penalty="l1")["vector"]  # the seed README's call
+    l2 = ProbeMethod(C=0.05).extract(pos, neg)["vector"]
+    assert (l1 == 0).float().mean() > 0.5
+    assert (l2 == 0).sum() == 0
+
+
+def test_extract_parameters_override_constructor_parameters():
+    pos, neg, _ = planted(n=100, seed=7)
+    method = ProbeMethod(penalty="l1", C=0.1)
+    assert (method.extract(pos, neg)["vector"] == 0).any()
+    assert not (method.extract(pos, neg, penalty="l2")["vector"] == 0).any()
+    assert method.params == {"penalty": "l1", "C": 0.1}
+    assert repr(method) == "ProbeMethod(penalty='l1', C=0.1)"
+
+
+def test_probe_warns_when_the_solver_hits_max_iter():
+    pos, neg, _ = planted(n=100, shift=0.3, seed=8)
+    with pytest.warns(UserWarning, match="max_iter=2"):
+        result = ProbeMethod(max_iter=2).extract(pos, neg)
+    assert not result["converged"]
+
+
+def test_probe_warns_when_the_penalty_zeroes_every_weight():
+    pos, neg, _ = planted(n=100, shift=0.3, seed=8)
+    with pytest.warns(UserWarning, match="every weight is zero"):
+        result = ProbeMethod(penalty="l1", C=1e-4).extract(pos, neg)
+    assert not result["vector"].any()
+
+
+def test_ica_components_are_sklearn_fastica_and_the_best_separating_one_is_chosen():
+    pos, neg, _ = planted(n=100, seed=9)
+    result = ICAMethod(n_components=6, seed=3).extract(pos, neg)
+    x = torch.cat([pos, neg]).numpy()
+    reference = FastICA(n_components=6, whiten="unit-variance", random_state=3).fit(x)
+    np.testing.assert_allclose(result["all_components"].numpy(), reference.mixing_.T, rtol=1e-4, atol=1e-5)
+
+    sources = reference.transform(x)
+    a, b = sources[:100], sources[100:]
+    d = np.abs(a.mean(0) - b.mean(0)) / np.sqrt((a.var(0, ddof=1) + b.var(0, ddof=1)) / 2)
+    assert result["component_idx"] == int(np.argmax(d))
+    np.testing.assert_allclose(result["separation_scores"].numpy(), d, rtol=1e-3)
+    chosen = result["all_components"][result["component_idx"]]
+    expected = -chosen if result["flipped"] else chosen
+    torch.testing.assert_close(result["vector"], expected)
+    assert result["pos_proj"].shape == (100, 6) and result["neg_proj"].shape == (100, 6)
+
+
+def test_ica_component_idx_and_small_samples():
+    pos, neg, _ = planted(n=2, seed=10)
+    result = ICAMethod().extract(pos, neg)  # 4 rows: at most 3 components
+    assert result["all_components"].shape == (3, 32)
+    pos, neg, _ = planted(n=50, seed=10)
+    assert ICAMethod(component_idx=2).extract(pos, neg)["component_idx"] == 2
+    with pytest.raises(ValueError, match=r"component_idx must be an int in \[0, 10\)"):
+        ICAMethod(component_idx=10).extract(pos, neg)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_pca_diff_matches_sklearn_pca_of_the_differences(center):
+    # Pair strength varies (variance 12 vs noise 2), so the centered variant finds the direction too.
+    pos, neg, d = planted(n=200, shift=0.0, seed=11)
+    strength = 12.0 * torch.rand(200, 1, generator=torch.Generator().manual_seed(0))
+    pos = pos + strength * d
+    result = PCADiffMethod(center=center).extract(pos, neg)
+    diffs = (pos - neg).double().numpy()
+    # Uncentered PCA = centered PCA of the sign-symmetrised differences (RepE's random flips, exactly).
+    pca = PCA(n_components=1).fit(diffs if center else np.concatenate([diffs, -diffs]))
+    component = torch.from_numpy(pca.components_[0]).float()
+    assert abs(cos(result["vector"], component)) > 0.9999
+    assert result["explained_variance_ratio"] == pytest.approx(pca.explained_variance_ratio_[0], rel=1e-4)
+    if center:
+        assert result["explained_variance"] == pytest.approx(pca.explained_variance_[0], rel=1e-4)
+    else:
+        assert result["explained_variance"] == pytest.approx(
+            float(((pos - neg) @ result["vector"]).pow(2).mean()), rel=1e-4
+        )
+    assert result["n_pairs"] == 200
+    assert float(result["vector"].norm()) == pytest.approx(1.0, abs=1e-5)
+    assert cos(result["vector"], d) > 0.9
+
+
+def test_pca_diff_pairing():
+    pos, neg, d = planted(n=60, seed=12)
+    with pytest.raises(ValueError, match=r"pairing='index'.*\(60, 32\).*\(45, 32\).*pairing='random'"):
+        PCADiffMethod().extract(pos, neg[:45])
+    result = PCADiffMethod(pairing="random", seed=1).extract(pos, neg[:45])
+    assert result["n_pairs"] == 45 and cos(result["vector"], d) > 0.95
+    again = PCADiffMethod(pairing="random", seed=1).extract(pos, neg[:45])
+    assert torch.equal(result["vector"], again["vector"])
+
+
+def test_gradient_reaches_the_regularised_lda_direction():
+    pos, neg, _ = planted(n=100, shift=0.5, big=10.0, seed=13)
+    shrinkage = 0.3
+    result = GradientMethod(shrinkage=shrinkage).extract(pos, neg)
+    p, q = pos.double().numpy(), neg.double().numpy()
+    centered = np.concatenate([p - p.mean(0), q - q.mean(0)])
+    within = centered.T @ centered / (len(centered) - 2)
+    ridge = shrinkage * np.trace(within) / within.shape[0]
+    lda = np.linalg.solve((1 - shrinkage) * within + ridge * np.eye(32), p.mean(0) - q.mean(0))
+    assert cos(result["vector"], torch.from_numpy(lda).float()) > 0.999
+    history = result["loss_history"]
+    assert history.shape == (200,) and history[-1] < history[0]
+    assert float(result["vector"].norm()) == pytest.approx(1.0, abs=1e-5)
+    assert result["final_separation"] == pytest.approx(
+        float((pos.mean(0) - neg.mean(0)) @ result["vector"]), rel=1e-4
+    )
+
+
+def test_random_baseline_is_a_seeded_unit_vector_unrelated_to_the_data():
+    pos, neg, d = planted(n=20, hidden=2048, seed=14)
+    result = RandomBaselineMethod().extract(pos, neg, seed=5)
+    assert result["is_random"] and result["vector"].dtype == torch.float32
+    assert float(result["vector"].norm()) == pytest.approx(1.0, abs=1e-5)
+    assert abs(cos(result["vector"], d)) < 4 / 2048**0.5  # 4 standard deviations
+    assert torch.equal(result["vector"], RandomBaselineMethod(seed=5).extract(pos, neg)["vector"])
+    assert not torch.equal(result["vector"], RandomBaselineMethod(seed=6).extract(pos, neg)["vector"])
+
+
+ALL = [
+    ("mean_diff", {}),
+    ("probe", {}),
+    ("probe", {"penalty": "l1", "C": 0.1}),
+    ("probe", {"solver": "sklearn"}),
+    ("ica", {}),
+    ("gradient", {"num_steps": 20}),
+    ("pca_diff", {}),
+    ("random_baseline", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_give_float32_vectors_computed_in_float32(name, params, dtype):
+    pos, neg, _ = planted(n=30, seed=15)
+    pos, neg = pos.to(dtype), neg.to(dtype)
+    result = get_method(name, **params).extract(pos, neg)
+    reference = get_method(name, **params).extract(pos.float(), neg.float())
+    assert result["vector"].dtype == torch.float32
+    torch.testing.assert_close(result["vector"], reference["vector"])
+
+
+@pytest.mark.parametrize(("name", "params"), ALL)
+def test_results_are_reproducible_given_a_seed(name, params):
+    pos, neg, _ = planted(n=30, seed=16)
+    first = get_method(name, **params).extract(pos, neg, seed=3)["vector"]
+    second = get_method(name, seed=3, **params).extract(pos, neg)["vector"]
+    assert torch.equal(first, second)
+
+
+def test_get_method_and_registry():
+    assert set(METHODS) == {"mean_diff", "probe", "ica", "gradient", "pca_diff", "random_baseline"}
+    for name, cls in METHODS.items():
+        method = get_method(name)
+        assert type(method) is cls and isinstance(method, ExtractionMethod)
+        assert method.name() == cls.__name__
+    assert get_method("probe", C=0.5).params == {"C": 0.5}
+    with pytest.raises(
+        ValueError, match=r"method must be one of 'mean_diff'.*'random_baseline'.*did you mean 'probe'"
+    ):
+        get_method("prob")
+    with pytest.raises(TypeError, match=r"ProbeMethod has no parameter 'penalt'; did you mean 'penalty'"):
+        get_method("probe", penalt="l1")
+    with pytest.raises(TypeError, match="MeanDifferenceMethod has no parameter 'C'"):
+        MeanDifferenceMethod().extract(*planted(n=3)[:2], C=1.0)
+    with pytest.raises(TypeError):
+        ExtractionMethod()
+
+
+@pytest.mark.parametrize(("name", "params"), ALL)
+def test_bad_input_raises_an_error_naming_the_argument_and_its_shape(name, params):
+    method = get_method(name, **params)
+    pos, neg, _ = planted(n=5, hidden=8, seed=17)
+    with pytest.raises(ValueError, match=r"pos_acts must have shape \[n_pos, hidden\], got \(8,\)"):
+        method.extract(pos[0], neg)
+    with pytest.raises(ValueError, match=r"neg_acts must have shape \[n_neg, hidden\], got \(1, 5, 8\)"):
+        method.extract(pos, neg[None])
+    with pytest.raises(ValueError, match=r"same hidden size.*\(5, 8\).*\(5, 7\)"):
+        method.extract(pos, neg[:, :7])
+    with pytest.raises(ValueError, match=r"neg_acts is empty \(shape \(0, 8\)\)"):
+        method.extract(pos, neg[:0])
+    bad = pos.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="pos_acts contains 1 non-finite"):
+        method.extract(bad, neg)
+    with pytest.raises(TypeError, match=r"pos_acts must be a torch\.Tensor, got ndarray"):
+        method.extract(pos.numpy(), neg)
+    if method.min_per_class > 1:
+        with pytest.raises(
+            ValueError, match=rf"pos_acts has 1 rows.*{type(method).__name__} needs at least 2"
+        ):
+            method.extract(pos[:1], neg)
+
+
+def test_bad_hyper_parameters_are_named():
+    pos, neg, _ = planted(n=10, seed=18)
+    with pytest.raises(ValueError, match=r"penalty must be one of 'l2', 'l1', 'elasticnet', got 'l3'"):
+        ProbeMethod(penalty="l3").extract(pos, neg)
+    with pytest.raises(
+        ValueError, match="solver must be one of 'torch', 'sklearn', got 'sklern'; did you mean 'sklearn'"
+    ):
+        ProbeMethod(solver="sklern").extract(pos, neg)
+    with pytest.raises(ValueError, match="C must be > 0, got 0"):
+        ProbeMethod(C=0).extract(pos, neg)
+    with pytest.raises(ValueError, match="shrinkage must be in"):
+        GradientMethod(shrinkage=0.0).extract(pos, neg)
+    with pytest.raises(ValueError, match="pairing must be one of"):
+        PCADiffMethod(pairing="sorted").extract(pos, neg)
+    with pytest.raises(ValueError, match="n_components must be a positive int"):
+        ICAMethod(n_components=0).extract(pos, neg)
