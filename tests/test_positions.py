@@ -35,7 +35,9 @@ def test_plain_text_is_all_prompt():
 
 
 def test_rule_errors():
-    with pytest.raises(ValueError, match=r"position must be one of .*got 'prompt_lst'; did you mean one of 'prompt_last'"):
+    with pytest.raises(
+        ValueError, match=r"position must be one of .*got 'prompt_lst'; did you mean one of 'prompt_last'"
+    ):
         select_positions("prompt_lst", MASK, RESPONSE)
     with pytest.raises(ValueError, match=r"needs response tokens, but rows \[0, 1\] have none"):
         select_positions("response_mean", MASK)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from traitlens.capture import output_tensor
 from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager
 from traitlens.steering import _targets, steer
@@ -104,7 +105,7 @@ def dose_response(
     targets = _targets(model, vector, layer, module)
     if len(targets) != 1:
         raise ValueError("dose_response measures at one module: give one vector and one layer or module")
-    ((path, (direction, _)),) = targets.items()
+    path, (direction, _) = next(iter(targets.items()))
     unit = direction.detach().to(torch.float32)
     unit = unit / unit.norm()
     rows = []
@@ -219,7 +220,7 @@ def _score(model, generated, path: str, unit: torch.Tensor, batch_size: int) -> 
     seen: list[torch.Tensor] = []
     device = _device(model)
     with HookManager(model) as hooks:
-        hooks.add_forward_hook(path, lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        hooks.add_forward_hook(path, lambda m, a, out: seen.append(output_tensor(out)))
         for start in range(0, len(generated), batch_size):
             rows = [(p, r) for p, r in generated[start : start + batch_size] if r]
             if not rows:

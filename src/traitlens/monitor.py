@@ -9,6 +9,7 @@ vector's module, in float32.
 from __future__ import annotations
 
 import html
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -123,7 +124,8 @@ def generate_with_projections(
         )
         sequence = out.sequences[0]
         if sequence.shape[0] > enc.input_ids.shape[1]:  # the last sampled token was never fed: feed it
-            model(input_ids=sequence[-1:].unsqueeze(0), past_key_values=out.past_key_values, use_cache=True)
+            cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            model(input_ids=sequence[-1:].unsqueeze(0), use_cache=True, **{cache: out.past_key_values})
     values = torch.cat(scores).cpu()
     prompt_len = enc.input_ids.shape[1]
     response = torch.zeros(sequence.shape[0], dtype=torch.bool)
@@ -139,9 +141,10 @@ def generate_with_projections(
 def token_heatmap_html(scores: TokenScores, title: str | None = None, scale: float | None = None) -> str:
     """A self-contained HTML fragment: each token on a background from blue (below the center) through
     white to red (above), with its score in a tooltip. ``scale`` is the deviation that gets full colour
-    (default: the largest absolute deviation in ``scores``)."""
+    (default: the 90th percentile of the absolute deviations, so that the first token, whose activation is
+    an outlier in most models, does not wash out the rest)."""
     deviation = scores.scores - scores.center
-    scale = scale or float(deviation.abs().max().clamp_min(1e-6))
+    scale = scale or float(deviation.abs().quantile(0.9).clamp_min(1e-6))
     spans = []
     for token, dev, value, is_response in zip(
         scores.tokens, deviation.tolist(), scores.scores.tolist(), scores.response.tolist(), strict=True

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import torch
 
 from traitlens._validation import check_choice, check_vector, shape_of, short_list
-from traitlens.hooks import HookManager, resolve_module
+from traitlens.capture import output_tensor
+from traitlens.hooks import HookManager, decoder_layer_paths, resolve_module
 
 POSITIONS = ("all", "prompt", "generated")
 OPERATIONS = ("add", "ablate", "clamp")
@@ -107,12 +108,16 @@ class SequenceTracker:
         device = given.device
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         mask = kwargs.get("attention_mask")
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            mask = None  # a mask mapping (some models precompute them); fall back to what the cache says
-        if mask is not None and (mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] < seq):
+        if mask is not None and (
+            not isinstance(mask, torch.Tensor)
+            or mask.ndim != 2
+            or mask.shape[0] != batch
+            or mask.shape[1] < seq
+        ):
+            got = shape_of(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(
                 f"steering needs the 2-D attention_mask [batch, past + seq] to tell pads apart; got "
-                f"{shape_of(mask)} for input {shape_of(given)[:-1] if given.ndim == 3 else shape_of(given)}. "
+                f"{got} for inputs of shape {shape_of(given)}. "
                 "Pass the tokenizer's attention_mask (and use the default dynamic cache with generate)"
             )
         past = _cache_length(cache)
@@ -128,10 +133,10 @@ class SequenceTracker:
         if past == 0 and not self._extends_prompt(given):
             self._prompt_len = seq
             self._prompt_input = given.detach()
-        if (
-            self._prompt_len is None
-        ):  # a cache filled before the tracker was attached: this pass is prompt too
-            self._prompt_len = past + seq
+        if self._prompt_len is None:
+            self._prompt_len = (
+                past + seq
+            )  # the cache was filled before the tracker came: this pass is prompt too
         column = torch.arange(past, past + seq, device=device)
         self.step = _Step(real=real, index=index, column=column, prompt_len=self._prompt_len)
 
@@ -152,7 +157,7 @@ class SequenceTracker:
         """``[batch, seq]`` bool: which positions of the current pass to steer (``None``: all of them)."""
         step = self.step
         if step is None:
-            if positions == "all":
+            if isinstance(positions, str) and positions == "all":
                 return None
             raise ValueError(
                 f"positions={positions!r} needs to know where the forward pass is in the sequence, but the "
@@ -463,7 +468,10 @@ def _where(model: torch.nn.Module, key) -> tuple[str, int | None]:
     """Module path and layer index of a ``layer`` (int) or ``module`` (str) key."""
     if isinstance(key, str):
         resolve_module(model, key)
-        paths = decoder_layer_paths(model, required=False)
+        try:
+            paths = decoder_layer_paths(model)
+        except ValueError:  # a model without a ModuleList of layers: any module path still works
+            paths = []
         return key, paths.index(key) if key in paths else None
     if isinstance(key, int) and not isinstance(key, bool):
         paths = decoder_layer_paths(model)
@@ -472,28 +480,6 @@ def _where(model: torch.nn.Module, key) -> tuple[str, int | None]:
         index = key % len(paths)
         return paths[index], index
     raise TypeError(f"layer must be an int and module a dotted path string, got {type(key).__name__} {key!r}")
-
-
-def decoder_layer_paths(model: torch.nn.Module, *, required: bool = True) -> list[str]:
-    """Dotted paths of the decoder layers, in order (``model.layers.0`` ... or ``transformer.h.0`` ...).
-
-    They are the entries of the longest ``ModuleList`` whose length is the config's number of layers
-    (``num_hidden_layers`` / ``n_layer``), or of the longest ``ModuleList`` when there is no config.
-    """
-    config = getattr(model, "config", None)
-    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    if n_layers is not None:
-        lists = [(name, m) for name, m in lists if len(m) == n_layers] or lists
-    if not lists:
-        if not required:
-            return []
-        raise ValueError(
-            f"cannot find the decoder layers of {type(model).__name__} (no ModuleList); "
-            "pass module='dotted.path' instead of layer="
-        )
-    name, layers = max(lists, key=lambda item: len(item[1]))
-    return [f"{name}.{i}" if name else str(i) for i in range(len(layers))]
 
 
 def _norm_for(norm, layer_index: int | None, path: str) -> float:
@@ -540,7 +526,7 @@ def residual_norms(
 
     def recorder(index: int) -> Callable:
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            hidden = output_tensor(output)
             real = tracker.select("all", hidden.shape[0], hidden.shape[1], hidden.device)
             values = hidden.detach().to(torch.float32).norm(dim=-1)  # [batch, seq]
             norms[index].append((values[real] if real is not None else values.flatten()).cpu())

@@ -1,0 +1,101 @@
+"""``traitlens extract / evaluate / monitor / modules`` on the real model and the shipped sentiment data."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from traitlens import load_dataset, load_vector
+from traitlens.cli import main
+from traitlens.monitor import token_projections
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, real_model):
+    out = tmp_path_factory.mktemp("sentiment")
+    assert main(["extract", "--trait", "sentiment", "--out", str(out)]) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_extract_chooses_a_layer_that_generalises_and_the_control_is_at_chance(run):
+    _, summary = run
+    assert len(summary["layers"]) == 30 and len(summary["methods"]) == 6
+    chosen = summary["chosen"]
+    assert chosen["method"] != "random_baseline"
+    assert chosen["test"]["accuracy"] >= 0.9
+    control = summary["control"]["test"]
+    assert abs(control["draws_accuracy_mean"] - 0.5) <= 0.15
+    assert summary["control"]["ok"]
+
+
+def test_saved_vectors_reload_bit_identically(run, real_model):
+    out, summary = run
+    model, _ = real_model
+    vector = load_vector(out / "trait_vector.safetensors", model=model)
+    assert vector.layer == summary["chosen"]["layer"] and vector.method == summary["chosen"]["method"]
+    all_layers = load_file(out / "all_layers.safetensors")
+    row = summary["layers"].index(vector.layer)
+    assert torch.equal(vector.vector, all_layers[vector.method][row])
+    assert vector.dataset_hash == load_dataset("sentiment").sha256
+    assert vector.metrics["test_accuracy"] == summary["chosen"]["test"]["accuracy"]
+    for path in (out / "vectors").glob("*.safetensors"):
+        again = load_vector(path)
+        assert again == load_vector(path)
+    assert (out / "report.html").stat().st_size > 10_000
+    assert all((out / name).is_file() for name in ("layers.png", "histogram.png", "cosines.png"))
+
+
+def test_monitor_projects_positive_texts_higher(run, real_model):
+    out, _ = run
+    model, tokenizer = real_model
+    vector = load_vector(out / "trait_vector.safetensors")
+    pairs = load_dataset("sentiment").test
+    pos = [token_projections(model, tokenizer, vector, p.pos_example).mean() for p in pairs]
+    neg = [token_projections(model, tokenizer, vector, p.neg_example).mean() for p in pairs]
+    assert sum(pos) / len(pos) > sum(neg) / len(neg)
+    # The vector was read at the last token: there each pair must come out the right way round.
+    last = [
+        float(token_projections(model, tokenizer, vector, p.pos_example).scores[-1])
+        - float(token_projections(model, tokenizer, vector, p.neg_example).scores[-1])
+        for p in pairs
+    ]
+    assert sum(d > 0 for d in last) >= 0.9 * len(pairs)
+
+
+def test_cli_evaluate_monitor_modules(run, tmp_path, capsys):
+    out, summary = run
+    vector = str(out / "trait_vector.safetensors")
+    assert main(["evaluate", vector, "--trait", "sentiment", "--split", "test", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["accuracy"] == pytest.approx(summary["chosen"]["test"]["accuracy"])
+    page = tmp_path / "m.html"
+    assert (
+        main(
+            [
+                "monitor",
+                vector,
+                "--prompt",
+                "Describe your best day.",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(page),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "mean projection" in printed and page.read_text().count("<span") > 8
+    assert main(["modules", "--pattern", r"layers\.\d+$"]) == 0
+    assert capsys.readouterr().out.split() == [f"model.layers.{i}" for i in range(30)]
+
+
+def test_cli_bad_arguments_get_one_line(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "missing.safetensors"), "--trait", "sentiment"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("traitlens evaluate: error:") and "\n" not in err
+    assert main(["extract", "--trait", "sentimnt"]) == 2
+    assert "did you mean 'sentiment'" in capsys.readouterr().err

@@ -1,0 +1,163 @@
+"""llama.cpp control-vector files: round trip, and the layout llama.cpp's loader expects, read back with an
+independent GGUF header parser."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_HIDDEN, layer_path, make_tiny_model
+from traitlens.capture import ActivationCapture
+from traitlens.controlvector import ControlVector, load_control_vector, save_control_vector
+from traitlens.hooks import HookManager
+from traitlens.steering import steer
+from traitlens.vector import TraitVector
+
+HIDDEN = 576
+
+
+def _directions(layers=(1, 5, 29), dtype=torch.float32) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {layer: torch.randn(HIDDEN, generator=g).to(dtype) for layer in layers}
+
+
+def test_round_trip_gives_the_same_tensors_and_layers(tmp_path):
+    directions = _directions()
+    path = save_control_vector(tmp_path / "cv.gguf", directions, model_hint="llama")
+    loaded = load_control_vector(path)
+    assert isinstance(loaded, ControlVector)
+    assert loaded.layers == [1, 5, 29]
+    assert loaded.model_hint == "llama"
+    assert loaded.hidden_size == HIDDEN
+    for layer, vector in directions.items():
+        assert loaded.directions[layer].dtype == torch.float32
+        assert torch.equal(loaded.directions[layer], vector)
+
+
+def test_bf16_and_trait_vectors_are_written_as_float32(tmp_path):
+    bf16 = _directions((3,), torch.bfloat16)[3]
+    tv = TraitVector(
+        vector=bf16, model="tiny", module="model.layers.7", position="prompt_last", method="mean_diff"
+    )
+    path = save_control_vector(tmp_path / "cv.gguf", [tv], model_hint="llama")
+    loaded = load_control_vector(path)
+    assert loaded.layers == [7]
+    assert torch.equal(loaded.directions[7], bf16.float())
+
+
+def test_file_layout_is_what_llama_cpp_reads(tmp_path):
+    directions = _directions((2, 12))
+    path = save_control_vector(tmp_path / "cv.gguf", directions, model_hint="llama")
+    header = _parse_gguf(path.read_bytes())
+    assert header["version"] == 3
+    assert header["kv"]["general.architecture"] == (8, "controlvector")  # type 8 = string
+    assert header["kv"]["controlvector.model_hint"] == (8, "llama")
+    assert header["kv"]["controlvector.layer_count"] == (5, 2)  # type 5 = int32
+    names = [t["name"] for t in header["tensors"]]
+    assert names == ["direction.2", "direction.12"]
+    for info in header["tensors"]:
+        assert info["dims"] == [HIDDEN]  # 1-D, n_embd elements
+        assert info["type"] == 0  # GGML_TYPE_F32
+        layer = int(info["name"].split(".")[1])
+        np.testing.assert_array_equal(info["data"], directions[layer].numpy())
+
+
+def test_layer_zero_and_bad_inputs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="rejects N = 0"):
+        save_control_vector(tmp_path / "a.gguf", {0: torch.randn(HIDDEN)}, model_hint="llama")
+    with pytest.raises(ValueError, match="same hidden size"):
+        save_control_vector(
+            tmp_path / "b.gguf", {1: torch.randn(HIDDEN), 2: torch.randn(8)}, model_hint="llama"
+        )
+    with pytest.raises(ValueError, match="model_hint"):
+        save_control_vector(tmp_path / "c.gguf", _directions(), model_hint="")
+    with pytest.raises(TypeError, match="layers must be ints"):
+        save_control_vector(tmp_path / "d.gguf", {"1": torch.randn(HIDDEN)}, model_hint="llama")
+    with pytest.raises(ValueError, match="empty"):
+        save_control_vector(tmp_path / "e.gguf", {}, model_hint="llama")
+
+
+def test_loading_refuses_other_files(tmp_path):
+    from gguf import GGUFWriter
+
+    model_file = tmp_path / "model.gguf"
+    writer = GGUFWriter(model_file, "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    _finish(writer)
+    with pytest.raises(ValueError, match="not a control vector"):
+        load_control_vector(model_file)
+
+    zero = tmp_path / "zero.gguf"
+    writer = GGUFWriter(zero, "controlvector")
+    writer.add_tensor("direction.0", np.zeros(8, dtype=np.float32))
+    _finish(writer)
+    with pytest.raises(ValueError, match="N >= 1"):
+        load_control_vector(zero)
+    with pytest.raises(FileNotFoundError):
+        load_control_vector(tmp_path / "missing.gguf")
+
+
+def test_loaded_directions_steer_the_same_layers():
+    model = make_tiny_model("llama")
+    g = torch.Generator().manual_seed(1)
+    directions = {1: torch.randn(TINY_HIDDEN, generator=g), 2: torch.randn(TINY_HIDDEN, generator=g)}
+    ids = torch.randint(3, 128, (1, 5), generator=g)
+    capture = ActivationCapture(device=None)
+    with HookManager(model) as hooks:
+        for i in (1, 2):
+            hooks.add_forward_hook(layer_path("llama", i), capture.make_hook(f"raw{i}"))
+        with steer(model, directions) as handle:
+            for i in (1, 2):
+                handle.hooks.add_forward_hook(layer_path("llama", i), capture.make_hook(f"out{i}"))
+            model(input_ids=ids)
+    for i in (1, 2):
+        assert torch.equal(capture.get(f"out{i}"), capture.get(f"raw{i}") + directions[i])
+
+
+def _finish(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _parse_gguf(data: bytes) -> dict:
+    """A minimal GGUF v3 reader (little endian), independent of the gguf package: header, key/values of the
+    scalar and string types, tensor infos, and F32 tensor data."""
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string() -> str:
+        nonlocal pos
+        length = take("Q")
+        text = data[pos : pos + length].decode("utf-8")
+        pos += length
+        return text
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    assert data[:4] == b"GGUF"
+    pos = 4
+    version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    kv = {}
+    for _ in range(n_kv):
+        key, kind = string(), take("I")
+        kv[key] = (kind, string() if kind == 8 else take(scalar[kind]))
+    tensors = []
+    for _ in range(n_tensors):
+        name, n_dims = string(), take("I")
+        dims = [take("Q") for _ in range(n_dims)]
+        tensors.append({"name": name, "dims": dims, "type": take("I"), "offset": take("Q")})
+    alignment = kv.get("general.alignment", (4, 32))[1]
+    start = (pos + alignment - 1) // alignment * alignment
+    for info in tensors:
+        count = int(np.prod(info["dims"]))
+        info["data"] = np.frombuffer(data, dtype="<f4", count=count, offset=start + info["offset"])
+    return {"version": version, "kv": kv, "tensors": tensors}

@@ -1,0 +1,412 @@
+"""Steering hooks on tiny random models: exact arithmetic, positions under the KV cache and left padding,
+dtypes, hook cleanup, relative strength."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_HIDDEN, TINY_LAYERS, layer_path, make_tiny_model
+from traitlens.capture import ActivationCapture
+from traitlens.hooks import HookManager
+from traitlens.steering import (
+    SequenceTracker,
+    ablate_direction,
+    add_vector,
+    clamp_direction,
+    residual_norms,
+    steer,
+)
+
+LAYER = 1
+COEFF = 3.0
+
+
+def _vector(seed: int = 1) -> torch.Tensor:
+    return torch.randn(TINY_HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def _ids(batch: int = 2, seq: int = 6, seed: int = 2) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _left_padded(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of 6 columns; row 1 has 2 left pads (pad id 0)."""
+    ids = _ids(2, 6, seed)
+    mask = torch.ones_like(ids)
+    ids[1, :2] = 0
+    mask[1, :2] = 0
+    return ids, mask
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _steered_run(model, family, run, vector, **steer_kwargs):
+    """Run ``run()`` under ``steer(model, vector, layer=LAYER, ...)`` with captures of the layer's output
+    before and after the steering hook (hooks run in registration order), so that both come from the same
+    pass. Returns the chunks before, the chunks after, and what ``run`` returned."""
+    path = layer_path(family, LAYER)
+    before, after = ActivationCapture(device=None), ActivationCapture(device=None)
+    with HookManager(model) as first:
+        first.add_forward_hook(path, before.make_hook("h"))
+        with steer(model, vector, layer=LAYER, **steer_kwargs) as handle:
+            handle.hooks.add_forward_hook(path, after.make_hook("h"))
+            result = run()
+    assert _hook_count(model) == 0
+    return before.get("h", concat=False), after.get("h", concat=False), result
+
+
+def test_add_is_exact_and_earlier_layers_are_bit_identical(tiny):
+    family, model = tiny
+    v, ids = _vector(), _ids()
+    capture = ActivationCapture(device=None)
+    with HookManager(model) as hooks:
+        for i in range(TINY_LAYERS):
+            hooks.add_forward_hook(layer_path(family, i), capture.make_hook(f"plain{i}"))
+        model(input_ids=ids)
+    with steer(model, v, layer=LAYER, coeff=COEFF) as handle:
+        for i in range(TINY_LAYERS):
+            handle.hooks.add_forward_hook(layer_path(family, i), capture.make_hook(f"steered{i}"))
+        model(input_ids=ids)
+    for i in range(LAYER):
+        assert torch.equal(capture.get(f"steered{i}"), capture.get(f"plain{i}"))
+    assert torch.equal(capture.get(f"steered{LAYER}"), capture.get(f"plain{LAYER}") + COEFF * v)
+    assert not torch.equal(capture.get(f"steered{LAYER + 1}"), capture.get(f"plain{LAYER + 1}"))
+    assert _hook_count(model) == 0
+
+
+def test_given_indices_are_steered_and_others_untouched(tiny):
+    family, model = tiny
+    v, ids = _vector(), _ids()
+    (raw,), (out,), _ = _steered_run(
+        model, family, lambda: model(input_ids=ids), v, coeff=COEFF, positions=[1, 4]
+    )
+    chosen = torch.zeros(ids.shape, dtype=torch.bool)
+    chosen[:, [1, 4]] = True
+    assert torch.equal(out[chosen], (raw + COEFF * v)[chosen])
+    assert torch.equal(out[~chosen], raw[~chosen])
+
+
+@pytest.mark.parametrize("positions", ["all", [0, 3]])
+def test_ablation_removes_the_component_at_selected_positions(tiny, positions):
+    family, model = tiny
+    v, ids = _vector(), _ids()
+    (raw,), (out,), _ = _steered_run(
+        model, family, lambda: model(input_ids=ids), v, op="ablate", positions=positions
+    )
+    unit = v / v.norm()
+    along = (out @ unit).abs() / out.norm(dim=-1)
+    chosen = torch.ones(ids.shape, dtype=torch.bool)
+    if positions != "all":
+        chosen[:] = False
+        chosen[:, positions] = True
+    assert float(along[chosen].max()) < 1e-5
+    assert torch.equal(out[~chosen], raw[~chosen])
+    # Independent reference in float64 numpy: h - (h . u) u.
+    h, u = raw.double().numpy(), unit.double().numpy()
+    expected = h - (h @ u)[..., None] * u
+    np.testing.assert_allclose(out[chosen].numpy(), expected[chosen.numpy()], rtol=1e-5, atol=1e-5)
+
+
+def test_clamp_sets_the_component_and_keeps_the_rest(tiny):
+    family, model = tiny
+    v, ids = _vector(), _ids()
+    (raw,), (out,), _ = _steered_run(model, family, lambda: model(input_ids=ids), v, op="clamp", coeff=2.5)
+    unit = v / v.norm()
+    torch.testing.assert_close(out @ unit, torch.full(ids.shape, 2.5), rtol=1e-5, atol=1e-5)
+    rest = lambda h: h - (h @ unit).unsqueeze(-1) * unit  # noqa: E731
+    torch.testing.assert_close(rest(out), rest(raw), rtol=1e-5, atol=1e-5)
+
+
+def test_generated_positions_under_the_kv_cache(tiny):
+    family, model = tiny
+    v, ids = _vector(), _ids(1, 5)
+    new = 6
+    generate = dict(
+        max_new_tokens=new, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True
+    )
+    raw, out, result = _steered_run(
+        model,
+        family,
+        lambda: model.generate(input_ids=ids, **generate),
+        v,
+        coeff=COEFF,
+        positions="generated",
+    )
+    # The prompt pass is untouched; each of the new-1 decode steps (one position each) is steered.
+    assert [tuple(c.shape[:2]) for c in out] == [(1, 5)] + [(1, 1)] * (new - 1)
+    assert torch.equal(out[0], raw[0])
+    for before, after in zip(raw[1:], out[1:], strict=True):
+        assert torch.equal(after, before + COEFF * v)
+    # Reference without the cache: one forward pass over the whole sequence, steering its generated
+    # indices explicitly, gives the logits generate saw at each step.
+    sequence = result.sequences
+    with steer(model, v, layer=LAYER, coeff=COEFF, positions=range(5, sequence.shape[1])):
+        logits = model(input_ids=sequence).logits[0, 4:-1]
+    torch.testing.assert_close(torch.stack(result.logits, 1)[0], logits, rtol=1e-4, atol=1e-4)
+    # And generate(use_cache=False) re-feeds the whole sequence each step: same tokens, same logits.
+    with steer(model, v, layer=LAYER, coeff=COEFF, positions="generated"):
+        no_cache = model.generate(input_ids=ids, use_cache=False, **generate)
+    assert torch.equal(no_cache.sequences, sequence)
+    torch.testing.assert_close(torch.stack(no_cache.logits, 1)[0], logits, rtol=1e-4, atol=1e-4)
+    assert _hook_count(model) == 0
+
+
+def test_generated_steering_changes_the_continuation_only_after_the_prompt(tiny):
+    _, model = tiny
+    v, ids = _vector(), _ids(1, 5)
+    kwargs = dict(
+        max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True
+    )
+    plain = model.generate(input_ids=ids, **kwargs)
+    with steer(model, 20 * v, layer=LAYER, positions="generated"):
+        steered = model.generate(input_ids=ids, **kwargs)
+    # The first new token comes from the prompt pass, which "generated" does not touch.
+    assert torch.equal(steered.logits[0], plain.logits[0])
+    assert not torch.allclose(steered.logits[1], plain.logits[1])
+
+
+def test_prompt_positions_under_the_kv_cache(tiny):
+    family, model = tiny
+    v, ids = _vector(), _ids(1, 5)
+    raw, out, _ = _steered_run(
+        model,
+        family,
+        lambda: model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0),
+        v,
+        coeff=COEFF,
+        positions="prompt",
+    )
+    assert torch.equal(out[0], raw[0] + COEFF * v)
+    for before, after in zip(raw[1:], out[1:], strict=True):
+        assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_pads_of_left_padded_rows_are_never_steered(tiny, positions):
+    family, model = tiny
+    v = _vector()
+    ids, mask = _left_padded()
+
+    def run():
+        return model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
+
+    raw, out, _ = _steered_run(model, family, run, v, coeff=COEFF, positions=positions)
+    pads = mask == 0
+    assert torch.equal(out[0][pads], raw[0][pads])
+    if positions in ("all", "prompt"):
+        assert torch.equal(out[0][~pads], (raw[0] + COEFF * v)[~pads])
+    for before, after in zip(raw[1:], out[1:], strict=True):
+        expected = before + COEFF * v if positions in ("all", "generated") else before
+        assert torch.equal(after, expected)
+
+
+def test_indices_count_from_the_first_real_token(tiny):
+    """Row 1 of a left-padded batch, steered at indices [0, 2], behaves like the same row alone."""
+    _, model = tiny
+    v = 5 * _vector()
+    ids, mask = _left_padded()
+    kwargs = dict(
+        max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True
+    )
+    with steer(model, v, layer=LAYER, positions=[0, 2]):
+        batch = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        alone = model.generate(input_ids=ids[1:, 2:], attention_mask=mask[1:, 2:], **kwargs)
+    without = model.generate(input_ids=ids[1:, 2:], attention_mask=mask[1:, 2:], **kwargs)
+    torch.testing.assert_close(batch.logits[0][1], alone.logits[0][0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(alone.logits[0], without.logits[0], atol=1e-3)
+
+
+def test_bf16_model_steers_in_its_dtype_and_leaves_the_vector_alone():
+    family, model = "llama", make_tiny_model("llama").to(torch.bfloat16)
+    v, ids = _vector(), _ids()
+    original = v.clone()
+    (raw,), (out,), _ = _steered_run(model, family, lambda: model(input_ids=ids), v, coeff=COEFF)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, raw + (COEFF * v).to(torch.bfloat16))
+    assert torch.equal(v, original) and v.dtype == torch.float32
+    with steer(model, v, layer=LAYER, op="ablate"):
+        model(input_ids=ids)  # runs in bf16 without dtype errors
+
+
+def test_no_hooks_remain_after_an_exception(tiny):
+    _, model = tiny
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        steer(model, _vector(), layer=LAYER, positions="generated"),
+    ):
+        raise RuntimeError("boom")
+    assert _hook_count(model) == 0
+    # An error raised by the hook itself during the forward pass (wrong hidden size).
+    with pytest.raises(ValueError, match="hidden size"), steer(model, torch.randn(7), layer=LAYER):
+        model(input_ids=_ids())
+    assert _hook_count(model) == 0
+
+
+def test_handle_remove_outside_with(tiny):
+    family, model = tiny
+    ids = _ids()
+    plain = model(input_ids=ids).logits
+    handle = steer(model, _vector(), layer=[0, 2], coeff=COEFF)
+    assert sorted(handle.interventions) == [layer_path(family, 0), layer_path(family, 2)]
+    assert not torch.allclose(model(input_ids=ids).logits, plain)
+    handle.remove()
+    handle.remove()
+    assert _hook_count(model) == 0
+    assert torch.equal(model(input_ids=ids).logits, plain)
+
+
+def test_a_vector_per_layer_and_a_submodule_with_tuple_output(tiny):
+    family, model = tiny
+    v0, v2, ids = _vector(1), _vector(2), _ids()
+    capture = ActivationCapture(device=None)
+    with HookManager(model) as hooks:
+        for i in (0, 2):
+            hooks.add_forward_hook(layer_path(family, i), capture.make_hook(f"raw{i}"))
+        with steer(model, {0: v0, layer_path(family, 2): v2}, coeff=COEFF) as handle:
+            for i in (0, 2):
+                handle.hooks.add_forward_hook(layer_path(family, i), capture.make_hook(f"out{i}"))
+            model(input_ids=ids)
+    assert torch.equal(capture.get("out0"), capture.get("raw0") + COEFF * v0)
+    assert torch.equal(capture.get("out2"), capture.get("raw2") + COEFF * v2)
+    # Attention modules return tuples; the first element is steered and the structure kept.
+    attn = f"{layer_path(family, LAYER)}.{'attn' if family == 'gpt2' else 'self_attn'}"
+    seen = []
+    with steer(model, _vector(), module=attn, coeff=COEFF) as handle:
+        handle.hooks.add_forward_hook(attn, lambda m, a, out: seen.append(type(out)))
+        model(input_ids=ids)
+    assert seen == [tuple]
+
+
+def test_composable_hooks_with_a_hook_manager(tiny):
+    family, model = tiny
+    v, ids = _vector(), _ids()
+    tracker = SequenceTracker()
+    capture = ActivationCapture(device=None)
+    with HookManager(model) as hooks:
+        path = layer_path(family, LAYER)
+        hooks.add_forward_hook(path, capture.make_hook("raw"))
+        tracker.attach(hooks)
+        hooks.add_forward_hook(path, add_vector(v, COEFF, positions=[2], tracker=tracker))
+        hooks.add_forward_hook(path, clamp_direction(v, 0.0, positions=[3], tracker=tracker))
+        hooks.add_forward_hook(path, capture.make_hook("out"))
+        model(input_ids=ids)
+    raw, out = capture.get("raw"), capture.get("out")
+    assert torch.equal(out[:, 2], raw[:, 2] + COEFF * v)
+    assert float((out[:, 3] @ (v / v.norm())).abs().max()) < 1e-5
+    assert torch.equal(out[:, [0, 1, 4, 5]], raw[:, [0, 1, 4, 5]])
+    # Without a tracker only positions="all" is possible.
+    with pytest.raises(ValueError, match="SequenceTracker"):
+        ablate_direction(v, positions="generated")
+
+
+def test_relative_strength_uses_the_measured_norm(tiny):
+    family, model = tiny
+    texts = ["a b c d", "e f", "g h i", "j k l m n o"]
+    norms = residual_norms(model, _FakeTokenizer(), texts, batch_size=3)
+    assert sorted(norms) == list(range(TINY_LAYERS))
+    # Reference: plain hooks on one padded batch, numpy median over the real tokens.
+    batch = _FakeTokenizer()(texts, padding=True, return_tensors="pt")
+    outputs = {}
+    with HookManager(model) as hooks, torch.no_grad():
+        for i in range(TINY_LAYERS):
+            hooks.add_forward_hook(layer_path(family, i), lambda m, a, out, i=i: outputs.__setitem__(i, out))
+        model(**batch)
+    real = batch["attention_mask"].bool().numpy()
+    for i in range(TINY_LAYERS):
+        expected = np.median(np.linalg.norm(outputs[i].double().numpy(), axis=-1)[real])
+        assert norms[i] == pytest.approx(expected, rel=1e-5)
+    v, ids = _vector(), _ids()
+    (raw,), (out,), _ = _steered_run(model, family, lambda: model(input_ids=ids), v, coeff=0.5, norm=norms)
+    torch.testing.assert_close(
+        out - raw, (0.5 * norms[LAYER] * v / v.norm()).expand_as(raw), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_argument_errors(tiny):
+    _, model = tiny
+    v = _vector()
+    with pytest.raises(ValueError, match="did you mean 'generated'"):
+        steer(model, v, layer=LAYER, positions="generate")
+    with pytest.raises(ValueError, match=">= 0"):
+        steer(model, v, layer=LAYER, positions=[-1])
+    with pytest.raises(ValueError, match=r"layer must be in \[-3, 2\]"):
+        steer(model, v, layer=3)
+    with pytest.raises(ValueError, match="say where"):
+        steer(model, v)
+    with pytest.raises(ValueError, match="did you mean 'clamp'"):
+        steer(model, v, layer=LAYER, op="clam")
+    with pytest.raises(ValueError, match="non-zero"):
+        steer(model, torch.zeros(TINY_HIDDEN), layer=LAYER, op="ablate")
+    with pytest.raises(ValueError, match="2-D attention_mask"), steer(model, v, layer=LAYER):
+        model(input_ids=_ids(), attention_mask=torch.ones(2, 1, 6, 6))
+    with pytest.raises(ValueError, match="already given"):
+        steer(model, v, layer=[1, -2])
+    assert _hook_count(model) == 0
+
+
+class _FakeTokenizer:
+    """Maps each whitespace-separated word to an id; right-pads with 0."""
+
+    def __call__(self, texts, return_tensors="pt", padding=True):
+        rows = [[3 + (sum(map(ord, w)) % 120) for w in t.split()] for t in texts]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------------------------------
+# dose_response on a tiny model with a character tokenizer
+
+
+class _CharTokenizer:
+    """One id per character (3 + code % 120); pad 0, eos 2; no chat template."""
+
+    pad_token_id, eos_token_id, chat_template = 0, 2, None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [3 + ord(c) % 120 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(97 + (i - 3) % 26) for i in ids if not (skip_special_tokens and i < 3))
+
+
+def test_dose_response_scores_with_the_unsteered_model(tiny):
+    from traitlens.dose_response import _score, compare_generations, dose_response
+
+    family, model = tiny
+    tokenizer, v = _CharTokenizer(), _vector()
+    prompts = ["the cat", "a longer prompt here"]
+    rows = compare_generations(
+        model, tokenizer, prompts, v, [0.0, 30.0], layer=LAYER, max_new_tokens=5, chat=False
+    )
+    assert [(r["prompt"], r["coeff"]) for r in rows] == [(p, c) for p in prompts for c in (None, 0.0, 30.0)]
+    assert all(rows[i]["text"] == rows[i + 1]["text"] for i in (0, 3))  # adding 0 * v changes nothing
+    table = dose_response(
+        model, tokenizer, prompts, v, [-30.0, 0.0, 30.0], layer=LAYER, max_new_tokens=5, chat=False
+    )
+    assert [r["coeff"] for r in table] == [-30.0, 0.0, 30.0]
+    assert all(np.isfinite(r["projection"]) and r["perplexity"] > 1.0 and r["n_tokens"] > 0 for r in table)
+    # _score against a reference: transformers' own loss over the response tokens, and hooks on the layer.
+    generated = [([5, 9, 14, 7], [11, 3, 2]), ([8, 8], [40, 41, 42, 43])]
+    unit = v / v.norm()
+    projection, nll, count = _score(model, generated, layer_path(family, LAYER), unit, batch_size=1)
+    expected_nll, expected_projection = 0.0, 0.0
+    for prompt, response in generated:
+        ids = torch.tensor([prompt + response])
+        labels = ids.clone()
+        labels[0, : len(prompt)] = -100
+        seen: list[torch.Tensor] = []
+        with HookManager(model) as hooks, torch.no_grad():
+            hooks.add_forward_hook(layer_path(family, LAYER), lambda m, a, out, seen=seen: seen.append(out))
+            expected_nll += float(model(input_ids=ids, labels=labels).loss) * len(response)
+        expected_projection += float((seen[0][0, len(prompt) :] @ unit).sum())
+    assert count == 7
+    assert nll == pytest.approx(expected_nll, rel=1e-5)
+    assert projection == pytest.approx(expected_projection, rel=1e-5, abs=1e-5)
