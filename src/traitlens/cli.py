@@ -1,4 +1,4 @@
-"""The ``traitlens`` command: extract, evaluate, monitor, steer, modules.
+"""The ``traitlens`` command: extract, evaluate, monitor, steer, export, modules.
 
 With no ``--model`` every command uses the bundled SmolLM2-135M-Instruct, offline. Bad arguments get one
 clear line on stderr and exit status 2, not a traceback.
@@ -100,6 +100,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("monitor.html"), help="HTML heatmap file (default: monitor.html)"
     )
     _add_model(p)
+
+    p = sub.add_parser(
+        "steer",
+        help="baseline vs steered generations side by side, or a dose-response table and plot",
+        description="Generate from prompts without and with the vector added at its layer (greedy), for each "
+        "coefficient. With --dose-response, report for each coefficient the mean projection of the generated "
+        "tokens onto the vector and their perplexity under the unsteered model, as a table and a PNG plot.",
+    )
+    p.add_argument("vector", type=Path, help="a .safetensors vector")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", nargs="+", help="one or more user messages")
+    what.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
+    p.add_argument(
+        "--coeff", type=float, nargs="+", default=[-0.3, 0.3],
+        help="coefficients, relative to the typical residual norm at the vector's layer (measured on the "
+        "prompts) unless --absolute (default: -0.3 0.3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--absolute", action="store_true", help="add coeff * vector as saved, not scaled to the layer's norm"
+    )
+    p.add_argument("--op", default="add", choices=("add", "ablate", "clamp"))
+    p.add_argument("--positions", default="all", choices=("all", "prompt", "generated"))
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument(
+        "--dose-response", action="store_true", help="report projection and perplexity per coefficient"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("dose_response.png"), help="PNG of the dose-response plot"
+    )
+    _add_model(p)
+
+    p = sub.add_parser(
+        "export",
+        help="write a run's per-layer vectors as a llama.cpp control-vector GGUF file",
+        description="Write one method's vectors at every extracted layer (from all_layers.safetensors of an "
+        "'extract' run) as a llama.cpp control vector (--control-vector). traitlens layer i (the output of "
+        "model.layers.i) is written as direction.i; layer 0 has no slot in that format and is left out.",
+    )
+    p.add_argument("run", type=Path, help="an output folder of 'traitlens extract'")
+    p.add_argument("--method", default="mean_diff", choices=list(METHODS))
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every vector by this")
+    p.add_argument("--model-hint", default="llama", help="model family for llama.cpp (default: llama)")
+    p.add_argument("--out", type=Path, default=None, help="GGUF file (default: RUN/<method>.gguf)")
 
     p = sub.add_parser("modules", help="list a model's hookable module paths",
                        description="List the dotted paths of a model's modules, for HookManager.add_forward_hook.")  # fmt: skip
@@ -223,6 +266,67 @@ def cmd_monitor(args) -> None:
     _info(f"heatmap: {args.out}")
 
 
+def _prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return args.prompt
+    lines = [line.strip() for line in args.prompts_file.read_text().splitlines()]
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise ValueError(f"{args.prompts_file} holds no prompts (one per line)")
+    return prompts
+
+
+def cmd_steer(args) -> None:
+    from traitlens.dose_response import compare_generations, dose_response, plot_dose_response
+    from traitlens.steering import residual_norms
+    from traitlens.vector import load_vector
+
+    model, tokenizer = _load(args)
+    vector = load_vector(args.vector, model=model)
+    prompts = _prompts(args)
+    norm = None if args.absolute else residual_norms(model, tokenizer, prompts, vector.layer)[vector.layer]
+    settings = {"positions": args.positions, "norm": norm, "max_new_tokens": args.max_new_tokens}
+    if args.dose_response:
+        coeffs = sorted(set(args.coeff) | {0.0})
+        rows = dose_response(model, tokenizer, prompts, vector, coeffs, **settings)
+        print(f"{'coeff':>8} {'projection':>11} {'perplexity':>11}  example")
+        for row in rows:
+            print(
+                f"{row['coeff']:8.2f} {row['projection']:11.3f} {row['perplexity']:11.2f}  {row['example'][:60]!r}"
+            )
+        plot_dose_response(rows, args.out, title=f"{vector.trait or 'trait'} vector, layer {vector.layer}")
+        _info(f"plot: {args.out}")
+        return
+    rows = compare_generations(model, tokenizer, prompts, vector, args.coeff, op=args.op, **settings)
+    for prompt in prompts:
+        print(f"=== {prompt}")
+        for row in (r for r in rows if r["prompt"] == prompt):
+            label = "baseline" if row["coeff"] is None else f"{args.op} {row['coeff']:+g}"
+            print(f"--- {label}\n{row['text']}")
+
+
+def cmd_export(args) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    from traitlens.controlvector import save_control_vector
+
+    source = args.run / "all_layers.safetensors"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} not found; give an output folder of 'traitlens extract'")
+    with safe_open(source, framework="pt") as f:
+        if args.method not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+            raise ValueError(f"{source} has no {args.method!r} vectors; it has {sorted(f.keys())}")
+        layers = json.loads(f.metadata()["layers"])
+        vectors = f.get_tensor(args.method)
+    directions = {layer: args.scale * vectors[i] for i, layer in enumerate(layers) if layer > 0}
+    out = save_control_vector(
+        args.out or args.run / f"{args.method}.gguf", directions, model_hint=args.model_hint
+    )
+    print(f"wrote {len(directions)} layers ({min(directions)}-{max(directions)}) to {out}")
+
+
 def cmd_modules(args) -> None:
     from traitlens.hooks import list_modules
 
@@ -234,17 +338,11 @@ def cmd_modules(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {
-        "extract": cmd_extract,
-        "evaluate": cmd_evaluate,
-        "monitor": cmd_monitor,
-        "modules": cmd_modules,
-    }
+    command = globals()[f"cmd_{args.command}"]
     try:
-        commands[args.command](args)
-    except (ValueError, TypeError, KeyError, LookupError, OSError, ModuleNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"traitlens {args.command}: error: {message}", file=sys.stderr)
+        command(args)
+    except (ValueError, OSError, ImportError) as err:  # bad input: one line; anything else is a bug
+        print(f"traitlens {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -99,3 +99,26 @@ def test_cli_bad_arguments_get_one_line(tmp_path, capsys):
     assert err.startswith("traitlens evaluate: error:") and "\n" not in err
     assert main(["extract", "--trait", "sentimnt"]) == 2
     assert "did you mean 'sentiment'" in capsys.readouterr().err
+
+
+def test_cli_steer_dose_response_and_export(run, tmp_path, capsys):
+    from traitlens.controlvector import load_control_vector
+
+    out, summary = run
+    vector = str(out / "trait_vector.safetensors")
+    args = ["steer", vector, "--prompt", "Tell me about your weekend.", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("--- ") == 3 and "baseline" in printed and "add +0.3" in printed
+    plot = tmp_path / "dose.png"
+    assert main([*args, "--coeff", "-0.3", "0.3", "--dose-response", "--out", str(plot)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    projections = [float(line.split()[1]) for line in table[1:4]]
+    assert projections[0] < projections[1] < projections[2]  # -0.3, 0, +0.3
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    gguf = tmp_path / "cv.gguf"
+    assert main(["export", str(out), "--method", "mean_diff", "--out", str(gguf)]) == 0
+    control = load_control_vector(gguf)
+    assert control.layers == list(range(1, 30))
+    all_layers = load_file(out / "all_layers.safetensors")["mean_diff"]
+    assert torch.equal(control.directions[12], all_layers[12])
