@@ -32,12 +32,13 @@ from traitlens import __version__
 from traitlens._validation import check_choice, short_list
 from traitlens.capture import ActivationCapture
 from traitlens.compute import projection
-from traitlens.dataset import SPLITS, ContrastiveDataset, Example, encode_examples
+from traitlens.dataset import SPLITS, ContrastiveDataset, Example, Pair, encode_examples
 from traitlens.hooks import HookManager, decoder_layer_paths
 from traitlens.methods import METHODS as METHOD_CLASSES
 from traitlens.methods import get_method
 from traitlens.metrics import accuracy, evaluate_vector
 from traitlens.positions import POSITION_RULES, select_positions
+from traitlens.stats import ContrastiveStats
 from traitlens.vector import TraitVector
 
 METHODS = tuple(METHOD_CLASSES)
@@ -62,6 +63,12 @@ def collect_activations(
     ``position`` is one of ``POSITION_RULES``; with ``"all"`` every real token is a row, so ``n`` is the
     total number of real tokens. ``progress`` shows a progress bar (a string is used as its label).
     """
+    batches = _activation_batches(model, tokenizer, examples, layers, position, batch_size, chat, progress)
+    return torch.cat(list(batches), dim=1)
+
+
+def _activation_batches(model, tokenizer, examples, layers, position, batch_size, chat, progress):
+    """Yield ``[layer, batch, hidden]`` float32 CPU activations, one batch of ``examples`` at a time."""
     check_choice(position, "position", POSITION_RULES)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -69,9 +76,7 @@ def collect_activations(
     layers = _check_layers(layers, len(paths))
     device = next(model.parameters()).device
     capture = ActivationCapture(device="cpu", dtype=torch.float32)
-    rows: list[list[torch.Tensor]] = [[] for _ in layers]
-    batches = range(0, len(examples), batch_size)
-    for start in _progress(batches, progress, unit="batch"):
+    for start in _progress(range(0, len(examples), batch_size), progress, unit="batch"):
         enc = encode_examples(tokenizer, list(examples[start : start + batch_size]), chat=chat)
         capture.positions = select_positions(position, enc.attention_mask, enc.response_mask)
         with torch.no_grad(), HookManager(model) as hooks:
@@ -80,11 +85,66 @@ def collect_activations(
             hooks.stop_after(paths[max(layers)])
             model(**{k: v.to(device) for k, v in enc.model_inputs().items()})
         real = enc.attention_mask.bool()
-        for i, layer in enumerate(layers):
-            acts = capture.get(str(layer))
-            rows[i].append(acts[real] if position == "all" else acts)
+        acts = [capture.get(str(layer)) for layer in layers]
         capture.clear()
-    return torch.stack([torch.cat(r) for r in rows])
+        yield torch.stack([a[real] if position == "all" else a for a in acts])
+
+
+def stream_statistics(
+    model: torch.nn.Module,
+    tokenizer,
+    pairs: Sequence[Pair],
+    *,
+    layers: Sequence[int] | None = None,
+    position: str = "prompt_last",
+    batch_size: int = 16,
+    outer: bool = False,
+    spill_to: str | Path | None = None,
+    progress: bool | str = False,
+) -> ContrastiveStats:
+    """Per-layer running moments of the positives, negatives and their paired differences, batch by batch.
+
+    Memory does not grow with ``len(pairs)``: each batch's activations are folded into float64 sums and
+    dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also written to
+    ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``), so that
+    methods that need every row can read one layer at a time from disk with ``read_spilled``.
+    ``position="all"`` is refused: its positive and negative rows do not pair up.
+    """
+    if position == "all":
+        raise ValueError("stream_statistics needs one row per example; use a position other than 'all'")
+    if spill_to is not None:
+        from safetensors.torch import save_file
+
+        spill_to = Path(spill_to)
+        spill_to.mkdir(parents=True, exist_ok=True)
+    stats = ContrastiveStats(outer=outer)
+    args = (layers, position, batch_size, None, False)
+    pos = _activation_batches(model, tokenizer, [p.pos_example for p in pairs], *args)
+    neg = _activation_batches(model, tokenizer, [p.neg_example for p in pairs], *args)
+    batches = zip(pos, neg, strict=True)
+    for k, (pos_acts, neg_acts) in enumerate(_progress(batches, progress, unit="batch")):
+        stats.update(pos_acts, neg_acts)
+        if spill_to is not None:
+            save_file({"pos": pos_acts, "neg": neg_acts}, spill_to / f"batch_{k:06d}.safetensors")
+    return stats
+
+
+def read_spilled(folder: str | Path, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pos, neg)`` rows ``[n, hidden]`` of one layer (its index among the spilled layers) from the files
+    that ``stream_statistics(spill_to=folder)`` wrote; only that layer's slices are read from disk."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("batch_*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no batch_*.safetensors files in {folder}; run stream_statistics(spill_to=...)"
+        )
+    parts: dict[str, list[torch.Tensor]] = {"pos": [], "neg": []}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in parts:
+                parts[name].append(f.get_slice(name)[layer_index])
+    return torch.cat(parts["pos"]), torch.cat(parts["neg"])
 
 
 @dataclass

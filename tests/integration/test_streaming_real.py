@@ -1,0 +1,28 @@
+"""Streaming statistics and spilled activations on the real model equal the in-memory path."""
+
+import pytest
+import torch
+
+from traitlens import get_method, load_dataset
+from traitlens.pipeline import collect_activations, read_spilled, stream_statistics
+
+pytestmark = pytest.mark.integration
+
+LAYERS = [4, 15, 27]
+
+
+def test_streaming_mean_difference_and_spill_match_collected_rows(real_model, tmp_path):
+    model, tokenizer = real_model
+    pairs = load_dataset("sentiment").train[:40]
+    stats = stream_statistics(model, tokenizer, pairs, layers=LAYERS, batch_size=16, spill_to=tmp_path)
+    pos = collect_activations(model, tokenizer, [p.pos_example for p in pairs], layers=LAYERS, batch_size=40)
+    neg = collect_activations(model, tokenizer, [p.neg_example for p in pairs], layers=LAYERS, batch_size=40)
+    assert stats.pos.count == stats.neg.count == stats.diff.count == 40
+    for i in range(len(LAYERS)):
+        expected = get_method("mean_diff").extract(pos[i], neg[i])["vector"]
+        got = stats.mean_difference()[i]
+        assert float((got - expected).norm() / expected.norm()) < 1e-5  # padding differs between batchings
+        spilled_pos, spilled_neg = read_spilled(tmp_path, i)
+        torch.testing.assert_close(spilled_pos, pos[i], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(spilled_neg, neg[i], rtol=1e-4, atol=1e-3)
+    assert len(list(tmp_path.glob("batch_*.safetensors"))) == 3
