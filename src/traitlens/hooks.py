@@ -44,8 +44,8 @@ def _missing_message(
     if segment.isdigit() and children and all(c.isdigit() for c in children):
         head += f"{where!r} has {len(children)} entries (0-{len(children) - 1}), got index {segment}"
         return head
-    head += f"{where + '.' if where else ''}{segment!r} does not exist"
-    head += f" (children of {where or 'the model'!r}: {short_list(children, 8)})"
+    owner = repr(where) if where else "the model"
+    head += f"{owner} has no child {segment!r} (its children: {short_list(children, 8)})"
     # Suggest full paths: fix the failing segment, keep the rest, and keep the ones that resolve.
     rest = path.split(".")[len(done) + 1 :]
     fixes = []

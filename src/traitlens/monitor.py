@@ -124,8 +124,10 @@ def generate_with_projections(
         )
         sequence = out.sequences[0]
         if sequence.shape[0] > enc.input_ids.shape[1]:  # the last sampled token was never fed: feed it
-            cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-            model(input_ids=sequence[-1:].unsqueeze(0), use_cache=True, **{cache: out.past_key_values})
+            # transformers >= 5.2x names the cache "cache", older versions "past_key_values".
+            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            cache = out["cache"] if "cache" in out else out["past_key_values"]
+            model(input_ids=sequence[-1:].unsqueeze(0), use_cache=True, **{name: cache})
     values = torch.cat(scores).cpu()
     prompt_len = enc.input_ids.shape[1]
     response = torch.zeros(sequence.shape[0], dtype=torch.bool)
