@@ -25,8 +25,8 @@ demo: setup
 	$(VENV)/bin/traitlens extract --trait sentiment --out runs/sentiment
 
 test: setup
-	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 	$(PY) -m pytest -q
 
 bench: setup

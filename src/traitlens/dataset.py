@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from traitlens._validation import check_choice, did_you_mean, short_list
+from traitlens.positions import last_token_index
 
 SPLITS = ("train", "val", "test")
 """The split names, in file order of preference."""
@@ -380,8 +381,7 @@ class Encoding:
     @property
     def last_prompt_index(self) -> torch.Tensor:
         """``[batch]``: index of the last prompt token of each row (the last token of a plain text)."""
-        steps = torch.arange(self.prompt_mask.shape[1])
-        return (self.prompt_mask.long() * steps).argmax(dim=-1)
+        return last_token_index(self.prompt_mask)
 
     def to(self, device: str | torch.device) -> Encoding:
         """A copy with every tensor on ``device``."""

@@ -104,7 +104,7 @@ def test_cli_bad_arguments_get_one_line(tmp_path, capsys):
 def test_cli_steer_dose_response_and_export(run, tmp_path, capsys):
     from traitlens.controlvector import load_control_vector
 
-    out, summary = run
+    out, _ = run
     vector = str(out / "trait_vector.safetensors")
     args = ["steer", vector, "--prompt", "Tell me about your weekend.", "--max-new-tokens", "6"]
     assert main(args) == 0
