@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<trait>)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report and plots")
+    p.add_argument("--backend", default="local", choices=("local", "ray"),
+                   help="where activations are computed: this process, or a Ray cluster (needs traitlens[ray])")  # fmt: skip
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join, e.g. HEAD_IP:6379 (default: $RAY_ADDRESS, else a local instance)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=2, help="Ray workers, each holding the model (default: 2)")
+    p.add_argument("--shard-size", type=int, default=64,
+                   help="pairs per shard; shards done are kept in OUT/shards and skipped on a rerun")  # fmt: skip
 
     p = sub.add_parser("evaluate", help="score a saved vector on a dataset split",
                        description="Score a saved trait vector on a dataset split (accuracy with its saved "
@@ -175,13 +182,22 @@ def cmd_extract(args) -> None:
     from traitlens.pipeline import extract_trait
 
     dataset = _dataset(args)
+    out = args.out or Path("runs") / dataset.name
+    cluster = None
+    if args.backend == "ray":
+        from traitlens.distributed import RayCluster, require_ray
+
+        require_ray()
+        cluster = RayCluster(
+            address=args.ray_address, workers=args.workers, model=args.model, shard_size=args.shard_size,
+            model_kwargs={"revision": args.revision} if args.revision else {}, out_dir=out,
+        )  # fmt: skip
     model, tokenizer = _load(args)
     start = time.perf_counter()
     result = extract_trait(
         model, tokenizer, dataset, layers=args.layers, methods=args.methods, position=args.position,
-        batch_size=args.batch_size, seed=args.seed,
+        batch_size=args.batch_size, seed=args.seed, backend=args.backend, cluster=cluster,
     )  # fmt: skip
-    out = args.out or Path("runs") / dataset.name
     result.save(out)
     _info(
         f"extracted {len(result.methods)} methods x {len(result.layers)} layers in {time.perf_counter() - start:.1f} s"

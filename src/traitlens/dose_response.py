@@ -22,7 +22,7 @@ import torch
 
 from traitlens.capture import output_tensor
 from traitlens.dataset import Example, encode_examples
-from traitlens.hooks import HookManager
+from traitlens.hooks import HookManager, input_device
 from traitlens.steering import _targets, steer
 
 
@@ -176,7 +176,7 @@ def _check_coeffs(coeffs) -> list[float]:
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 @torch.no_grad()

@@ -100,6 +100,21 @@ def decoder_layer_paths(model: torch.nn.Module) -> list[str]:
     return [f"{name}.{i}" for i in range(len(layers))]
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device a forward pass's inputs go to: where the input embeddings run.
+
+    For a model dispatched with accelerate (``device_map``, layers on several devices or offloaded to CPU or
+    disk) that is the execution device of the embeddings' dispatch hook: their weights may sit on ``meta``,
+    so ``next(model.parameters()).device`` would be wrong there.
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device(execution)
+    weights = [*(embeddings.parameters() if embeddings is not None else ()), *model.parameters()]
+    return next((w.device for w in weights if w.device.type != "meta"), torch.device("cpu"))
+
+
 class StopForward(Exception):
     """Raised by the hook of ``HookManager.stop_after`` to end a forward pass early; the manager's ``with``
     block swallows it."""

@@ -18,7 +18,7 @@ import torch
 from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import projection
 from traitlens.dataset import Example, encode_examples
-from traitlens.hooks import HookManager
+from traitlens.hooks import HookManager, input_device
 from traitlens.vector import TraitVector
 
 
@@ -65,7 +65,7 @@ def token_projections(
     ``vector`` at ``vector.module``."""
     enc = encode_examples(tokenizer, [text], chat=chat)
     capture = ActivationCapture(dtype=torch.float32)
-    device = next(model.parameters()).device
+    device = input_device(model)
     with torch.no_grad(), HookManager(model) as hooks:
         hooks.add_forward_hook(vector.module, capture.make_hook("h"))
         hooks.stop_after(vector.module)
@@ -97,7 +97,7 @@ def generate_with_projections(
     answers as the assistant.
     """
     enc = encode_examples(tokenizer, [prompt], chat=chat)
-    device = next(model.parameters()).device
+    device = input_device(model)
     unit = vector.vector.float().to(device)
     unit = unit / unit.norm().clamp_min(1e-12)
     fed: list[torch.Tensor] = []
@@ -107,7 +107,8 @@ def generate_with_projections(
         fed.append(kwargs["input_ids"][0])
 
     def score(module, args, output):
-        step = output_tensor(output)[0].float() @ unit  # [positions]
+        hidden = output_tensor(output)[0]  # [seq, hidden], on this layer's device
+        step = hidden.float() @ unit.to(hidden.device)  # [positions]
         scores.append(step)
         if on_token is not None:
             ids, values = fed[-1].tolist(), step.tolist()

@@ -33,7 +33,7 @@ from traitlens._validation import check_choice, short_list
 from traitlens.capture import ActivationCapture
 from traitlens.compute import projection
 from traitlens.dataset import SPLITS, ContrastiveDataset, Example, Pair, encode_examples
-from traitlens.hooks import HookManager, decoder_layer_paths
+from traitlens.hooks import HookManager, decoder_layer_paths, input_device
 from traitlens.methods import METHODS as METHOD_CLASSES
 from traitlens.methods import get_method
 from traitlens.metrics import accuracy, evaluate_vector
@@ -74,7 +74,7 @@ def _activation_batches(model, tokenizer, examples, layers, position, batch_size
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     paths = decoder_layer_paths(model)
     layers = _check_layers(layers, len(paths))
-    device = next(model.parameters()).device
+    device = input_device(model)
     capture = ActivationCapture(device="cpu", dtype=torch.float32)
     for start in _progress(range(0, len(examples), batch_size), progress, unit="batch"):
         enc = encode_examples(tokenizer, list(examples[start : start + batch_size]), chat=chat)
@@ -273,8 +273,16 @@ def extract_trait(
     seed: int = 0,
     control_draws: int = 32,
     progress: bool = True,
+    backend: str = "local",
+    cluster=None,
 ) -> ExtractionResult:
-    """Extract, score and choose a trait vector; see the module docs for the procedure."""
+    """Extract, score and choose a trait vector; see the module docs for the procedure.
+
+    ``backend="ray"`` computes the activations on a Ray cluster (``cluster``: a
+    ``traitlens.distributed.RayCluster``, default a local instance with 2 workers) instead of in this
+    process; the rest is the same.
+    """
+    check_choice(backend, "backend", ("local", "ray"))
     methods = list(methods)
     for method in methods:
         check_choice(method, "method", METHODS)
@@ -289,20 +297,28 @@ def extract_trait(
             raise ValueError(f"dataset {dataset.name!r} has no {split!r} examples; every split is needed")
 
     acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for split in SPLITS:
-        pos, neg = dataset.examples(split)
-        acts[split] = tuple(
-            collect_activations(
-                model,
-                tokenizer,
-                side,
-                layers=layers,
-                position=position,
-                batch_size=batch_size,
-                progress=f"{dataset.name} {split} {label}" if progress else False,
+    if backend == "ray":
+        from traitlens.distributed import distributed_activations
+
+        acts = distributed_activations(
+            model, dataset, layers=layers, position=position, batch_size=batch_size, cluster=cluster,
+            progress=progress,
+        )  # fmt: skip
+    else:
+        for split in SPLITS:
+            pos, neg = dataset.examples(split)
+            acts[split] = tuple(
+                collect_activations(
+                    model,
+                    tokenizer,
+                    side,
+                    layers=layers,
+                    position=position,
+                    batch_size=batch_size,
+                    progress=f"{dataset.name} {split} {label}" if progress else False,
+                )
+                for label, side in (("pos", pos), ("neg", neg))
             )
-            for label, side in (("pos", pos), ("neg", neg))
-        )
 
     vectors: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     thresholds: dict[str, list[float]] = {m: [] for m in methods}

@@ -46,7 +46,7 @@ import torch
 
 from traitlens._validation import check_choice, check_vector, shape_of, short_list
 from traitlens.capture import output_tensor
-from traitlens.hooks import HookManager, decoder_layer_paths, resolve_module
+from traitlens.hooks import HookManager, decoder_layer_paths, input_device, resolve_module
 
 POSITIONS = ("all", "prompt", "generated")
 OPERATIONS = ("add", "ablate", "clamp")
@@ -533,7 +533,7 @@ def residual_norms(
 
         return hook
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     with HookManager(model) as hooks:
         tracker.attach(hooks)
         for index, path in chosen.items():
