@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +60,7 @@ PLANTED = [
     ("probe", {"C": 0.1, "penalty": "l1"}, 0.95),
     ("probe", {"C": 0.01, "solver": "sklearn"}, 0.95),
     ("ica", {}, 0.95),
+    ("ica", {"solver": "sklearn"}, 0.95),
 ]
 
 
@@ -76,11 +80,13 @@ def test_probe_and_gradient_see_through_anisotropic_noise_where_mean_difference_
     assert cos(get_method(name, **params).extract(pos, neg)["vector"], d) > 0.9
 
 
-@pytest.mark.parametrize("name", ["pca_diff", "ica", "gradient"])
-def test_arbitrary_sign_methods_are_oriented_and_swap_sign_with_the_classes(name):
+@pytest.mark.parametrize(
+    ("name", "params"), [("pca_diff", {}), ("ica", {}), ("ica", {"solver": "sklearn"}), ("gradient", {})]
+)
+def test_arbitrary_sign_methods_are_oriented_and_swap_sign_with_the_classes(name, params):
     pos, neg, _ = planted(seed=3)
-    a = get_method(name).extract(pos, neg)
-    b = get_method(name).extract(neg, pos)
+    a = get_method(name, **params).extract(pos, neg)
+    b = get_method(name, **params).extract(neg, pos)
     assert isinstance(a["flipped"], bool)
     assert float((pos.mean(0) - neg.mean(0)) @ a["vector"]) > 0
     assert cos(a["vector"], b["vector"]) < -0.99
@@ -175,10 +181,10 @@ def test_probe_warns_when_the_penalty_zeroes_every_weight():
     assert not result["vector"].any()
 
 
-def test_ica_components_are_sklearn_fastica_and_the_best_separating_one_is_chosen():
+def test_ica_sklearn_solver_is_sklearn_fastica_and_the_best_separating_one_is_chosen():
     pos, neg, _ = planted(n=100, seed=9)
-    result = ICAMethod(n_components=6, seed=3).extract(pos, neg)
-    x = torch.cat([pos, neg]).numpy()
+    result = ICAMethod(n_components=6, seed=3, solver="sklearn").extract(pos, neg)
+    x = torch.cat([pos, neg]).double().numpy()
     reference = FastICA(n_components=6, whiten="unit-variance", random_state=3).fit(x)
     np.testing.assert_allclose(result["all_components"].numpy(), reference.mixing_.T, rtol=1e-4, atol=1e-5)
 
@@ -191,16 +197,96 @@ def test_ica_components_are_sklearn_fastica_and_the_best_separating_one_is_chose
     expected = -chosen if result["flipped"] else chosen
     torch.testing.assert_close(result["vector"], expected)
     assert result["pos_proj"].shape == (100, 6) and result["neg_proj"].shape == (100, 6)
+    assert result["n_iter"] == reference.n_iter_ and result["converged"]
 
 
-def test_ica_component_idx_and_small_samples():
-    pos, neg, _ = planted(n=2, seed=10)
-    result = ICAMethod().extract(pos, neg)  # 4 rows: at most 3 components
-    assert result["all_components"].shape == (3, 32)
-    pos, neg, _ = planted(n=50, seed=10)
-    assert ICAMethod(component_idx=2).extract(pos, neg)["component_idx"] == 2
-    with pytest.raises(ValueError, match=r"component_idx must be an int in \[0, 10\)"):
-        ICAMethod(component_idx=10).extract(pos, neg)
+def independent_mixture(n=3000, hidden=24, seed=0):
+    """``x [n, hidden]``: 4 independent non-Gaussian sources (Laplace, uniform, centred exponential, a
+    two-level mixture), unit variance, mixed by a random ``mixing [4, hidden]``, plus faint Gaussian noise
+    and a large offset. Returns ``x``, ``sources [n, 4]``, ``mixing``."""
+    g = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(n, 4, generator=g)
+    sources = torch.stack(
+        [
+            -torch.sign(uniform[:, 0] - 0.5) * torch.log1p(-2 * (uniform[:, 0] - 0.5).abs()) / 2**0.5,
+            (uniform[:, 1] - 0.5) * 12**0.5,
+            -torch.log1p(-uniform[:, 2]) - 1.0,
+            torch.where(uniform[:, 3] < 0.2, 2.0, -0.5) / 0.8,
+        ],
+        1,
+    )
+    mixing = torch.randn(4, hidden, generator=g) * torch.tensor([[2.0], [1.0], [3.0], [1.5]])
+    x = sources @ mixing + 0.01 * torch.randn(n, hidden, generator=g) + 50 * torch.randn(hidden, generator=g)
+    return x, sources, mixing
+
+
+def matched_abs_cos(a, b):
+    """``|cos|`` of the rows of ``a [k, d]`` with the rows of ``b [k, d]``, after the best matching."""
+    from scipy.optimize import linear_sum_assignment
+
+    sims = (torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T).abs()
+    rows, cols = linear_sum_assignment(-sims.double().numpy())
+    return sims[rows, cols]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ica_torch_and_sklearn_solvers_recover_the_same_independent_sources(seed):
+    x, sources, mixing = independent_mixture(seed=seed)
+    pos, neg = x[:1500], x[1500:]
+    ours = ICAMethod(n_components=4, seed=seed).extract(pos, neg)
+    ref = ICAMethod(n_components=4, seed=seed, solver="sklearn").extract(pos, neg)
+    assert ours["converged"] and ref["converged"]
+    assert matched_abs_cos(ours["all_components"], ref["all_components"]).min() > 0.99
+    # The true directions, up to the finite-sample correlations of the sources (~1/sqrt(n)).
+    assert matched_abs_cos(ours["all_components"], mixing).min() > 0.98
+    recovered = torch.cat([ours["pos_proj"], ours["neg_proj"]])  # [n, 4]
+    assert matched_abs_cos((recovered - recovered.mean(0)).T, (sources - sources.mean(0)).T).min() > 0.99
+
+
+@pytest.mark.parametrize("solver", ["torch", "sklearn"])
+@pytest.mark.parametrize(("n", "hidden"), [(40, 64), (300, 16)])  # Gram-matrix and covariance whitening
+def test_ica_sources_are_white_and_rebuild_the_pca_projection(solver, n, hidden):
+    pos, neg, _ = planted(n=n // 2, hidden=hidden, big=10.0, seed=19)
+    result = ICAMethod(n_components=5, solver=solver).extract(pos, neg)
+    sources = torch.cat([result["pos_proj"], result["neg_proj"]]).double()  # [n, 5]
+    torch.testing.assert_close(sources.T @ sources / n, torch.eye(5, dtype=torch.float64), atol=1e-4, rtol=0)
+
+    # Independent reference: the data projected on their top-5 principal subspace (scikit-learn PCA).
+    x = torch.cat([pos, neg]).double().numpy()
+    pca = PCA(n_components=5).fit(x)
+    expected = pca.inverse_transform(pca.transform(x))
+    rebuilt = x.mean(0) + sources.numpy() @ result["all_components"].double().numpy()
+    np.testing.assert_allclose(rebuilt, expected, atol=1e-3 * np.abs(x).max())
+
+
+def test_ica_torch_solver_is_seeded_and_reports_convergence():
+    pos, neg, _ = planted(n=100, seed=20)
+    a = ICAMethod(seed=1).extract(pos, neg)
+    b = ICAMethod(seed=2).extract(pos, neg)
+    assert not torch.equal(a["all_components"], b["all_components"])  # another random start
+    assert torch.equal(a["all_components"], ICAMethod(seed=1).extract(pos, neg)["all_components"])
+    for solver in ("torch", "sklearn"):
+        capped = ICAMethod(max_iter=1, solver=solver).extract(pos, neg)
+        assert capped["n_iter"] == 1 and capped["converged"] is False
+
+
+def test_ica_torch_solver_runs_on_the_input_device_without_scikit_learn(tmp_path):
+    # A fresh interpreter: this test module itself imports scikit-learn.
+    script = tmp_path / "ica_no_sklearn.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from traitlens.methods import ICAMethod\n"
+        "devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])\n"
+        "for device in devices:\n"
+        "    x = torch.randn(60, 16, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)\n"
+        "    result = ICAMethod().extract(x[:30], x[30:])\n"
+        "    for key in ('vector', 'all_components', 'separation_scores', 'pos_proj', 'neg_proj'):\n"
+        "        assert result[key].device.type == device and result[key].dtype == torch.float32, key\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("center", [False, True])
@@ -271,6 +357,7 @@ ALL = [
     ("probe", {"penalty": "l1", "C": 0.1}),
     ("probe", {"solver": "sklearn"}),
     ("ica", {}),
+    ("ica", {"solver": "sklearn"}),
     ("gradient", {"num_steps": 20}),
     ("pca_diff", {}),
     ("random_baseline", {}),
@@ -356,3 +443,7 @@ def test_bad_hyper_parameters_are_named():
         PCADiffMethod(pairing="sorted").extract(pos, neg)
     with pytest.raises(ValueError, match="n_components must be a positive int"):
         ICAMethod(n_components=0).extract(pos, neg)
+    with pytest.raises(ValueError, match="solver must be one of 'torch', 'sklearn', got 'fastica'"):
+        ICAMethod(solver="fastica").extract(pos, neg)
+    with pytest.raises(ValueError, match="max_iter must be a positive int, got 0"):
+        ICAMethod(max_iter=0).extract(pos, neg)

@@ -13,7 +13,7 @@ average: ``(mean(pos_acts) - mean(neg_acts)) @ vector >= 0``. Methods whose sign
 optimised direction) flip it when needed and report ``flipped``. Mean difference and probe are oriented by
 construction.
 
-Only torch is imported here; scikit-learn is imported by ICA and by the probe's reference solver when used.
+Only torch is imported here; scikit-learn is imported by the reference solvers of ICA and the probe, when used.
 """
 
 from __future__ import annotations
@@ -333,23 +333,52 @@ def _fit_logistic_sklearn(
 
 
 class ICAMethod(ExtractionMethod):
-    """Independent component analysis (scikit-learn's FastICA) of the pooled activations.
+    """Independent component analysis (FastICA) of the pooled activations.
 
     Positives and negatives are stacked ``[n, hidden]``; FastICA whitens them by PCA to ``n_components``
-    dimensions (default 10, capped at ``n - 1`` and ``hidden``) and unmixes them into independent sources.
-    Each component's direction is its column of the mixing matrix (the pattern a source adds to the
-    activations, in activation units). By default the component that best separates the classes is chosen:
-    largest ``|mean_pos - mean_neg| / pooled std`` of its source values (``separation_scores``).
+    dimensions (default 10, capped at ``n - 1`` and ``hidden``) and unmixes them into independent sources
+    (Hyvärinen & Oja 2000: parallel fixed-point iteration with symmetric decorrelation, ``logcosh``
+    contrast, sources scaled to unit variance; scikit-learn's defaults). Each component's direction is its
+    column of the mixing matrix (the pattern a source adds to the activations, in activation units). By
+    default the component that best separates the classes is chosen: largest ``|mean_pos - mean_neg| /
+    pooled std`` of its source values (``separation_scores``).
+
+    Two solvers compute the decomposition; everything after it is shared. ``solver='torch'`` (default) runs
+    on the activations' device: whitening by an eigendecomposition in float64 (of the ``[n, n]`` Gram matrix
+    or the ``[hidden, hidden]`` covariance, whichever is smaller), iteration in float32 with the small
+    ``[k, k]`` decorrelation in float64, and a seeded random start. ``solver='sklearn'`` is scikit-learn's
+    ``FastICA`` on CPU in float64, the reference. Both solve the same problem from different random starts, so their
+    components agree up to order and sign when the sources are clearly non-Gaussian; on real activations
+    the component ranked most separating can differ (ICA has local optima), as it can between two seeds.
+
+    Speed, measured on this project's shared 2-core CPU (load average 4-6 from other jobs; median over 7
+    seeds; 10 components; torch 2.13 with MKL, scikit-learn 1.9). Sentiment activations of the bundled model,
+    ``[182, 576]``, layers 8 / 15 / 22: torch 220 / 142 / 270 ms, sklearn 209 / 158 / 252 ms with the default 2
+    threads (a tie: tiny products dominated by thread contention); with 1 thread torch 47 / 34 / 49 ms,
+    sklearn 172 ms at layer 22. Synthetic ``[4000, 576]``: torch 0.41 s, sklearn 2.7 s (1 thread: 0.20 s,
+    1.3 s), since torch whitens from the ``[576, 576]`` covariance and scikit-learn by a full SVD. Held-out
+    accuracy on the sentiment test split (38 examples, threshold from train), mean of 10 seeds: 100% for
+    both at layers 15 and 22; 74.2% (torch) vs 75.0% (sklearn) at layer 8, where FastICA does not converge
+    and single seeds of either solver range from 68% to 79%. Hence the default ``solver='torch'``.
+
+    A seed gives the same result on the same machine and thread count; when the iteration does not converge
+    within ``max_iter`` (common on real activations), rounding differences between thread counts or devices
+    can end it elsewhere.
 
     Parameters:
         n_components: number of components (default 10).
         component_idx: take this component instead of the best-separating one (default None).
-        max_iter, tol: FastICA's iteration cap and tolerance (defaults 200, 1e-4).
-        seed: FastICA's ``random_state``.
+        solver: ``'torch'`` (default) or ``'sklearn'``.
+        max_iter, tol: FastICA's iteration cap and tolerance (defaults 200, 1e-4; convergence when every
+            row of the unmixing matrix moves by less than ``tol``: ``max |1 - |<w_new, w_old>|| < tol``).
+        seed: seed of the initial unmixing matrix (scikit-learn's ``random_state``); the two solvers draw
+            it differently, so the same seed does not give the same start in both.
 
     Returns ``vector [hidden]`` (the chosen component, oriented), ``component_idx``, ``all_components
     [n_components, hidden]`` (not oriented), ``separation_scores [n_components]``, ``pos_proj [n_pos,
-    n_components]`` and ``neg_proj [n_neg, n_components]`` (source values), ``flipped``.
+    n_components]`` and ``neg_proj [n_neg, n_components]`` (source values), ``n_iter``, ``converged``,
+    ``flipped``. Not converging within ``max_iter`` is not an error (the components are still usable) and
+    is reported by ``converged`` only.
     """
 
     min_per_class = 2
@@ -361,32 +390,30 @@ class ICAMethod(ExtractionMethod):
         *,
         n_components: int = 10,
         component_idx: int | None = None,
+        solver: str = "torch",
         max_iter: int = 200,
         tol: float = 1e-4,
         seed: int = 0,
     ) -> dict[str, Any]:
-        from sklearn.decomposition import FastICA
-
-        x = torch.cat([pos, neg])  # [n, hidden]
+        check_choice(solver, "solver", ("torch", "sklearn"))
         if not (isinstance(n_components, int) and n_components >= 1):
             raise ValueError(f"n_components must be a positive int, got {n_components!r}")
+        if not (isinstance(max_iter, int) and max_iter >= 1):
+            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        x = torch.cat([pos, neg])  # [n, hidden]
         k = min(n_components, len(x) - 1, x.shape[1])
-        ica = FastICA(n_components=k, whiten="unit-variance", max_iter=max_iter, tol=tol, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*did not converge.*")
-            sources = ica.fit_transform(x.cpu().numpy())  # [n, k]
-        sources = torch.from_numpy(sources).to(device=x.device, dtype=torch.float32)
-        mixing = torch.from_numpy(ica.mixing_.T).to(device=x.device, dtype=torch.float32)  # [k, hidden]
+        if component_idx is not None and not (isinstance(component_idx, int) and 0 <= component_idx < k):
+            raise ValueError(
+                f"component_idx must be an int in [0, {k}) (n_components={k}), got {component_idx!r}"
+            )
+        fit = _fastica_torch if solver == "torch" else _fastica_sklearn
+        sources, mixing, n_iter, converged = fit(x, k, max_iter=max_iter, tol=tol, seed=seed)
 
-        pos_proj, neg_proj = sources[: len(pos)], sources[len(pos) :]
+        pos_proj, neg_proj = sources[: len(pos)], sources[len(pos) :]  # [n_pos, k], [n_neg, k]
         pooled_var = (pos_proj.var(0) * (len(pos) - 1) + neg_proj.var(0) * (len(neg) - 1)) / (len(x) - 2)
         scores = (pos_proj.mean(0) - neg_proj.mean(0)).abs() / pooled_var.sqrt().clamp_min(1e-12)  # [k]
         if component_idx is None:
             component_idx = int(scores.argmax())
-        elif not (isinstance(component_idx, int) and 0 <= component_idx < k):
-            raise ValueError(
-                f"component_idx must be an int in [0, {k}) (n_components={k}), got {component_idx!r}"
-            )
         vector, flipped = _orient(mixing[component_idx], pos, neg)
         return {
             "vector": vector,
@@ -395,8 +422,105 @@ class ICAMethod(ExtractionMethod):
             "separation_scores": scores,
             "pos_proj": pos_proj,
             "neg_proj": neg_proj,
+            "n_iter": n_iter,
+            "converged": converged,
             "flipped": flipped,
         }
+
+
+def _sym_decorrelation(w: torch.Tensor) -> torch.Tensor:
+    """``(W W')^(-1/2) W`` for ``w [k, k]`` in float64: the nearest matrix with orthonormal rows."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(w @ w.T)
+    inv_sqrt = eigenvalues.clamp_min(torch.finfo(w.dtype).tiny).rsqrt()
+    return (eigenvectors * inv_sqrt) @ eigenvectors.T @ w
+
+
+def _fastica_torch(
+    x: torch.Tensor, k: int, *, max_iter: int, tol: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """FastICA of ``x [n, hidden]`` into ``k`` components, in torch on ``x``'s device.
+
+    Returns ``sources [n, k]`` (unit variance), ``mixing [k, hidden]`` (``x ~ mean + sources @ mixing``),
+    iterations and whether the iteration converged. The algorithm is that of Hyvärinen & Oja (2000), eqs.
+    (44)-(45), with scikit-learn's conventions (whitened data scaled to unit variance, ``logcosh`` with
+    ``alpha = 1``, unit-variance sources).
+    """
+    n, hidden = x.shape
+    centered = x.double() - x.mean(0, dtype=torch.float64)  # [n, hidden]
+    # PCA whitening to k dimensions, from the smaller of the two Gram matrices (float64: residual streams
+    # span several orders of magnitude, and squaring them for the Gram matrix doubles that).
+    if n <= hidden:
+        eigenvalues, eigenvectors = torch.linalg.eigh(centered @ centered.T)  # ascending, [n], [n, n]
+        v = eigenvectors[:, -k:].flip(1)  # [n, k]: left singular vectors of centered
+        basis = centered.T @ v  # [hidden, k] = U_k diag(d_k)
+        sing = eigenvalues[-k:].flip(0).clamp_min(0).sqrt()  # [k] singular values d_k
+        signs = _largest_entry_signs(basis)
+        whitened = (v * signs).T * math.sqrt(n)  # [k, n], rows of unit variance
+    else:
+        eigenvalues, eigenvectors = torch.linalg.eigh(centered.T @ centered)  # [hidden], [hidden, hidden]
+        u = eigenvectors[:, -k:].flip(1)  # [hidden, k]
+        sing = eigenvalues[-k:].flip(0).clamp_min(0).sqrt()  # [k]
+        signs = _largest_entry_signs(u)
+        basis = u * sing  # [hidden, k] = U_k diag(d_k)
+        whitened = (centered @ (u * signs / sing.clamp_min(1e-300))).T * math.sqrt(n)  # [k, n]
+    basis = basis * signs
+    if float(sing[-1]) <= 1e-6 * float(sing[0]):
+        warnings.warn(
+            f"ICAMethod: the activations span fewer than n_components={k} dimensions (singular value "
+            f"{float(sing[-1]):.3g} vs largest {float(sing[0]):.3g}); lower n_components",
+            stacklevel=4,
+        )
+
+    data = whitened.float()  # [k, n]
+    w = _sym_decorrelation(torch.randn(k, k, generator=_generator(seed), dtype=torch.float64).to(x.device))
+    n_iter, converged = 0, False
+    while n_iter < max_iter and not converged:
+        n_iter += 1
+        g = torch.tanh(w.float() @ data)  # [k, n]: logcosh'(w x)
+        g_prime_mean = (1.0 - g * g).mean(1, dtype=torch.float64)  # [k]
+        update = (g @ data.T).double() / n - g_prime_mean[:, None] * w  # [k, k]: E[x g(w x)] - E[g'(w x)] w
+        new = _sym_decorrelation(update)
+        converged = float(((new * w).sum(1).abs() - 1.0).abs().max()) < tol
+        w = new
+
+    sources = w @ whitened  # [k, n], float64
+    scale = sources.std(1, correction=0)  # [k]: 1 up to rounding (w orthonormal, whitened data white)
+    sources = sources / scale[:, None]
+    mixing = (scale[:, None] * w) @ basis.T / math.sqrt(n)  # [k, hidden]
+    return sources.T.float(), mixing.float(), n_iter, converged
+
+
+def _largest_entry_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """``[k]`` signs that make the largest-magnitude entry of each column of ``vectors [hidden, k]`` positive.
+
+    Eigenvector signs are arbitrary and differ between devices and LAPACK builds; fixing them keeps the
+    start of the iteration (seeded) the same relative to the data.
+    """
+    rows = vectors.abs().argmax(0)  # [k]
+    signs = torch.sign(vectors[rows, torch.arange(vectors.shape[1], device=vectors.device)])
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def _fastica_sklearn(
+    x: torch.Tensor, k: int, *, max_iter: int, tol: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """scikit-learn's FastICA of ``x [n, hidden]`` (CPU, float64); same returns as ``_fastica_torch``.
+
+    float64, not float32: on float32 input scikit-learn also iterates in float32, and its decorrelation
+    step can then collapse every row of the unmixing matrix onto one (seen on real activations: all ten
+    sources identical; 1 of 60 seed x layer runs on the bundled model).
+    """
+    from sklearn.decomposition import FastICA
+    from sklearn.exceptions import ConvergenceWarning
+
+    ica = FastICA(n_components=k, whiten="unit-variance", max_iter=max_iter, tol=tol, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        sources = ica.fit_transform(x.cpu().double().numpy())  # [n, k]
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    sources = torch.from_numpy(sources).to(device=x.device, dtype=torch.float32)
+    mixing = torch.from_numpy(ica.mixing_.T).to(device=x.device, dtype=torch.float32)  # [k, hidden]
+    return sources, mixing, int(ica.n_iter_), converged
 
 
 class GradientMethod(ExtractionMethod):
