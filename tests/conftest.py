@@ -52,3 +52,18 @@ def real_model():
     from traitlens.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def sentiment_acts(real_model):
+    """Real activations of the shipped sentiment data at layer 15 (``prompt_last``):
+    ``{"train": [pos, neg], "test": [pos, neg]}``, each ``[n, 576]``."""
+    from traitlens import load_dataset
+    from traitlens.pipeline import collect_activations
+
+    model, tokenizer = real_model
+    data = load_dataset("sentiment")
+    return {
+        split: [collect_activations(model, tokenizer, side, layers=[15])[0] for side in data.examples(split)]
+        for split in ("train", "test")
+    }

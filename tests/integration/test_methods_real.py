@@ -3,26 +3,12 @@
 import pytest
 import torch
 
-from traitlens import load_dataset
 from traitlens.methods import ICAMethod
 from traitlens.metrics import accuracy, evaluate_vector
-from traitlens.pipeline import collect_activations
 
 pytestmark = pytest.mark.integration
 
 LAYER = 15  # the middle of SmolLM2-135M's 30 layers
-
-
-@pytest.fixture(scope="module")
-def sentiment_acts(real_model):
-    model, tokenizer = real_model
-    data = load_dataset("sentiment")
-    return {
-        split: [
-            collect_activations(model, tokenizer, side, layers=[LAYER])[0] for side in data.examples(split)
-        ]
-        for split in ("train", "test")
-    }
 
 
 def held_out_accuracy(vector, acts):

@@ -2,21 +2,10 @@
 
 import pytest
 
-from traitlens import get_method, load_dataset
+from traitlens import get_method
 from traitlens.metrics import accuracy, evaluate_vector
-from traitlens.pipeline import collect_activations
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def sentiment_acts(real_model):
-    model, tokenizer = real_model
-    data = load_dataset("sentiment")
-    return {
-        split: [collect_activations(model, tokenizer, side, layers=[15])[0] for side in data.examples(split)]
-        for split in ("train", "test")
-    }
 
 
 @pytest.mark.parametrize("method", ["mean_diff", "probe"])
