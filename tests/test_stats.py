@@ -22,7 +22,9 @@ def test_running_moments_match_numpy_over_several_updates():
     for layer in range(3):
         x = rows[layer].double().numpy()
         np.testing.assert_allclose(moments.mean[layer].numpy(), x.mean(0), rtol=1e-12)
-        np.testing.assert_allclose(moments.covariance()[layer].numpy(), np.cov(x, rowvar=False), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(
+            moments.covariance()[layer].numpy(), np.cov(x, rowvar=False), rtol=1e-9, atol=1e-9
+        )
 
 
 def test_merge_equals_one_pass_and_state_dict_round_trips():
@@ -63,7 +65,9 @@ def test_contrastive_stats_agree_with_the_row_based_methods_and_metrics():
         torch.testing.assert_close(mean_diff[layer], expected, rtol=1e-5, atol=1e-5)
         reference = PCADiffMethod().extract(pos[layer], neg[layer])["vector"]
         assert float(torch.dot(pca[layer], reference)) > 0.9999  # same direction, same sign
-        assert float(sizes[layer]) == pytest.approx(effect_size(mean_diff[layer], pos[layer], neg[layer]), rel=1e-6)
+        assert float(sizes[layer]) == pytest.approx(
+            effect_size(mean_diff[layer], pos[layer], neg[layer]), rel=1e-6
+        )
 
 
 def test_unpaired_updates_skip_differences():

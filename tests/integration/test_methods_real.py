@@ -8,8 +8,6 @@ from traitlens.metrics import accuracy, evaluate_vector
 
 pytestmark = pytest.mark.integration
 
-LAYER = 15  # the middle of SmolLM2-135M's 30 layers
-
 
 def held_out_accuracy(vector, acts):
     (train_pos, train_neg), (test_pos, test_neg) = acts["train"], acts["test"]
