@@ -133,10 +133,8 @@ class SequenceTracker:
         if past == 0 and not self._extends_prompt(given):
             self._prompt_len = seq
             self._prompt_input = given.detach()
-        if self._prompt_len is None:
-            self._prompt_len = (
-                past + seq
-            )  # the cache was filled before the tracker came: this pass is prompt too
+        if self._prompt_len is None:  # the cache was filled before the tracker came: this pass is prompt too
+            self._prompt_len = past + seq
         column = torch.arange(past, past + seq, device=device)
         self.step = _Step(real=real, index=index, column=column, prompt_len=self._prompt_len)
 
