@@ -1,0 +1,532 @@
+"""traitlens benchmark suite: capture cost as ratios to the bare forward pass, measured side by side in one run.
+
+    python benchmarks/run.py                                # CPU: the bundled model, float32
+    python benchmarks/run.py --device cuda --dtype bfloat16 # GPU: random-weight 135M and 1B Llama shapes
+    python benchmarks/run.py --quick --out /tmp/b.md        # seconds, a tiny random model (smoke test)
+
+Each case runs the whole workload; every case is warmed up first, then all cases run in rounds (the order
+rotates from round to round, and the bare forward pass runs in every round, so drift shows in its spread).
+Reported: the median time, its ratio to the bare forward pass (generation cases: to plain ``generate``), and
+the spread (max - min) / median over rounds. Peak memory: on CPU the extra peak resident memory of a fresh
+process per case (``VmHWM`` after a reset via ``/proc/self/clear_refs``, minus the resident memory before
+the case, the model loaded and warmed up); on a GPU ``torch.cuda.max_memory_allocated`` above the memory
+allocated before the case. Peers run in their own process (``benchmarks/peers.py``, any Python given with
+``--peer-python``) against their own bare forward pass. Results are written into the CPU or GPU section of
+the markdown file (``--out``, default docs/benchmarks.md) and a PNG plot next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bench_cases
+import bench_report
+import torch
+from bench_cases import BUNDLED, CASE_BY_KEY, CASES, Workload
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# Workload sizes per profile.
+PROFILES = {
+    "cpu": dict(n_prompts=64, batch_size=8, seq_len=64, gen_prompts=16, gen_batch_size=8, gen_prompt_len=64,
+                new_tokens=32, reps=5),
+    "cuda": dict(n_prompts=64, batch_size=16, seq_len=512, gen_prompts=32, gen_batch_size=16,
+                 gen_prompt_len=512, new_tokens=64, reps=7),
+    "quick": dict(n_prompts=8, batch_size=4, seq_len=16, gen_prompts=4, gen_batch_size=4, gen_prompt_len=8,
+                  new_tokens=4, reps=2),
+}  # fmt: skip
+SIZE_KEYS = (
+    "n_prompts",
+    "batch_size",
+    "seq_len",
+    "gen_prompts",
+    "gen_batch_size",
+    "gen_prompt_len",
+    "new_tokens",
+)
+STREAM_PAIRS = {"quick": 4, "cpu": 32, "cuda": 256}
+"""N of the streaming memory check (pairs); it is run with N and 10 N."""
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cases(w: Workload, keys: list[str], reps: int, full_warmup: bool) -> dict[str, list[float]]:
+    """Seconds per run of each case, ``reps`` rounds, the order rotated each round."""
+    warm = w if full_warmup else dataclasses.replace(w, batches=w.batches[:1], gen_batches=w.gen_batches[:1])
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    with torch.no_grad():
+        for key in keys:
+            kept = CASE_BY_KEY[key].run(warm)
+            del kept
+        for rep in range(reps):
+            order = keys[rep % len(keys) :] + keys[: rep % len(keys)]
+            for key in order:
+                gc.collect()
+                _sync(w.device)
+                start = time.perf_counter()
+                kept = CASE_BY_KEY[key].run(w)
+                _sync(w.device)
+                times[key].append(time.perf_counter() - start)
+                del kept
+            print(f"  round {rep + 1}/{reps} done (load {os.getloadavg()[0]:.2f})", flush=True)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(w: Workload, run, device: torch.device) -> float | None:
+    """Extra peak memory in MB (2**20) while ``run(w)`` runs and its result is alive."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        kept = run(w)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del kept
+        return peak / 2**20
+    if not _reset_peak_rss():
+        return None
+    before = _status_kb("VmRSS")
+    kept = run(w)
+    peak = _status_kb("VmHWM") - before
+    del kept
+    return peak / 1024
+
+
+def stream_case(n_pairs: int, streaming: bool):
+    """Mean difference at the last token of every layer over ``n_pairs`` random pairs (seq 16): streamed
+    through ``traitlens.stats.ContrastiveStats``, or collected first (all rows kept) then averaged."""
+
+    def run(w: Workload):
+        from traitlens.capture import ActivationCapture
+        from traitlens.hooks import HookManager
+        from traitlens.stats import ContrastiveStats
+
+        generator = torch.Generator().manual_seed(1)
+        size, vocab = w.batches[0]["input_ids"].shape[0], w.model.config.vocab_size
+        capture = ActivationCapture(dtype=torch.float32, positions=-1)
+        stats, rows = ContrastiveStats(), {"pos": [], "neg": []}
+        for start in range(0, n_pairs, size):
+            sides = {}
+            for side in ("pos", "neg"):
+                ids = torch.randint(3, vocab, (min(size, n_pairs - start), 16), generator=generator).to(
+                    w.device
+                )
+                with HookManager(w.model) as hooks:
+                    for i, path in enumerate(w.paths):
+                        hooks.add_forward_hook(path, capture.make_hook(str(i)))
+                    hooks.stop_after(w.paths[-1])
+                    w.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                sides[side] = torch.stack(
+                    [capture.get(str(i)) for i in range(w.n_layers)]
+                )  # [layer, n, hidden]
+                capture.clear()
+            if streaming:
+                stats.update(sides["pos"], sides["neg"])
+            else:
+                rows["pos"].append(sides["pos"])
+                rows["neg"].append(sides["neg"])
+        if streaming:
+            return stats.mean_difference()
+        return torch.cat(rows["pos"], 1).double().mean(1) - torch.cat(rows["neg"], 1).double().mean(1)
+
+    return run
+
+
+def memory_child(args) -> None:
+    """In a fresh process: build the workload, warm up, measure each of ``args.memory_child`` in turn."""
+    w = _workload(args, args.model)
+    results = {}
+    with torch.no_grad():
+        CASE_BY_KEY["bare"].run(dataclasses.replace(w, batches=w.batches[:1]))  # one-time allocations
+        for key in args.memory_child.split(","):
+            if key.startswith("stream_") or key.startswith("collect_"):
+                kind, factor = key.split("_")
+                run = stream_case(args.stream_pairs * int(factor.rstrip("N") or 1), kind == "stream")
+            else:
+                run = CASE_BY_KEY[key].run
+            results[key] = measure_memory(w, run, w.device)
+    if w.device.type == "cpu":
+        results["_rss_total_mb"] = _status_kb("VmHWM") / 1024
+    print("MEMORY " + json.dumps(results), flush=True)
+
+
+def memory_in_children(args, model: str, keys: list[str], one_process_each: bool) -> dict[str, float | None]:
+    groups = [[k] for k in keys] if one_process_each else [keys]
+    out: dict[str, float | None] = {}
+    for group in groups:
+        cmd = [sys.executable, str(HERE / "run.py"), "--memory-child", ",".join(group), "--model", model,
+               "--device", args.device, "--dtype", args.dtype, "--stream-pairs", str(args.stream_pairs),
+               *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SIZE_KEYS],
+               *(["--quick"] if args.quick else [])]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")), None)
+        if line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            out.update({k: None for k in group})
+            continue
+        values = json.loads(line.removeprefix("MEMORY "))
+        out.update({k: values.get(k) for k in group})
+        if len(group) == 1 and "_rss_total_mb" in values:
+            out[f"_rss_total_mb:{group[0]}"] = values["_rss_total_mb"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+
+def methods_benchmark(args) -> dict:
+    """Time every extraction method on real activations (the bundled model, sentiment, one layer) and
+    compare the probe's torch and scikit-learn solvers by held-out accuracy."""
+    from traitlens.compute import projection
+    from traitlens.methods import METHODS, get_method
+    from traitlens.metrics import accuracy
+
+    device = torch.device(args.device)
+    try:
+        acts, source = _method_activations(args, device)
+    except Exception as e:  # the bundled model is optional on a GPU machine
+        return {"status": f"not measured: {type(e).__name__}: {e}".splitlines()[0]}
+    (train_pos, train_neg), (test_pos, test_neg) = acts["train"], acts["test"]
+    rows = []
+
+    def fit(name: str, **params):
+        method = get_method(name, **params)
+        method.extract(train_pos, train_neg)  # warm-up
+        times, out = [], None
+        for _ in range(args.method_reps):
+            _sync(device)
+            start = time.perf_counter()
+            out = method.extract(train_pos, train_neg)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        vector = out["vector"].float()
+        # the train midpoint on the projection onto the unit vector, the scale ``accuracy`` uses
+        threshold = float((projection(train_pos, vector).mean() + projection(train_neg, vector).mean()) / 2)
+        held_out = accuracy(vector.cpu(), test_pos.cpu(), test_neg.cpu(), threshold=threshold)
+        return statistics.median(times) * 1e3, held_out, vector
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence warnings are reported as numbers instead
+        for name in METHODS:
+            ms, acc, _ = fit(name)
+            rows.append({"method": name, "params": "defaults", "ms": ms, "held_out_accuracy": acc})
+        probes = {}
+        for solver in ("torch", "sklearn"):
+            try:
+                ms, acc, vector = fit("probe", solver=solver)
+            except ImportError as e:
+                rows.append({"method": "probe", "params": f"solver={solver!r}", "status": str(e)})
+                continue
+            probes[solver] = vector
+            rows.append(
+                {"method": "probe", "params": f"solver={solver!r}", "ms": ms, "held_out_accuracy": acc}
+            )
+    agreement = None
+    if len(probes) == 2:
+        a, b = probes["torch"].double().cpu(), probes["sklearn"].double().cpu()
+        agreement = float(a @ b / (a.norm() * b.norm()))
+    return {"status": "ok", "source": source, "rows": rows, "probe_cosine": agreement}
+
+
+def _method_activations(args, device):
+    if args.quick:  # synthetic: a planted direction in anisotropic noise (no tokenizer needed)
+        generator = torch.Generator().manual_seed(0)
+        hidden = 64
+        scale = torch.ones(hidden)
+        scale[:3] = 30.0
+        direction = torch.randn(hidden, generator=generator)
+
+        def draw(n, sign):
+            return (torch.randn(n, hidden, generator=generator) * scale + sign * direction).to(device)
+
+        acts = {"train": (draw(48, 1), draw(48, -1)), "test": (draw(16, 1), draw(16, -1))}
+        return acts, "synthetic activations (quick mode): 48+48 train, 16+16 test, hidden 64"
+    from traitlens.dataset import load_dataset
+    from traitlens.models import load_model
+    from traitlens.pipeline import collect_activations
+
+    dtype = torch.float32 if device.type == "cpu" else getattr(torch, args.dtype)
+    model, tokenizer = load_model(dtype=dtype, device=device)
+    layer = model.config.num_hidden_layers // 2
+    data = load_dataset("sentiment")
+    acts = {}
+    for split, splits in (("train", ("train",)), ("test", ("val", "test"))):
+        sides = []
+        for side in (0, 1):
+            examples = [ex for s in splits for ex in data.examples(s)[side]]
+            rows = collect_activations(model, tokenizer, examples, layers=[layer], position="prompt_last")
+            sides.append(rows[0].to(device))  # [n, hidden]
+        acts[split] = tuple(sides)
+    n_train, n_test = len(acts["train"][0]), len(acts["test"][0])
+    del model
+    return acts, (
+        f"bundled SmolLM2-135M-Instruct, sentiment data, layer {layer}, last prompt token: "
+        f"train {n_train}+{n_train} ({2 * n_train} x {acts['train'][0].shape[1]}), held out (val+test) "
+        f"{n_test}+{n_test}, on {device.type}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- peers
+
+
+def peers_benchmark(args, model: str) -> list[dict]:
+    from bench_cases import SHAPES
+    from peers import PEERS
+
+    if model == BUNDLED:
+        from traitlens.models import cache_dir
+
+        folder = next(iter(sorted(cache_dir().glob("smollm2-135m-instruct-v*"))), None)
+        if folder is None:
+            return [{"key": p, "peer": p, "status": "not measured", "reason": "bundled model not cached"}
+                    for p in PEERS]  # fmt: skip
+        where = ["--folder", str(folder)]
+    else:
+        where = ["--shape", json.dumps(SHAPES[model])]
+    sizes = ["--n-prompts", str(args.n_prompts), "--batch-size", str(args.batch_size), "--seq-len",
+             str(args.seq_len), "--reps", str(args.peer_reps), "--device", args.device, "--dtype", args.dtype]  # fmt: skip
+    pythons = args.peer_python or [sys.executable]
+    rows: dict[str, dict] = {}
+    for peer in PEERS:
+        for python in pythons:
+            print(f"  peer {peer} with {python}", flush=True)
+            proc = subprocess.run([python, str(HERE / "peers.py"), "--peer", peer, *where, *sizes],
+                                  capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+            try:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (IndexError, json.JSONDecodeError):
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                row = {"key": peer, "peer": peer, "status": "failed", "reason": tail[:200]}
+            row["python"] = python
+            if _rank(row) > _rank(rows.get(peer)):
+                rows[peer] = row
+    return [rows[p] for p in PEERS]
+
+
+def _rank(row: dict | None) -> int:
+    return -1 if row is None else {"ok": 3, "failed": 2, "not installed": 1}.get(row.get("status"), 0)
+
+
+# ----------------------------------------------------------------------------------------------- machine
+
+
+def machine_info(device: torch.device) -> dict:
+    import transformers
+
+    import traitlens
+
+    cpu = "unknown CPU"
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = found.group(1).strip() if found else platform.processor() or cpu
+    except OSError:
+        cpu = platform.processor() or cpu
+    mem = None
+    with contextlib.suppress(OSError, AttributeError):
+        mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gib": mem,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "traitlens": traitlens.__version__,
+        "commit": _git_commit(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        )
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def _workload(args, model: str) -> Workload:
+    return bench_cases.make_workload(
+        model, args.device, getattr(torch, args.dtype), **{k: getattr(args, k) for k in SIZE_KEYS}
+    )
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", help="model dtype (default float32 on CPU, bfloat16 on a GPU)")
+    parser.add_argument("--models", help=f"comma-separated: {BUNDLED}, {', '.join(bench_cases.SHAPES)}")
+    parser.add_argument("--quick", action="store_true", help="a tiny random model, seconds (smoke test)")
+    parser.add_argument("--reps", type=int, help="timed rounds per case")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to update")
+    parser.add_argument("--plot", help="PNG path (default: benchmarks_<cpu|cuda>.png next to --out)")
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--peer-python", action="append", help="a Python with peers installed (repeatable)")
+    parser.add_argument("--peer-reps", type=int, default=5)
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--method-reps", type=int, default=5)
+    parser.add_argument("--stream-pairs", type=int, help="N of the streaming memory check (run with N, 10 N)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    for key in SIZE_KEYS:
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int)
+    args = parser.parse_args(argv)
+    profile = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
+    args.profile = profile
+    args.dtype = args.dtype or ("float32" if profile != "cuda" else "bfloat16")
+    for key, value in PROFILES[profile].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.stream_pairs = args.stream_pairs or STREAM_PAIRS[profile]
+    if args.quick:
+        args.method_reps = 1
+        torch.set_num_threads(1)  # tiny matrices: a second thread only adds synchronisation
+    if args.models is None:
+        args.models = {"quick": "tiny", "cpu": BUNDLED, "cuda": "smollm2-135m-shape,llama-1b-shape"}[profile]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.memory_child:
+        memory_child(args)
+        return {}
+    device = torch.device(args.device)
+    results = {
+        "section": "cuda" if device.type == "cuda" else "cpu",
+        "quick": args.quick,
+        "machine": machine_info(device),
+        "load_before": os.getloadavg(),
+        "settings": {k: getattr(args, k) for k in (*SIZE_KEYS, "reps", "dtype", "device")},
+        "models": [],
+    }
+    started = time.perf_counter()
+    for model in args.models.split(","):
+        print(f"== {model}", flush=True)
+        w = _workload(args, model)
+        entry = {"model": model, "workload": w.describe(), "n_layers": w.n_layers, "stop_layer": w.stop_layer}
+        keys = [c.key for c in CASES]
+        times = time_cases(w, keys, args.reps, full_warmup=device.type == "cuda")
+        entry["times"] = times
+        if args.no_memory:
+            entry["memory"] = {}
+        elif device.type == "cuda":
+            with torch.no_grad():
+                entry["memory"] = {k: measure_memory(w, CASE_BY_KEY[k].run, device) for k in keys}
+        del w
+        gc.collect()
+        if not args.no_memory and device.type != "cuda":
+            print("  memory (fresh processes)", flush=True)
+            stream_keys = STREAM_KEYS if _has_stats() else []
+            values = memory_in_children(args, model, keys + stream_keys, one_process_each=not args.quick)
+            entry["memory"] = {k: values[k] for k in keys}
+            entry["streaming"] = _streaming(args, values if stream_keys else None)
+        elif not args.no_memory:
+            entry["streaming"] = _streaming_cuda(args, model)
+        if args.no_peers or args.quick:
+            reason = "--no-peers" if args.no_peers else "--quick"
+            entry["peers"] = [{"key": "peers", "status": "skipped", "reason": reason}]
+        else:
+            entry["peers"] = peers_benchmark(args, model)
+        results["models"].append(entry)
+    print("== methods", flush=True)
+    results["methods"] = methods_benchmark(args)
+    results["load_after"] = os.getloadavg()
+    results["seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    plot = Path(args.plot) if args.plot else out.with_name(f"benchmarks_{results['section']}.png")
+    bench_report.write(results, out, plot)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {out} and {plot} in {results['seconds']:.0f} s", flush=True)
+    return results
+
+
+STREAM_KEYS = ["stream_1N", "stream_10N", "collect_1N", "collect_10N"]
+
+
+def _has_stats() -> bool:
+    try:
+        import traitlens.stats  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _streaming(args, values: dict | None) -> dict:
+    """Peak memory of mean difference over N and 10 N pairs, streamed and collected (CPU: from the fresh
+    processes of ``memory_in_children``)."""
+    if values is None:
+        return {"status": "TODO: not measured, traitlens.stats (streaming moments) is not importable"}
+    total = {k: values.get(f"_rss_total_mb:{k}") for k in STREAM_KEYS}
+    extra = {k: values[k] for k in STREAM_KEYS}
+    return {"status": "ok", "pairs": args.stream_pairs, "extra_mb": extra, "total_mb": total}
+
+
+def _streaming_cuda(args, model: str) -> dict:
+    """On a GPU: device memory of the streamed statistics for N and 10 N pairs, in this process."""
+    if not _has_stats():
+        return _streaming(args, None)
+    w = _workload(args, model)
+    values = {}
+    with torch.no_grad():
+        for key in STREAM_KEYS[:2]:
+            values[key] = measure_memory(
+                w, stream_case(args.stream_pairs * int(key.split("_")[1][:-1]), True), w.device
+            )
+    del w
+    return {"status": "ok", "pairs": args.stream_pairs, "extra_mb": values, "total_mb": {}}
+
+
+if __name__ == "__main__":
+    main()

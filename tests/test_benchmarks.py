@@ -1,0 +1,61 @@
+"""Smoke test of the benchmark suite: ``benchmarks/run.py --quick`` on a tiny random model writes a table with
+every case, a PNG plot, and keeps what is written around its generated section."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_cases import CASES  # noqa: E402
+
+from traitlens.methods import METHODS  # noqa: E402
+
+
+def test_quick_run_writes_every_row(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text(
+        "# hand-written intro\n\nkept\n\n<!-- BEGIN GENERATED: cpu -->\nOLD-GENERATED-TEXT\n<!-- END GENERATED: cpu -->\n"
+        "\n<!-- BEGIN GENERATED: cuda -->\nGPU part unmeasured\n<!-- END GENERATED: cuda -->\n"
+    )
+    raw = tmp_path / "results.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--out",
+            str(out),
+            "--json",
+            str(raw),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# hand-written intro\n\nkept\n")
+    assert "OLD-GENERATED-TEXT" not in text.split("<!-- BEGIN GENERATED: cpu -->")[1].split("<!-- END")[0]
+    assert "GPU part unmeasured" in text  # the other section is left alone
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    for case in CASES:
+        matching = [r for r in rows if r.startswith(f"| {case.label} |")]
+        assert len(matching) == 1, case.label
+        cells = [c.strip() for c in matching[0].strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0  # median ms, ratio
+        assert cells[4] != "n/a"  # peak memory was measured
+    for method in METHODS:
+        assert any(r.startswith(f"| {method} | defaults |") for r in rows), method
+    assert any(r.startswith("| probe | solver='sklearn' |") for r in rows)
+    assert any(r.startswith("| stream | 40 |") for r in rows)
+    assert "AMD" in text or "Intel" in text or "CPU:" in text
+    assert (tmp_path / "benchmarks_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads(raw.read_text())
+    bare = results["models"][0]["times"]["bare"]
+    assert len(bare) == 2 and all(t > 0 for t in bare)
