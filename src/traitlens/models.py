@@ -107,7 +107,6 @@ def _into_memory(model: torch.nn.Module) -> None:
 
 
 def _load_bundled():
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf_path()
@@ -123,14 +122,34 @@ def _load_bundled():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _into_memory(model)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        tmp = folder / "model.safetensors.tmp"
-        save_file(state, tmp)
-        tmp.replace(weights)
-        model.config.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        stamp.write_text(json.dumps(source))
+        _write_cache(folder, model, tokenizer, source)
     model.config._name_or_path = BUNDLED_ID
     model.name_or_path = BUNDLED_ID
     return model, tokenizer
+
+
+def _write_cache(folder: Path, model, tokenizer, source: dict) -> None:
+    """Write the converted model into ``folder`` atomically: into a private temporary folder first, then
+    renamed into place, so that processes converting at the same time (e.g. Ray workers) never see or
+    leave a half-written cache."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+        save_file(state, tmp / "model.safetensors")
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps(source))
+        if folder.exists():  # a stale or foreign cache: replace it
+            shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "source.json").is_file():  # nobody else finished either
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
