@@ -225,10 +225,10 @@ def cmd_evaluate(args) -> None:
     from traitlens.pipeline import collect_activations
     from traitlens.vector import load_vector
 
-    vector = load_vector(args.vector)
+    load_vector(args.vector)  # a bad file or dataset fails here, before the slow model load
     dataset = _dataset(args)
     model, tokenizer = _load(args)
-    vector = load_vector(args.vector, model=model)
+    vector = load_vector(args.vector, model=model)  # now also checked against the model
     if vector.layer is None:
         raise ValueError(f"{args.vector} records no decoder layer; evaluate needs one")
     pos, neg = dataset.examples(args.split)
