@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                    help=f"extraction methods (default: all of {', '.join(METHODS)})")  # fmt: skip
     p.add_argument(
-        "--position", default="prompt_last", choices=POSITION_RULES, help="where activations are read"
+        "--position",
+        default=None,
+        choices=POSITION_RULES,
+        help="where activations are read (default: response_mean when the pairs differ in their answers, "
+        "else prompt_last)",
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

@@ -268,7 +268,7 @@ def extract_trait(
     *,
     layers: Sequence[int] | None = None,
     methods: Sequence[str] = METHODS,
-    position: str = "prompt_last",
+    position: str | None = None,
     batch_size: int = 16,
     seed: int = 0,
     control_draws: int = 32,
@@ -283,6 +283,7 @@ def extract_trait(
     process; the rest is the same.
     """
     check_choice(backend, "backend", ("local", "ray"))
+    position = default_position(dataset) if position is None else position
     methods = list(methods)
     for method in methods:
         check_choice(method, "method", METHODS)
@@ -320,6 +321,12 @@ def extract_trait(
                 for label, side in (("pos", pos), ("neg", neg))
             )
 
+    if torch.equal(*acts["train"]):
+        raise ValueError(
+            f"positive and negative activations are identical at position {position!r}: the two sides of "
+            f"{dataset.name!r} share what is read there (e.g. the same prompt with different answers); "
+            "use position='response_mean'"
+        )
     vectors: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     thresholds: dict[str, list[float]] = {m: [] for m in methods}
     val: dict[str, list[dict]] = {m: [] for m in methods}
@@ -406,6 +413,14 @@ def _random_draws(
         "draws_accuracy_std": float(values.std()),
         "draws": draws,
     }
+
+
+def default_position(dataset: ContrastiveDataset) -> str:
+    """``"response_mean"`` when the pairs differ in their answers (the prompt is shared, so its last token
+    reads the same for both sides), else ``"prompt_last"`` (plain texts, or pairs that differ in the system
+    prompt only)."""
+    answers = any(not p.is_plain and (p.pos or p.neg) for p in dataset.pairs)
+    return "response_mean" if answers else "prompt_last"
 
 
 def _rank_key(metrics: dict) -> tuple[float, float, float]:

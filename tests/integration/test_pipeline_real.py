@@ -123,3 +123,18 @@ def test_cli_steer_dose_response_and_export(run, tmp_path, capsys):
     assert control.layers == list(range(1, 30))
     all_layers = load_file(out / "all_layers.safetensors")["mean_diff"]
     assert torch.equal(control.directions[12], all_layers[12])
+
+
+def test_prompt_style_data_reads_the_answers_and_refuses_a_shared_prompt(real_model):
+    from traitlens.pipeline import default_position, extract_trait
+
+    model, tokenizer = real_model
+    data = load_dataset("formality")
+    assert (
+        default_position(data) == "response_mean"
+        and default_position(load_dataset("sentiment")) == "prompt_last"
+    )
+    result = extract_trait(model, tokenizer, data, layers=[3, 12], progress=False)
+    assert result.position == "response_mean" and result.test["accuracy"] >= 0.8
+    with pytest.raises(ValueError, match=r"identical at position 'prompt_last'.*response_mean"):
+        extract_trait(model, tokenizer, data, layers=[3], position="prompt_last", progress=False)
