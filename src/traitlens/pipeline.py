@@ -278,7 +278,8 @@ def extract_trait(
 ) -> ExtractionResult:
     """Extract, score and choose a trait vector; see the module docs for the procedure.
 
-    ``backend="ray"`` computes the activations on a Ray cluster (``cluster``: a
+    ``position`` is one of ``POSITION_RULES``; ``None`` picks ``default_position(dataset)``.
+    ``control_draws`` random directions make the random-baseline control. ``backend="ray"`` computes the activations on a Ray cluster (``cluster``: a
     ``traitlens.distributed.RayCluster``, default a local instance with 2 workers) instead of in this
     process; the rest is the same.
     """
