@@ -77,6 +77,27 @@ class ActivationCapture:
         self._store: dict[str, list[torch.Tensor]] = {}
         self._pending_copies = False
 
+    @property
+    def positions(self):
+        return self._positions
+
+    @positions.setter
+    def positions(self, selector) -> None:
+        self._positions = selector
+        self._selector_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _selector(self, hidden: torch.Tensor):
+        """The position selector on ``hidden``'s device (and dtype, for weights): a tensor selector is
+        copied once per device per setting of ``positions``, not once per hooked module."""
+        selector = self._positions
+        if not isinstance(selector, torch.Tensor):
+            return selector
+        dtype = hidden.dtype if selector.is_floating_point() else selector.dtype
+        key = (hidden.device, dtype)
+        if key not in self._selector_on:
+            self._selector_on[key] = selector.to(device=hidden.device, dtype=dtype)
+        return self._selector_on[key]
+
     def make_hook(self, name: str) -> Callable:
         """A forward hook ``(module, args, output)`` that stores the output under ``name``."""
         if not isinstance(name, str) or not name:
@@ -89,7 +110,7 @@ class ActivationCapture:
 
     def store(self, name: str, activations: torch.Tensor) -> None:
         """Store one chunk under ``name`` (what the hooks call; also usable by hand)."""
-        x = apply_selector(activations.detach(), self.positions)
+        x = apply_selector(activations.detach(), self._selector(activations))
         if self.dtype is not None:
             x = x.to(self.dtype)
         if self.device is not None and x.device != self.device:
