@@ -37,7 +37,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -162,7 +162,7 @@ def distributed_activations(
     """
     cluster = cluster or RayCluster()
     if cluster.model is None:
-        cluster = _replace(cluster, model=_name_to_load(model))
+        cluster = replace(cluster, model=_name_to_load(model))
     settings = _settings(list(layers), position, False, True, cluster)
     pairs = {split: list(dataset.split(split)) for split in SPLITS}
     with _out_dir(cluster) as cluster:
@@ -187,12 +187,8 @@ def read_shards(out_dir: str | Path, split: str, layer_index: int | None = None)
         raise FileNotFoundError(f"no {split} shards in {Path(out_dir) / 'shards'}; run with spill=True")
     if not any(folders[0].glob("batch_*.safetensors")):
         raise FileNotFoundError(f"the shards in {folders[0].parent} hold no activations; run with spill=True")
-    n_layers = _load_stats(folders[0]).pos.sum.shape[0]
-    indices = range(n_layers) if layer_index is None else [layer_index]
-    parts = [[read_spilled(folder, i) for i in indices] for folder in folders]  # [shard][layer](pos, neg)
-    pos = torch.cat([torch.stack([p for p, _ in shard]) for shard in parts], dim=1)
-    neg = torch.cat([torch.stack([n for _, n in shard]) for shard in parts], dim=1)
-    return (pos[0], neg[0]) if layer_index is not None else (pos, neg)
+    parts = [read_spilled(folder, layer_index) for folder in folders]
+    return torch.cat([p for p, _ in parts], dim=-2), torch.cat([n for _, n in parts], dim=-2)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -330,11 +326,15 @@ def _compute(ray, todo, total, pairs, cluster, settings, batch_size, progress, o
             _check_fingerprint(ray.get(actors[0].fingerprint.remote()), expect, cluster.model)
         out_dir = str(cluster.out_dir)
         running = {}
-        for actor in actors:
+
+        def submit(actor) -> None:
             if todo:
                 shard = todo.popleft()
                 rows = pairs[shard.split][shard.start : shard.stop]
                 running[actor.run.remote(shard, rows, settings, batch_size, out_dir)] = (shard, actor)
+
+        for actor in actors:
+            submit(actor)
         while running:
             [ready], _ = ray.wait(list(running), num_returns=1)
             shard, actor = running.pop(ready)
@@ -350,10 +350,7 @@ def _compute(ray, todo, total, pairs, cluster, settings, batch_size, progress, o
                 bar.update(1)
             if on_shard is not None:
                 on_shard(done)
-            if todo:
-                shard = todo.popleft()
-                rows = pairs[shard.split][shard.start : shard.stop]
-                running[actor.run.remote(shard, rows, settings, batch_size, out_dir)] = (shard, actor)
+            submit(actor)
     finally:
         if bar is not None:
             bar.close()
@@ -452,12 +449,6 @@ def _check_fingerprint(got, expect, name) -> None:
         )
 
 
-def _replace(cluster: RayCluster, **changes) -> RayCluster:
-    from dataclasses import replace
-
-    return replace(cluster, **changes)
-
-
 @contextmanager
 def _out_dir(cluster: RayCluster) -> Iterator[RayCluster]:
     """``cluster`` itself when it has an ``out_dir``, else a copy with a temporary one, deleted on exit."""
@@ -466,7 +457,7 @@ def _out_dir(cluster: RayCluster) -> Iterator[RayCluster]:
         return
     tmp = tempfile.mkdtemp(prefix="traitlens-shards-")
     try:
-        yield _replace(cluster, out_dir=tmp)
+        yield replace(cluster, out_dir=tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

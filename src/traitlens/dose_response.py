@@ -175,10 +175,6 @@ def _check_coeffs(coeffs) -> list[float]:
     return [float(c) for c in coeffs]
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return input_device(model)
-
-
 @torch.no_grad()
 def _generate(
     model, tokenizer, prompts, max_new_tokens, chat, batch_size
@@ -197,9 +193,10 @@ def _generate(
     )  # fmt: skip
     items = prompts if chat is False else [Example(prompt=p) for p in prompts]
     out: list[tuple[list[int], list[int]]] = []
+    device = input_device(model)
     for start in range(0, len(items), batch_size):
         batch = encode_examples(tokenizer, items[start : start + batch_size], chat=chat, padding_side="left")
-        ids, mask = batch.input_ids.to(_device(model)), batch.attention_mask.to(_device(model))
+        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
         sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=config).cpu()
         width = ids.shape[1]
         for row in range(ids.shape[0]):
@@ -218,7 +215,7 @@ def _score(model, generated, path: str, unit: torch.Tensor, batch_size: int) -> 
     """Sum of projections and of negative log-likelihoods of the response tokens, and their count."""
     total_projection, total_nll, count = 0.0, 0.0, 0
     seen: list[torch.Tensor] = []
-    device = _device(model)
+    device = input_device(model)
     with HookManager(model) as hooks:
         hooks.add_forward_hook(path, lambda m, a, out: seen.append(output_tensor(out)))
         for start in range(0, len(generated), batch_size):

@@ -129,9 +129,10 @@ def stream_statistics(
     return stats
 
 
-def read_spilled(folder: str | Path, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pos, neg)`` rows ``[n, hidden]`` of one layer (its index among the spilled layers) from the files
-    that ``stream_statistics(spill_to=folder)`` wrote; only that layer's slices are read from disk."""
+def read_spilled(folder: str | Path, layer_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pos, neg)`` from the files that ``stream_statistics(spill_to=folder)`` wrote, each file read once:
+    ``[layer, n, hidden]``, or ``[n, hidden]`` of one layer (its index among the spilled layers), in which
+    case only that layer's slices are read from disk."""
     from safetensors import safe_open
 
     files = sorted(Path(folder).glob("batch_*.safetensors"))
@@ -143,8 +144,9 @@ def read_spilled(folder: str | Path, layer_index: int) -> tuple[torch.Tensor, to
     for path in files:
         with safe_open(path, framework="pt") as f:
             for name in parts:
-                parts[name].append(f.get_slice(name)[layer_index])
-    return torch.cat(parts["pos"]), torch.cat(parts["neg"])
+                whole = layer_index is None
+                parts[name].append(f.get_tensor(name) if whole else f.get_slice(name)[layer_index])
+    return torch.cat(parts["pos"], dim=-2), torch.cat(parts["neg"], dim=-2)
 
 
 @dataclass

@@ -26,3 +26,5 @@ def test_streaming_mean_difference_and_spill_match_collected_rows(real_model, tm
         torch.testing.assert_close(spilled_pos, pos[i], rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(spilled_neg, neg[i], rtol=1e-4, atol=1e-3)
     assert len(list(tmp_path.glob("batch_*.safetensors"))) == 3
+    every_pos, every_neg = read_spilled(tmp_path)  # all layers in one read of each file
+    assert every_pos.shape == pos.shape and torch.equal(every_neg[1], read_spilled(tmp_path, 1)[1])
