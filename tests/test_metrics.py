@@ -419,3 +419,17 @@ def test_evaluate_vector_validates():
         evaluate_vector(randn(5), randn(3, 4), randn(3, 4))
     with pytest.raises(ValueError, match="pos_acts contains 1 non-finite"):
         evaluate_vector(randn(4), torch.tensor([[1.0, float("inf"), 0, 0], [0, 0, 0, 0]]), randn(3, 4))
+
+
+def test_midpoint_threshold_is_the_default_threshold_of_accuracy():
+    from traitlens.metrics import midpoint_threshold
+
+    g = torch.Generator().manual_seed(5)
+    pos, neg, vector = (
+        torch.randn(30, 6, generator=g) + 1,
+        torch.randn(20, 6, generator=g),
+        torch.randn(6, generator=g),
+    )
+    t = midpoint_threshold(vector, pos, neg)
+    assert t == evaluate_vector(vector, pos, neg)["threshold"]
+    assert accuracy(vector, pos, neg, threshold=t) == accuracy(vector, pos, neg)

@@ -105,6 +105,12 @@ def separation(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Ten
     return float(pos_s.mean() - neg_s.mean())
 
 
+def midpoint_threshold(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Tensor) -> float:
+    """The midpoint of the two class means of the projections onto the unit ``vector``: the threshold that
+    ``accuracy`` uses by default. Fit it on training data and pass it to ``accuracy`` on held-out data."""
+    return _midpoint(*_scores(vector, pos_acts, neg_acts))
+
+
 def accuracy(
     vector: torch.Tensor,
     pos_acts: torch.Tensor,

@@ -31,12 +31,11 @@ import torch
 from traitlens import __version__
 from traitlens._validation import check_choice, short_list
 from traitlens.capture import ActivationCapture
-from traitlens.compute import projection
 from traitlens.dataset import SPLITS, ContrastiveDataset, Example, Pair, encode_examples
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device
 from traitlens.methods import METHODS as METHOD_CLASSES
 from traitlens.methods import get_method
-from traitlens.metrics import accuracy, evaluate_vector
+from traitlens.metrics import accuracy, evaluate_vector, midpoint_threshold
 from traitlens.positions import POSITION_RULES, select_positions
 from traitlens.stats import ContrastiveStats
 from traitlens.vector import TraitVector
@@ -339,7 +338,7 @@ def extract_trait(
     for method, i in _progress(jobs, "methods x layers" if progress else False, unit="fit"):
         out = get_method(method).extract(train_pos[i], train_neg[i], seed=seed)
         vector = out["vector"].float().cpu()
-        threshold = _midpoint(vector, train_pos[i], train_neg[i])
+        threshold = midpoint_threshold(vector, train_pos[i], train_neg[i])
         vectors[method].append(vector)
         thresholds[method].append(threshold)
         val[method].append(_clean(evaluate_vector(vector, val_pos[i], val_neg[i], threshold=threshold)))
@@ -409,7 +408,7 @@ def _random_draws(
     scores = []
     for k in range(draws):
         vector = method.extract(train_pos, train_neg, seed=seed + k)["vector"]
-        scores.append(accuracy(vector, pos, neg, threshold=_midpoint(vector, train_pos, train_neg)))
+        scores.append(accuracy(vector, pos, neg, threshold=midpoint_threshold(vector, train_pos, train_neg)))
     values = torch.tensor(scores, dtype=torch.float64)
     return {
         "draws_accuracy_mean": float(values.mean()),
@@ -432,10 +431,6 @@ def _rank_key(metrics: dict) -> tuple[float, float, float]:
 
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else (1e9 if x > 0 else -1e9)
-
-
-def _midpoint(vector: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
-    return float((projection(pos, vector).mean() + projection(neg, vector).mean()) / 2)
 
 
 def _scalars(out: dict) -> dict:
