@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 
@@ -111,7 +112,7 @@ def input_device(model: torch.nn.Module) -> torch.device:
     execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
     if execution is not None:
         return torch.device(execution)
-    weights = [*(embeddings.parameters() if embeddings is not None else ()), *model.parameters()]
+    weights = itertools.chain(embeddings.parameters() if embeddings is not None else (), model.parameters())
     return next((w.device for w in weights if w.device.type != "meta"), torch.device("cpu"))
 
 

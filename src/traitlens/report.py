@@ -166,12 +166,14 @@ def _summary_table(result: ExtractionResult) -> str:
         else f"<p class='warn'>The random baseline is outside 0.5 &plusmn; {CHANCE_BAND} on validation: "
         "the held-out splits may be too small or too easy; treat the scores with care.</p>"
     )
-    best = "".join(
-        f"<tr><td>{m}</td><td>{result.best_layer_of(m)}</td>"
-        f"<td>{result.val[m][result.index(result.best_layer_of(m))]['accuracy']:.3f}</td>"
-        f"<td>{result.val[m][result.index(result.best_layer_of(m))]['auroc']:.3f}</td></tr>"
-        for m in result.methods
-    )
+    rows = []
+    for m in result.methods:
+        layer = result.best_layer_of(m)
+        scores = result.val[m][result.index(layer)]
+        rows.append(
+            f"<tr><td>{m}</td><td>{layer}</td><td>{scores['accuracy']:.3f}</td><td>{scores['auroc']:.3f}</td></tr>"
+        )
+    best = "".join(rows)
     return (
         f"<table>{body}</table>{note}<h3>Best layer per method (validation)</h3>"
         f"<table><tr><th>method</th><th>layer</th><th>accuracy</th><th>AUROC</th></tr>{best}</table>"
