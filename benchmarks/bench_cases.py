@@ -181,6 +181,28 @@ def seed_cpu_hooks(w: Workload) -> list:
     return kept
 
 
+def pinned_hooks(w: Workload) -> list:
+    """Plain hooks copying each output into its own pinned CPU buffer with ``non_blocking=True`` on the
+    current stream (one sync per batch): the design traitlens 0.5 started from."""
+    kept: list[torch.Tensor] = []
+
+    def hook(module, args, out):
+        x = output_tensor(out).detach()
+        buffer = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+        kept.append(buffer.copy_(x, non_blocking=True))
+
+    handles = _raw_hooks(w, hook)
+    try:
+        for batch in w.batches:
+            w.model(**batch)
+            if w.device.type == "cuda":
+                torch.cuda.synchronize(w.device)
+    finally:
+        for h in handles:
+            h.remove()
+    return kept
+
+
 def _traitlens(w: Workload, capture: ActivationCapture, *, last_token: bool = False) -> list:
     """Hooks on every layer; per batch, ``get`` each layer (one sync on a GPU), then ``clear``."""
     kept = []
@@ -271,8 +293,9 @@ CASES: list[Case] = [
     Case("no_head", "bare forward without the LM head `model.model(**batch)`", "forward", bare_no_head),
     Case("plain_device", "plain hooks keeping outputs on the device (all layers)", "forward", plain_hooks_on_device),
     Case("seed_cpu", "seed design: hooks calling `.detach().cpu()` (all layers)", "forward", seed_cpu_hooks),
+    Case("pinned", "plain hooks copying into pinned CPU buffers, `non_blocking=True`, same stream (all layers)", "forward", pinned_hooks),
     Case("tl_device", "traitlens `ActivationCapture(device=None)`, all layers, full sequence", "forward", traitlens_on_device),
-    Case("tl_cpu", "traitlens `ActivationCapture()` to CPU (pinned, non_blocking from a GPU), all layers, full sequence", "forward", traitlens_to_cpu),
+    Case("tl_cpu", "traitlens `ActivationCapture()` to CPU (from a GPU: side-stream copies into pinned slabs), all layers, full sequence", "forward", traitlens_to_cpu),
     Case("tl_last", "traitlens last token only (`positions=last_token_index(mask)`), all layers, to CPU", "forward", traitlens_last_token),
     Case("tl_stop", "traitlens early stop: capture layer k = L/2, `HookManager.stop_after`", "forward", traitlens_early_stop),
     Case("hidden_states", "`output_hidden_states=True`", "forward", hidden_states),

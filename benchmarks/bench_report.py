@@ -235,8 +235,11 @@ def _methods(methods: dict) -> list[str]:
             lines.append(f"| {r['method']} | {r['params']} | {r['ms']:.1f} | {r['held_out_accuracy']:.3f} |")
         else:
             lines.append(f"| {r['method']} | {r['params']} | - | {r.get('status')} |")
-    if methods.get("probe_cosine") is not None:
-        lines += ["", f"Probe vectors of the two solvers: cosine similarity {methods['probe_cosine']:.4f}."]
+    for name, cosine in methods.get("solver_cosine", {}).items():
+        lines += [
+            "",
+            f"{name} vectors of the torch and scikit-learn solvers: cosine similarity {cosine:.4f}.",
+        ]
     return lines
 
 

@@ -44,8 +44,8 @@ ROOT = HERE.parent
 PROFILES = {
     "cpu": dict(n_prompts=64, batch_size=8, seq_len=64, gen_prompts=16, gen_batch_size=8, gen_prompt_len=64,
                 new_tokens=32, reps=5),
-    "cuda": dict(n_prompts=64, batch_size=16, seq_len=512, gen_prompts=32, gen_batch_size=16,
-                 gen_prompt_len=512, new_tokens=64, reps=7),
+    "cuda": dict(n_prompts=64, batch_size=16, seq_len=512, gen_prompts=16, gen_batch_size=16,
+                 gen_prompt_len=512, new_tokens=64, reps=5),
     "quick": dict(n_prompts=8, batch_size=4, seq_len=16, gen_prompts=4, gen_batch_size=4, gen_prompt_len=8,
                   new_tokens=4, reps=2),
 }  # fmt: skip
@@ -249,22 +249,23 @@ def methods_benchmark(args) -> dict:
         for name in METHODS:
             ms, acc, _ = fit(name)
             rows.append({"method": name, "params": "defaults", "ms": ms, "held_out_accuracy": acc})
-        probes = {}
-        for solver in ("torch", "sklearn"):
-            try:
-                ms, acc, vector = fit("probe", solver=solver)
-            except ImportError as e:
-                rows.append({"method": "probe", "params": f"solver={solver!r}", "status": str(e)})
-                continue
-            probes[solver] = vector
-            rows.append(
-                {"method": "probe", "params": f"solver={solver!r}", "ms": ms, "held_out_accuracy": acc}
-            )
-    agreement = None
-    if len(probes) == 2:
-        a, b = probes["torch"].double().cpu(), probes["sklearn"].double().cpu()
-        agreement = float(a @ b / (a.norm() * b.norm()))
-    return {"status": "ok", "source": source, "rows": rows, "probe_cosine": agreement}
+        vectors = {}
+        for name in ("probe", "ica"):
+            for solver in ("torch", "sklearn"):
+                try:
+                    ms, acc, vectors[name, solver] = fit(name, solver=solver)
+                except ImportError as e:
+                    rows.append({"method": name, "params": f"solver={solver!r}", "status": str(e)})
+                    continue
+                rows.append(
+                    {"method": name, "params": f"solver={solver!r}", "ms": ms, "held_out_accuracy": acc}
+                )
+    cosine = {}
+    for name in ("probe", "ica"):
+        if (name, "torch") in vectors and (name, "sklearn") in vectors:
+            a, b = vectors[name, "torch"].double().cpu(), vectors[name, "sklearn"].double().cpu()
+            cosine[name] = float(a @ b / (a.norm() * b.norm()))
+    return {"status": "ok", "source": source, "rows": rows, "solver_cosine": cosine}
 
 
 def _method_activations(args, device):
@@ -280,6 +281,14 @@ def _method_activations(args, device):
 
         acts = {"train": (draw(48, 1), draw(48, -1)), "test": (draw(16, 1), draw(16, -1))}
         return acts, "synthetic activations (quick mode): 48+48 train, 16+16 test, hidden 64"
+    if args.method_activations and Path(args.method_activations).exists():  # saved by an earlier run
+        from safetensors.torch import load_file
+
+        saved = load_file(args.method_activations)
+        acts = {split: (saved[f"{split}_pos"].to(device), saved[f"{split}_neg"].to(device)) for split in
+                ("train", "test")}  # fmt: skip
+        source = json.loads(Path(args.method_activations).with_suffix(".json").read_text())["source"]
+        return acts, f"{source} (saved on the CPU, {Path(args.method_activations).name})"
     from traitlens.dataset import load_dataset
     from traitlens.models import load_model
     from traitlens.pipeline import collect_activations
@@ -298,11 +307,18 @@ def _method_activations(args, device):
         acts[split] = tuple(sides)
     n_train, n_test = len(acts["train"][0]), len(acts["test"][0])
     del model
-    return acts, (
+    source = (
         f"bundled SmolLM2-135M-Instruct, sentiment data, layer {layer}, last prompt token: "
         f"train {n_train}+{n_train} ({2 * n_train} x {acts['train'][0].shape[1]}), held out (val+test) "
         f"{n_test}+{n_test}, on {device.type}"
     )
+    if args.method_activations:  # keep them for a machine without the bundled model (a GPU machine)
+        from safetensors.torch import save_file
+
+        save_file({f"{split}_{side}": acts[split][i].cpu().contiguous() for split in acts
+                   for i, side in enumerate(("pos", "neg"))}, args.method_activations)  # fmt: skip
+        Path(args.method_activations).with_suffix(".json").write_text(json.dumps({"source": source}))
+    return acts, source
 
 
 # ----------------------------------------------------------------------------------------------- peers
@@ -415,6 +431,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--method-reps", type=int, default=5)
+    parser.add_argument("--method-activations", help="safetensors file: load the methods' activations from "
+                        "it if it exists, else compute them (bundled model) and save them there")  # fmt: skip
     parser.add_argument("--stream-pairs", type=int, help="N of the streaming memory check (run with N, 10 N)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -175,3 +175,40 @@ def test_stored_activations_are_detached_copies_not_views_of_grad_graph():
         hooks.add_forward_hook("model.layers.0", capture.make_hook("l0"))
         model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
     assert not capture.get("l0").requires_grad
+
+
+def test_pinned_slabs_hand_out_disjoint_aligned_views_that_outlive_the_slab_handle():
+    from traitlens.capture import _PinnedSlabs
+
+    slabs = _PinnedSlabs(pin_memory=False)  # the bookkeeping is the same; pinning needs a GPU
+    shapes = [(3, 5), (2, 7, 11), (1,), (0, 4), (600_000,), (4, 3)]
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.float16, torch.float32, torch.uint8]
+    pieces = [slabs.empty(torch.Size(s), d) for s, d in zip(shapes, dtypes, strict=True)]
+    for piece, shape, dtype in zip(pieces, shapes, dtypes, strict=True):
+        assert piece.shape == shape and piece.dtype == dtype and piece.is_contiguous()
+        assert piece.data_ptr() % _PinnedSlabs.ALIGN == 0
+    for i, piece in enumerate(pieces):  # write distinct values everywhere, then check none was overwritten
+        piece.copy_(torch.full(piece.shape, i + 1).to(piece.dtype))
+    for i, piece in enumerate(pieces):
+        assert bool((piece == i + 1).all())
+    # the 2.4 MB piece did not fit the first 1 MiB slab: it opened a new one, and the small one after it
+    # went into that slab's free tail rather than into a third slab
+    first, big, after = (p.untyped_storage().data_ptr() for p in (pieces[0], pieces[4], pieces[5]))
+    assert first != big and big == after
+    assert pieces[4].untyped_storage().nbytes() == 1 << 22
+    slabs = _PinnedSlabs(pin_memory=False)  # dropping the allocator leaves stored pieces intact
+    assert bool((pieces[1] == 2).all())
+
+
+def test_pinned_slabs_grow_geometrically_up_to_the_largest_size():
+    from traitlens.capture import _PinnedSlabs
+
+    slabs = _PinnedSlabs(pin_memory=False)
+    sizes = []
+    for _ in range(3):
+        piece = slabs.empty(torch.Size([_PinnedSlabs.FIRST]), torch.uint8)  # fills a slab, or opens one
+        sizes.append(piece.untyped_storage().nbytes())
+    assert sizes == [1 << 20, 1 << 21, 1 << 21]  # the second slab has room for the third piece
+    slabs._next = _PinnedSlabs.LARGEST
+    slabs.empty(torch.Size([(1 << 21) + 1]), torch.uint8)
+    assert slabs._next == _PinnedSlabs.LARGEST
