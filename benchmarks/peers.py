@@ -65,8 +65,13 @@ def _load(folder: str | None, shape: str | None, device: torch.device, dtype: to
 
 
 def _tokenizer(folder: str | None):
-    if not folder:
-        return None
+    if not folder:  # a random-weight model has no tokenizer; inputs are ids, but nnsight wants one anyway
+        from tokenizers import Tokenizer
+        from tokenizers.models import WordLevel
+        from transformers import PreTrainedTokenizerFast
+
+        words = Tokenizer(WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))
+        return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="<unk>")
     try:
         from transformers import AutoTokenizer
 

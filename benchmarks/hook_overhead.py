@@ -1,0 +1,96 @@
+"""Host time per hook call of ways to move a module output from a GPU to the host (issue #5 diagnostics).
+
+A small model's forward pass and every ``generate`` decode step are bound by the host (kernel launches),
+so whatever a capture hook spends on the host adds to the run one for one. This times ``n`` calls of each
+way on a decode-step chunk (16 x 1 x 576 bf16) and a full-sequence chunk (16 x 512 x 576 bf16): the host
+time for the calls alone, and until every copy has landed. Then it profiles ``ActivationCapture.store``.
+
+    python benchmarks/hook_overhead.py          # needs a GPU
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from traitlens.capture import ActivationCapture, _PinnedSlabs
+
+
+def ways():
+    slabs = _PinnedSlabs()
+    side = torch.cuda.Stream()
+    event = torch.cuda.Event()
+
+    def seed_cpu(x):
+        return x.detach().cpu()
+
+    def pinned_each(x):
+        return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+
+    def slab_same_stream(x):
+        return slabs.empty(x.shape, x.dtype).copy_(x, non_blocking=True)
+
+    def slab_side_stream_reused_event(x):
+        compute = torch.cuda.current_stream()
+        event.record(compute)
+        side.wait_event(event)
+        buffer = slabs.empty(x.shape, x.dtype)
+        torch.cuda.set_stream(side)
+        buffer.copy_(x, non_blocking=True)
+        torch.cuda.set_stream(compute)
+        x.record_stream(side)
+        return buffer
+
+    capture = ActivationCapture()
+
+    def traitlens(x):
+        capture.store("x", x)
+
+    return {
+        "seed .cpu()": seed_cpu,
+        "pinned buffer per chunk, same stream": pinned_each,
+        "pinned slab, same stream": slab_same_stream,
+        "pinned slab, side stream, one reused event": slab_side_stream_reused_event,
+        "traitlens ActivationCapture().store": traitlens,
+    }, capture
+
+
+def main(n: int = 2000) -> None:
+    print(f"hook_overhead on {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    for shape in ((16, 1, 576), (16, 512, 576)):
+        calls = n if shape[1] == 1 else n // 10
+        xs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        print(f"\nchunk {shape} bf16, {calls} calls: host us per call (calls only / until copies landed)")
+        table, capture = ways()
+        for name, way in table.items():
+            for _rep in range(2):  # the first round warms the allocators up
+                kept = []
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for i in range(calls):
+                    kept.append(way(xs[i % 8]))
+                issued = time.perf_counter() - start
+                torch.cuda.synchronize()
+                done = time.perf_counter() - start
+                capture.clear()
+                del kept
+            print(f"  {name:46s} {issued / calls * 1e6:8.1f} / {done / calls * 1e6:8.1f}", flush=True)
+    xs = [torch.randn(16, 1, 576, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+    capture = ActivationCapture()
+    profile = cProfile.Profile()
+    profile.enable()
+    for i in range(n):
+        capture.store("x", xs[i % 8])
+    torch.cuda.synchronize()
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(18)
+    print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
