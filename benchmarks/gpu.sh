@@ -20,3 +20,4 @@ acts=()
 [ -f .gpu/method_acts.safetensors ] && acts=(--method-activations .gpu/method_acts.safetensors)
 timeout "${SUITE_TIMEOUT:-480}" python3 benchmarks/run.py --device cuda "${acts[@]}" --out "$OUT/benchmarks.md" \
   --json "$OUT/gpu.json" 2>&1 | tee "$OUT/run_log.txt"
+timeout 90 python3 benchmarks/hook_overhead.py 2>&1 | tee "$OUT/hook_overhead.txt"

@@ -89,17 +89,21 @@ def check(device: torch.device, n_batches: int) -> list[str]:
     # CPU, or with device=None, the stored chunk is the output tensor itself, as in output_hidden_states)
     if device.type != "cuda":
         return report
-    capture, clean = ActivationCapture(), ActivationCapture()
-    with torch.no_grad():
-        with HookManager(model) as hooks:
-            hooks.add_forward_hook(paths[3], clean.make_hook("3"))
-            model(input_ids=ids, attention_mask=mask)
-        with HookManager(model) as hooks:
-            hooks.add_forward_hook(paths[3], capture.make_hook("3"))
-            hooks.add_forward_hook(paths[3], lambda m, a, out: output_tensor(out).mul_(0.0))
-            model(input_ids=ids, attention_mask=mask)
-    _exact(capture.get("3"), clean.get("3"), "in-place edit after the capture hook")
-    report.append("an in-place edit by a later hook does not reach the captured copy")
+    for rows, length in ((4, 33), (16, 64)):  # 0.3 MB chunks go in stream order, 2.4 MB via the side stream
+        batch = torch.randint(3, model.config.vocab_size, (rows, length), generator=generator).to(device)
+        capture, clean = ActivationCapture(), ActivationCapture()
+        with torch.no_grad():
+            with HookManager(model) as hooks:
+                hooks.add_forward_hook(paths[3], clean.make_hook("3"))
+                model(input_ids=batch)
+            with HookManager(model) as hooks:
+                hooks.add_forward_hook(paths[3], capture.make_hook("3"))
+                hooks.add_forward_hook(paths[3], lambda m, a, out: output_tensor(out).mul_(0.0))
+                model(input_ids=batch)
+        _exact(capture.get("3"), clean.get("3"), f"in-place edit after the capture hook, {rows} x {length}")
+    report.append(
+        "an in-place edit by a later hook does not reach the captured copy (small and large chunks)"
+    )
 
     # 4. generate: per-token capture == a forward pass over the generated sequence
     capture = ActivationCapture()

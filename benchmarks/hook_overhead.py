@@ -65,9 +65,10 @@ def main(n: int = 2000) -> None:
         calls = n if shape[1] == 1 else n // 10
         xs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
         print(f"\nchunk {shape} bf16, {calls} calls: host us per call (calls only / until copies landed)")
-        table, capture = ways()
-        for name, way in table.items():
-            for _rep in range(2):  # the first round warms the allocators up
+        for name in ways()[0]:
+            for _rep in range(2):  # the first round warms the allocators up (fresh slabs each round)
+                table, capture = ways()
+                way = table[name]
                 kept = []
                 torch.cuda.synchronize()
                 start = time.perf_counter()

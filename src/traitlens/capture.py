@@ -18,7 +18,8 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
 Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). From a GPU, hooks never
 wait for the host: the chunk is snapshotted on the GPU (so that later in-place edits of the module's output
 do not reach it), then copied into pinned host memory with ``non_blocking=True`` on a side CUDA stream, so
-that the copy overlaps the rest of the forward pass; ``get`` waits for the copies once. Pinned memory comes
+that the copy overlaps the rest of the forward pass; small chunks (decode steps, last tokens) are copied in
+stream order instead, which costs the host less. ``get`` waits for the copies once. Pinned memory comes
 in slabs (see ``_PinnedSlabs``) rather than one allocation per chunk. Where nothing is moved (a CPU model,
 or ``device=None``) and no position or dtype is selected, the stored chunk is the module's output tensor
 itself, as with ``output_hidden_states``: a later hook that edits it in place edits the stored chunk too.
@@ -80,7 +81,7 @@ class ActivationCapture:
         self.dtype = dtype
         self.positions = positions
         self._store: dict[str, list[torch.Tensor]] = {}
-        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._side: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
         self._pending: set[torch.device] = set()
         self._pinned = _PinnedSlabs()
 
@@ -128,24 +129,38 @@ class ActivationCapture:
         self._store.setdefault(name, []).append(x)
 
     def _copy_to_host(self, x: torch.Tensor, snapshot: bool) -> torch.Tensor:
-        """Start copying ``x`` into pinned host memory on this capture's copy stream; no host sync."""
-        compute = torch.cuda.current_stream(x.device)
+        """Start copying ``x`` into pinned host memory without a host sync; ``get`` waits for it.
+
+        A chunk under ``SIDE_STREAM_BYTES`` (a decode step, a last token) is copied in stream order: that
+        costs the host least, and the GPU a few microseconds. A larger one is snapshotted (if it is the
+        module's own output) and copied on a side stream that waits for the compute stream, so that the
+        copy overlaps the rest of the forward pass.
+        """
+        buffer = self._pinned.empty(x.shape, x.dtype)
+        if x.numel() * x.element_size() < SIDE_STREAM_BYTES:
+            buffer.copy_(x, non_blocking=True)
+            self._pending.add(x.device)
+            return buffer
         if snapshot:  # the module's own output: copy it now, in stream order, before anything edits it
             x = x.clone()
-        stream = self._copy_streams.get(x.device)
-        if stream is None:
-            stream = self._copy_streams[x.device] = torch.cuda.Stream(x.device)
-        stream.wait_stream(compute)
-        buffer = self._pinned.empty(x.shape, x.dtype)
-        with torch.cuda.stream(stream):
+        if x.device not in self._side:
+            self._side[x.device] = (torch.cuda.Stream(x.device), torch.cuda.Event())
+        side, ready = self._side[x.device]
+        compute = torch.cuda.current_stream(x.device)
+        ready.record(compute)
+        side.wait_event(ready)
+        torch.cuda.set_stream(side)
+        try:
             buffer.copy_(x, non_blocking=True)
-        x.record_stream(stream)  # the allocator must not hand x's memory out before the copy has read it
+        finally:
+            torch.cuda.set_stream(compute)
+        x.record_stream(side)  # the allocator must not hand x's memory out before the copy has read it
         self._pending.add(x.device)
         return buffer
 
     def _sync(self) -> None:
         for device in self._pending:
-            self._copy_streams[device].synchronize()
+            torch.cuda.synchronize(device)
         self._pending.clear()
 
     def get(self, name: str, concat: bool = True) -> torch.Tensor | list[torch.Tensor]:
@@ -202,6 +217,10 @@ class ActivationCapture:
     def __repr__(self) -> str:
         total = sum(self.memory_usage.values())
         return f"ActivationCapture({len(self)} names: {short_list(self._store, 5)}, {total:.1f} MB)"
+
+
+SIDE_STREAM_BYTES = 1 << 20
+"""GPU-to-host copies of chunks at least this large go through a side stream (see ``_copy_to_host``)."""
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
