@@ -497,8 +497,15 @@ def main(argv=None) -> dict:
         else:
             entry["peers"] = peers_benchmark(args, model)
         results["models"].append(entry)
+        _write(args, results, started)  # what is measured so far survives a run cut short
     print("== methods", flush=True)
     results["methods"] = methods_benchmark(args)
+    out, plot = _write(args, results, started)
+    print(f"wrote {out} and {plot} in {results['seconds']:.0f} s", flush=True)
+    return results
+
+
+def _write(args, results: dict, started: float) -> tuple[Path, Path]:
     results["load_after"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - started
     out = Path(args.out)
@@ -506,8 +513,7 @@ def main(argv=None) -> dict:
     bench_report.write(results, out, plot)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-    print(f"wrote {out} and {plot} in {results['seconds']:.0f} s", flush=True)
-    return results
+    return out, plot
 
 
 STREAM_KEYS = ["stream_1N", "stream_10N", "collect_1N", "collect_10N"]
