@@ -1,21 +1,38 @@
 """Focused check of one CPU target of issue #5: traitlens capture of every layer's full output vs the bare
-forward pass, alternating the two over 8 rounds in one process (bundled model, 8 batches of 8 x 64 random
-tokens). Prints the per-round times and ratios.
+forward pass (bundled model, 8 batches of 8 x 64 random tokens), alternating the two over ``--rounds``
+rounds in one process. Prints the per-round times and ratios.
 
-    python benchmarks/capture_all_layers.py
+The cost of keeping every layer's output on a CPU is fresh memory: about 280 MB per run that the kernel
+must fault in and zero. So the check runs in three fresh processes that differ only in how memory is
+allocated: the default; ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's switch for transparent huge pages on large
+CPU allocations: a fault per 2 MB instead of per 4 kB); and glibc told never to give freed memory back to
+the kernel (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``), so that a run reuses the pages the
+previous run freed. Each is read when the process starts, so none can be set by a library.
+
+    python benchmarks/capture_all_layers.py [--rounds 12]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 
-import torch
+SETTINGS = {
+    "default allocator": {},
+    "THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "glibc keeps freed memory": {"MALLOC_TRIM_THRESHOLD_": str(2**34), "MALLOC_MMAP_THRESHOLD_": str(2**30)},
+}
 
-from traitlens import ActivationCapture, HookManager, decoder_layer_paths, load_model
 
+def measure(rounds: int) -> None:
+    import torch
 
-def main(rounds: int = 8) -> None:
+    from traitlens import ActivationCapture, HookManager, decoder_layer_paths, load_model
+
     model, _ = load_model()
     generator = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(3, 40000, (8, 64), generator=generator)} for _ in range(8)]
@@ -44,12 +61,29 @@ def main(rounds: int = 8) -> None:
             kept = run()
             times[name].append(time.perf_counter() - start)
             del kept
-    print("bare s   ", [round(x, 2) for x in times["bare"]])
-    print("capture s", [round(x, 2) for x in times["capture"]])
-    print("per-round ratios", [round(c / b, 3) for b, c in zip(times["bare"], times["capture"], strict=True)])
-    print(
-        "ratio of medians", round(statistics.median(times["capture"]) / statistics.median(times["bare"]), 3)
-    )
+    ratios = [c / b for b, c in zip(times["bare"], times["capture"], strict=True)]
+    print("  bare s    ", [round(x, 2) for x in times["bare"]])
+    print("  capture s ", [round(x, 2) for x in times["capture"]])
+    print("  per-round ratios", [round(x, 3) for x in ratios])
+    median_ratio = statistics.median(times["capture"]) / statistics.median(times["bare"])
+    print(f"  ratio of medians {median_ratio:.3f}; median per-round ratio {statistics.median(ratios):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        measure(args.rounds)
+        return
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    for label, env in SETTINGS.items():
+        print(f"{label}:", flush=True)
+        cmd = [sys.executable, __file__, "--child", "--rounds", str(args.rounds)]
+        out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True)
+        print(out.stdout, end="", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from traitlens.capture import ActivationCapture, _PinnedSlabs
+from traitlens.capture import ActivationCapture, _HostSlabs
 
 
 def ways():
-    slabs = _PinnedSlabs()
+    slabs = _HostSlabs(pin_memory=True)
     side = torch.cuda.Stream()
     event = torch.cuda.Event()
 

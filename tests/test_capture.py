@@ -178,15 +178,15 @@ def test_stored_activations_are_detached_copies_not_views_of_grad_graph():
 
 
 def test_pinned_slabs_hand_out_disjoint_aligned_views_that_outlive_the_slab_handle():
-    from traitlens.capture import _PinnedSlabs
+    from traitlens.capture import _HostSlabs
 
-    slabs = _PinnedSlabs(pin_memory=False)  # the bookkeeping is the same; pinning needs a GPU
+    slabs = _HostSlabs(pin_memory=False)  # the bookkeeping is the same; pinning needs a GPU
     shapes = [(3, 5), (2, 7, 11), (1,), (0, 4), (600_000,), (4, 3)]
     dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.float16, torch.float32, torch.uint8]
     pieces = [slabs.empty(torch.Size(s), d) for s, d in zip(shapes, dtypes, strict=True)]
     for piece, shape, dtype in zip(pieces, shapes, dtypes, strict=True):
         assert piece.shape == shape and piece.dtype == dtype and piece.is_contiguous()
-        assert piece.data_ptr() % _PinnedSlabs.ALIGN == 0
+        assert piece.data_ptr() % _HostSlabs.ALIGN == 0
     for i, piece in enumerate(pieces):  # write distinct values everywhere, then check none was overwritten
         piece.copy_(torch.full(piece.shape, i + 1).to(piece.dtype))
     for i, piece in enumerate(pieces):
@@ -196,19 +196,44 @@ def test_pinned_slabs_hand_out_disjoint_aligned_views_that_outlive_the_slab_hand
     first, big, after = (p.untyped_storage().data_ptr() for p in (pieces[0], pieces[4], pieces[5]))
     assert first != big and big == after
     assert pieces[4].untyped_storage().nbytes() == 1 << 22
-    slabs = _PinnedSlabs(pin_memory=False)  # dropping the allocator leaves stored pieces intact
+    slabs = _HostSlabs(pin_memory=False)  # dropping the allocator leaves stored pieces intact
     assert bool((pieces[1] == 2).all())
 
 
 def test_pinned_slabs_grow_geometrically_up_to_the_largest_size():
-    from traitlens.capture import _PinnedSlabs
+    from traitlens.capture import _HostSlabs
 
-    slabs = _PinnedSlabs(pin_memory=False)
+    slabs = _HostSlabs(pin_memory=False)
     sizes = []
     for _ in range(3):
-        piece = slabs.empty(torch.Size([_PinnedSlabs.FIRST]), torch.uint8)  # fills a slab, or opens one
+        piece = slabs.empty(torch.Size([_HostSlabs.FIRST]), torch.uint8)  # fills a slab, or opens one
         sizes.append(piece.untyped_storage().nbytes())
     assert sizes == [1 << 20, 1 << 21, 1 << 21]  # the second slab has room for the third piece
-    slabs._next = _PinnedSlabs.LARGEST
+    slabs._next = _HostSlabs.LARGEST
     slabs.empty(torch.Size([(1 << 21) + 1]), torch.uint8)
-    assert slabs._next == _PinnedSlabs.LARGEST
+    assert slabs._next == _HostSlabs.LARGEST
+
+
+@pytest.mark.parametrize("device", ["cpu", None])
+def test_stored_chunks_are_copies_that_later_in_place_edits_do_not_reach(device):
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+    path = layer_path("llama", 1)
+    clean, capture, cast = (
+        ActivationCapture(),
+        ActivationCapture(device=device),
+        ActivationCapture(dtype=torch.float64),
+    )
+    with torch.no_grad():
+        with HookManager(model) as hooks:
+            hooks.add_forward_hook(path, clean.make_hook("h"))
+            model(input_ids=ids)
+        with HookManager(model) as hooks:
+            hooks.add_forward_hook(path, capture.make_hook("h"))
+            hooks.add_forward_hook(path, cast.make_hook("h"))
+            hooks.add_forward_hook(path, lambda m, a, out: output_tensor(out).mul_(0.0))  # after capturing
+            model(input_ids=ids)
+    assert clean.get("h").abs().sum() > 0
+    torch.testing.assert_close(capture.get("h"), clean.get("h"), rtol=0, atol=0)
+    assert cast.get("h").dtype == torch.float64
+    torch.testing.assert_close(cast.get("h"), clean.get("h").double(), rtol=0, atol=0)

@@ -15,14 +15,13 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
   there;
 - anything else raises a ``ValueError`` that says what to do instead.
 
-Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). From a GPU, hooks never
-wait for the host: the chunk is snapshotted on the GPU (so that later in-place edits of the module's output
-do not reach it), then copied into pinned host memory with ``non_blocking=True`` on a side CUDA stream, so
-that the copy overlaps the rest of the forward pass; small chunks (decode steps, last tokens) are copied in
-stream order instead, which costs the host less. ``get`` waits for the copies once. Pinned memory comes
-in slabs (see ``_PinnedSlabs``) rather than one allocation per chunk. Where nothing is moved (a CPU model,
-or ``device=None``) and no position or dtype is selected, the stored chunk is the module's output tensor
-itself, as with ``output_hidden_states``: a later hook that edits it in place edits the stored chunk too.
+Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). Every chunk stored in
+host memory is a copy in slabs the capture owns (see ``_HostSlabs``), so a later hook that edits the
+module's output in place does not change it. From a GPU, hooks never wait for the host: a chunk is copied
+into pinned memory with ``non_blocking=True``, large chunks on a side CUDA stream (after a snapshot on the
+GPU) so that the copy overlaps the rest of the forward pass, small ones (decode steps, last tokens) in
+stream order, which costs the host less; ``get`` waits for the copies once. With ``device=None`` on a GPU,
+the stored chunk is the module's output tensor itself, as with ``output_hidden_states``.
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ class ActivationCapture:
         self._store: dict[str, list[torch.Tensor]] = {}
         self._side: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
         self._pending: set[torch.device] = set()
-        self._pinned = _PinnedSlabs()
+        self._pinned, self._host = _HostSlabs(pin_memory=True), _HostSlabs(pin_memory=False)
 
     @property
     def positions(self):
@@ -119,13 +118,14 @@ class ActivationCapture:
     def store(self, name: str, activations: torch.Tensor) -> None:
         """Store one chunk under ``name`` (what the hooks call; also usable by hand)."""
         x = apply_selector(activations.detach(), self._selector(activations))
-        if self.dtype is not None:
-            x = x.to(self.dtype)
-        if self.device is not None and x.device != self.device:
-            if self.device.type == "cpu" and x.device.type == "cuda":
-                x = self._copy_to_host(x, snapshot=_shares_memory(x, activations))
-            else:
-                x = x.to(self.device)
+        target = x.device if self.device is None else self.device
+        if target.type == "cpu" and x.device.type == "cuda":
+            x = x if self.dtype is None else x.to(self.dtype)  # cast on the GPU: fewer bytes to move
+            x = self._copy_to_host(x, snapshot=_shares_memory(x, activations))
+        elif target.type == "cpu":  # copied (and cast) into a slab; see _HostSlabs for why
+            x = self._host.empty(x.shape, self.dtype or x.dtype).copy_(x)
+        else:
+            x = x.to(device=target, dtype=self.dtype)
         self._store.setdefault(name, []).append(x)
 
     def _copy_to_host(self, x: torch.Tensor, snapshot: bool) -> torch.Tensor:
@@ -193,7 +193,8 @@ class ActivationCapture:
         """Forget everything, or only what is stored under ``name``."""
         if name is None:
             self._store.clear()
-            self._pinned = _PinnedSlabs()  # stored chunks keep their slab alive; drop only our hold on it
+            # stored chunks keep their slabs alive; drop only our hold on them
+            self._pinned, self._host = _HostSlabs(pin_memory=True), _HostSlabs(pin_memory=False)
         else:
             self._store.pop(name, None)
 
@@ -227,20 +228,24 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-class _PinnedSlabs:
-    """Pinned host memory handed out as consecutive pieces of larger pinned slabs.
+class _HostSlabs:
+    """Host memory for stored chunks, handed out as consecutive pieces of larger slabs.
 
-    PyTorch's caching host allocator rounds every pinned allocation up to a power of two, so pinning each
-    chunk separately can nearly double the host memory that captured activations take (a 33.5 MB chunk
-    takes 64 MB). Here a chunk is a view into the current slab; only the unused end of a slab is lost.
+    Pinned (for copies from a GPU): PyTorch's caching host allocator rounds every pinned allocation up to a
+    power of two, so pinning each chunk separately can nearly double the host memory that captured
+    activations take (a 33.5 MB chunk takes 64 MB); a piece of a slab wastes only the slab's unused end.
+    Not pinned (activations already on the CPU): keeping the model's own output tensors costs the bare
+    forward pass 7-15% on the bundled model (the freshly allocated outputs it can no longer recycle), while
+    copying them into slabs costs 2-3% (``docs/benchmarks.md``).
+
     Slabs start at 1 MiB and double up to 256 MiB (or the next power of two above a larger chunk). A slab
-    is freed (back to PyTorch's cache) once no stored chunk in it is alive.
+    is freed once no stored chunk in it is alive.
     """
 
     ALIGN = 64
     FIRST, LARGEST = 1 << 20, 1 << 28
 
-    def __init__(self, pin_memory: bool = True):
+    def __init__(self, pin_memory: bool):
         self.pin_memory = pin_memory
         self._slab: torch.Tensor | None = None
         self._used = 0
