@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # The GPU part of issue #5 as one prepared run on the lent GPU machine (see docs/benchmarks.md):
-# correctness of capture's GPU path first, then the suite. Writes into $OUT (default: ./gpu-out).
+# correctness of capture's GPU path first, then the suite, then the hook-overhead diagnostic. Writes into
+# $OUT (default: ./gpu-out). On an H200 the check took ~30 s and the suite ~4 min without nnsight; with
+# nnsight it ran past 320 s (SUITE_TIMEOUT), so give a whole run at least 8 minutes.
 # Expects .gpu/whl (peer wheels for Python 3.12) and .gpu/method_acts.safetensors (real activations for
-# the methods, saved on the CPU with `run.py --method-activations`), both optional.
+# the methods, saved on the CPU with `run.py --method-activations`), both optional. To prepare them here
+# (`.gpu/` is ignored; carry it with the run):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .gpu/whl nnsight==0.8.1 steering-vectors==0.12.2 greenlet pydantic pydantic-core annotated-types \
+#     typing-inspection typing-extensions websocket-client zstandard
+#   .venv/bin/python -c "import sys; sys.path.insert(0, 'benchmarks'); import run, torch; \
+#     run._method_activations(run.parse_args(['--method-activations', '.gpu/method_acts.safetensors']), torch.device('cpu'))"
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -18,6 +27,6 @@ python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 acts=()
 [ -f .gpu/method_acts.safetensors ] && acts=(--method-activations .gpu/method_acts.safetensors)
-timeout "${SUITE_TIMEOUT:-480}" python3 benchmarks/run.py --device cuda "${acts[@]}" --out "$OUT/benchmarks.md" \
+timeout "${SUITE_TIMEOUT:-450}" python3 benchmarks/run.py --device cuda "${acts[@]}" --out "$OUT/benchmarks.md" \
   --json "$OUT/gpu.json" 2>&1 | tee "$OUT/run_log.txt"
 timeout 90 python3 benchmarks/hook_overhead.py 2>&1 | tee "$OUT/hook_overhead.txt"

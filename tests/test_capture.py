@@ -177,12 +177,13 @@ def test_stored_activations_are_detached_copies_not_views_of_grad_graph():
     assert not capture.get("l0").requires_grad
 
 
-def test_pinned_slabs_hand_out_disjoint_aligned_views_that_outlive_the_slab_handle():
+def test_host_slabs_hand_out_disjoint_aligned_views_that_outlive_the_allocator():
     from traitlens.capture import _HostSlabs
 
-    slabs = _HostSlabs(pin_memory=False)  # the bookkeeping is the same; pinning needs a GPU
-    shapes = [(3, 5), (2, 7, 11), (1,), (0, 4), (600_000,), (4, 3)]
-    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.float16, torch.float32, torch.uint8]
+    slabs = _HostSlabs(pin_memory=False, first=1 << 20)  # the bookkeeping is the same; pinning needs a GPU
+    big = 1 << 18  # elements of at least 256 KiB go into slabs
+    shapes = [(3, 5), (big // 2,), (2, big // 2), (600_000,), (big,), (4, 3)]
+    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.uint8, torch.uint8]
     pieces = [slabs.empty(torch.Size(s), d) for s, d in zip(shapes, dtypes, strict=True)]
     for piece, shape, dtype in zip(pieces, shapes, dtypes, strict=True):
         assert piece.shape == shape and piece.dtype == dtype and piece.is_contiguous()
@@ -191,27 +192,43 @@ def test_pinned_slabs_hand_out_disjoint_aligned_views_that_outlive_the_slab_hand
         piece.copy_(torch.full(piece.shape, i + 1).to(piece.dtype))
     for i, piece in enumerate(pieces):
         assert bool((piece == i + 1).all())
-    # the 2.4 MB piece did not fit the first 1 MiB slab: it opened a new one, and the small one after it
-    # went into that slab's free tail rather than into a third slab
-    first, big, after = (p.untyped_storage().data_ptr() for p in (pieces[0], pieces[4], pieces[5]))
-    assert first != big and big == after
-    assert pieces[4].untyped_storage().nbytes() == 1 << 22
-    slabs = _HostSlabs(pin_memory=False)  # dropping the allocator leaves stored pieces intact
-    assert bool((pieces[1] == 2).all())
+    storage = [p.untyped_storage() for p in pieces]
+    assert storage[0].nbytes() == 60 and storage[5].nbytes() == 12  # small chunks: their own allocations
+    assert storage[1].data_ptr() == storage[2].data_ptr()  # 0.5 MiB + 0.5 MiB fill the first 1 MiB slab
+    # the 2.4 MB chunk opened a 4 MiB slab, and the 256 KiB one after it went into that slab's free tail
+    assert storage[3].nbytes() == 1 << 22 and storage[3].data_ptr() == storage[4].data_ptr()
+    del slabs  # the allocator is gone; the pieces keep their slabs alive
+    assert bool((pieces[2] == 3).all())
 
 
-def test_pinned_slabs_grow_geometrically_up_to_the_largest_size():
+def test_host_slabs_grow_geometrically_up_to_the_largest_size():
     from traitlens.capture import _HostSlabs
 
-    slabs = _HostSlabs(pin_memory=False)
+    slabs = _HostSlabs(pin_memory=False, first=1 << 20)
     sizes = []
     for _ in range(3):
-        piece = slabs.empty(torch.Size([_HostSlabs.FIRST]), torch.uint8)  # fills a slab, or opens one
+        piece = slabs.empty(torch.Size([1 << 20]), torch.uint8)  # fills a slab, or opens one
         sizes.append(piece.untyped_storage().nbytes())
     assert sizes == [1 << 20, 1 << 21, 1 << 21]  # the second slab has room for the third piece
     slabs._next = _HostSlabs.LARGEST
     slabs.empty(torch.Size([(1 << 21) + 1]), torch.uint8)
     assert slabs._next == _HostSlabs.LARGEST
+
+
+def test_capture_fills_its_slab_across_clear_and_small_chunks_stand_alone():
+    capture = ActivationCapture()
+    big, small = torch.randn(8, 64, 576), torch.randn(8, 576)  # 1.2 MB and 18 KB
+    capture.store("a", big)
+    first = capture.get("a")
+    capture.clear()
+    capture.store("a", big * 2)
+    capture.store("b", small)
+    second, alone = capture.get("a"), capture.get("b")
+    assert second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()  # the same slab
+    assert alone.untyped_storage().nbytes() == small.numel() * 4
+    torch.testing.assert_close(first, big, rtol=0, atol=0)  # not overwritten by what came after clear()
+    torch.testing.assert_close(second, big * 2, rtol=0, atol=0)
+    torch.testing.assert_close(alone, small, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", ["cpu", None])

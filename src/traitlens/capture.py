@@ -16,8 +16,8 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
 - anything else raises a ``ValueError`` that says what to do instead.
 
 Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). Every chunk stored in
-host memory is a copy in slabs the capture owns (see ``_HostSlabs``), so a later hook that edits the
-module's output in place does not change it. From a GPU, hooks never wait for the host: a chunk is copied
+host memory is a copy the capture owns (large ones in slabs; see ``_HostSlabs``), so a later hook that edits
+the module's output in place does not change it. From a GPU, hooks never wait for the host: a chunk is copied
 into pinned memory with ``non_blocking=True``, large chunks on a side CUDA stream (after a snapshot on the
 GPU) so that the copy overlaps the rest of the forward pass, small ones (decode steps, last tokens) in
 stream order, which costs the host less; ``get`` waits for the copies once. With ``device=None`` on a GPU,
@@ -82,7 +82,8 @@ class ActivationCapture:
         self._store: dict[str, list[torch.Tensor]] = {}
         self._side: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
         self._pending: set[torch.device] = set()
-        self._pinned, self._host = _HostSlabs(pin_memory=True), _HostSlabs(pin_memory=False)
+        self._pinned = _HostSlabs(pin_memory=True, first=1 << 20)
+        self._host = _HostSlabs(pin_memory=False, first=_HostSlabs.LARGEST)
 
     @property
     def positions(self):
@@ -122,7 +123,7 @@ class ActivationCapture:
         if target.type == "cpu" and x.device.type == "cuda":
             x = x if self.dtype is None else x.to(self.dtype)  # cast on the GPU: fewer bytes to move
             x = self._copy_to_host(x, snapshot=_shares_memory(x, activations))
-        elif target.type == "cpu":  # copied (and cast) into a slab; see _HostSlabs for why
+        elif target.type == "cpu":  # copied (and cast) into memory the capture owns; see _HostSlabs
             x = self._host.empty(x.shape, self.dtype or x.dtype).copy_(x)
         else:
             x = x.to(device=target, dtype=self.dtype)
@@ -193,8 +194,6 @@ class ActivationCapture:
         """Forget everything, or only what is stored under ``name``."""
         if name is None:
             self._store.clear()
-            # stored chunks keep their slabs alive; drop only our hold on them
-            self._pinned, self._host = _HostSlabs(pin_memory=True), _HostSlabs(pin_memory=False)
         else:
             self._store.pop(name, None)
 
@@ -229,33 +228,39 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class _HostSlabs:
-    """Host memory for stored chunks, handed out as consecutive pieces of larger slabs.
+    """Host memory for stored chunks: a chunk of 256 KiB or more is a piece of a larger slab, a smaller one
+    gets an allocation of its own.
 
     Pinned (for copies from a GPU): PyTorch's caching host allocator rounds every pinned allocation up to a
-    power of two, so pinning each chunk separately can nearly double the host memory that captured
+    power of two, so pinning each large chunk separately can nearly double the host memory that captured
     activations take (a 33.5 MB chunk takes 64 MB); a piece of a slab wastes only the slab's unused end.
-    Not pinned (activations already on the CPU): keeping the model's own output tensors costs the bare
-    forward pass 7-15% on the bundled model (the freshly allocated outputs it can no longer recycle), while
-    copying them into slabs costs 2-3% (``docs/benchmarks.md``).
+    Pinned slabs start at 1 MiB and double up to 256 MiB (or the next power of two above a larger chunk).
+    Not pinned (activations already on the CPU): keeping the model's own output tensors slows the forward
+    pass (the retained outputs sit among the allocator's recycled buffers; see ``docs/benchmarks.md``), so
+    they are copied into 256 MiB slabs, whose untouched pages cost no memory.
 
-    Slabs start at 1 MiB and double up to 256 MiB (or the next power of two above a larger chunk). A slab
-    is freed once no stored chunk in it is alive.
+    A slab is freed once no chunk in it is alive and the capture has moved on to another (or is deleted):
+    the capture keeps filling its current slab across ``clear()``. Keeping a single chunk keeps its whole
+    slab alive; ``.clone()`` the few chunks kept from a large capture.
     """
 
     ALIGN = 64
-    FIRST, LARGEST = 1 << 20, 1 << 28
+    SMALLEST = 1 << 18
+    LARGEST = 1 << 28
 
-    def __init__(self, pin_memory: bool):
+    def __init__(self, pin_memory: bool, first: int):
         self.pin_memory = pin_memory
         self._slab: torch.Tensor | None = None
         self._used = 0
-        self._next = self.FIRST
+        self._next = first
 
     def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < self.SMALLEST:
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         start = -(-self._used // self.ALIGN) * self.ALIGN
         if self._slab is None or start + nbytes > self._slab.numel():
-            size = max(self._next, 1 << max(nbytes - 1, 0).bit_length())
+            size = max(self._next, 1 << (nbytes - 1).bit_length())
             self._slab = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
             self._next = min(2 * self._next, self.LARGEST)
             start = 0
