@@ -21,7 +21,7 @@ from traitlens.capture import ActivationCapture, _HostSlabs
 
 
 def ways():
-    slabs = _HostSlabs(pin_memory=True)
+    slabs = _HostSlabs(pin_memory=True, first=1 << 20)  # chunks under 256 KiB: an allocation each
     side = torch.cuda.Stream()
     event = torch.cuda.Event()
 
