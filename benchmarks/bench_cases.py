@@ -141,9 +141,18 @@ class Case:
     run: Callable[[Workload], object]
 
 
-def _raw_hooks(w: Workload, hook: Callable) -> list:
-    """Register ``hook`` with plain ``register_forward_hook`` on every decoder layer (not via traitlens)."""
-    return [resolve_module(w.model, p).register_forward_hook(hook) for p in w.paths]
+def _with_raw_hooks(w: Workload, keep: Callable, run: Callable[[list], None]) -> list:
+    """Register a hook with plain ``register_forward_hook`` on every decoder layer (not via traitlens) that
+    appends ``keep(output)`` to a list, call ``run(list)``, remove the hooks; the list is returned."""
+    kept: list[torch.Tensor] = []
+    hook = lambda m, a, out: kept.append(keep(output_tensor(out).detach()))  # noqa: E731
+    handles = [resolve_module(w.model, p).register_forward_hook(hook) for p in w.paths]
+    try:
+        run(kept)
+    finally:
+        for h in handles:
+            h.remove()
+    return kept
 
 
 def bare(w: Workload) -> None:
@@ -157,50 +166,28 @@ def bare_no_head(w: Workload) -> None:
 
 
 def plain_hooks_on_device(w: Workload) -> list:
-    kept: list[torch.Tensor] = []
-    handles = _raw_hooks(w, lambda m, a, out: kept.append(output_tensor(out).detach()))
-    try:
-        for batch in w.batches:
-            w.model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return kept
+    return _with_raw_hooks(w, lambda x: x, lambda kept: bare(w))
 
 
 def seed_cpu_hooks(w: Workload) -> list:
     """The seed project's design: every hook calls ``.detach().cpu()`` (a blocking copy on a GPU)."""
-    kept: list[torch.Tensor] = []
-    handles = _raw_hooks(w, lambda m, a, out: kept.append(output_tensor(out).detach().cpu()))
-    try:
-        for batch in w.batches:
-            w.model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return kept
+    return _with_raw_hooks(w, lambda x: x.cpu(), lambda kept: bare(w))
 
 
 def pinned_hooks(w: Workload) -> list:
     """Plain hooks copying each output into its own pinned CPU buffer with ``non_blocking=True`` on the
     current stream (one sync per batch): the design traitlens 0.5 started from."""
-    kept: list[torch.Tensor] = []
 
-    def hook(module, args, out):
-        x = output_tensor(out).detach()
-        buffer = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
-        kept.append(buffer.copy_(x, non_blocking=True))
+    def keep(x):
+        return torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x, non_blocking=True)
 
-    handles = _raw_hooks(w, hook)
-    try:
+    def run(kept):
         for batch in w.batches:
             w.model(**batch)
             if w.device.type == "cuda":
                 torch.cuda.synchronize(w.device)
-    finally:
-        for h in handles:
-            h.remove()
-    return kept
+
+    return _with_raw_hooks(w, keep, run)
 
 
 def _traitlens(w: Workload, capture: ActivationCapture, *, last_token: bool = False) -> list:
@@ -277,15 +264,9 @@ def generate_traitlens(w: Workload) -> list:
 
 
 def generate_seed_cpu_hooks(w: Workload) -> list:
-    kept: list[torch.Tensor] = []
-    handles = _raw_hooks(w, lambda m, a, out: kept.append(output_tensor(out).detach().cpu()))
-    try:
-        for batch in w.gen_batches:
-            kept.append(_generate(w, batch))
-    finally:
-        for h in handles:
-            h.remove()
-    return kept
+    return _with_raw_hooks(
+        w, lambda x: x.cpu(), lambda kept: kept.extend(_generate(w, b) for b in w.gen_batches)
+    )
 
 
 CASES: list[Case] = [
