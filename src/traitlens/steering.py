@@ -227,7 +227,7 @@ class Intervention:
         if tracker is not None and not isinstance(tracker, SequenceTracker):
             raise TypeError(f"tracker must be a SequenceTracker, got {type(tracker).__name__}")
         self.tracker = tracker
-        self._cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._cast: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
 
     def __call__(self, module: torch.nn.Module, args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else output
@@ -256,19 +256,19 @@ class Intervention:
 
     def _apply(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.op == "add":
-            return hidden + self._on(hidden.device, hidden.dtype, self.value * self.vector)
+            return hidden + self._on(hidden.device, hidden.dtype, self.value)
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # projections in float32 (or float64)
-        unit = self._on(hidden.device, dtype, self.vector)  # [hidden]
+        unit = self._on(hidden.device, dtype)  # [hidden]
         h = hidden.to(dtype)
         along = h @ unit  # [batch, seq]
         target = 0.0 if self.op == "ablate" else self.value
         return (h + (target - along).unsqueeze(-1) * unit).to(hidden.dtype)
 
-    def _on(self, device: torch.device, dtype: torch.dtype, vector: torch.Tensor) -> torch.Tensor:
-        """``vector`` on ``device`` in ``dtype``, copied once per (device, dtype)."""
-        key = (device, dtype)
+    def _on(self, device: torch.device, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+        """``scale * vector`` on ``device`` in ``dtype``, made once per (device, dtype, scale)."""
+        key = (device, dtype, scale)
         if key not in self._cast:
-            self._cast[key] = vector.to(device=device, dtype=dtype)
+            self._cast[key] = (scale * self.vector).to(device=device, dtype=dtype)
         return self._cast[key]
 
     def __repr__(self) -> str:
