@@ -580,13 +580,13 @@ class GradientMethod(ExtractionMethod):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            history.append(float(loss.detach()))
+            history.append(loss.detach())  # read once at the end: no host sync per step
 
         vector, flipped = _orient((param / param.norm()).detach(), pos, neg)
         pos_mean_proj, neg_mean_proj = float(pos.mean(0) @ vector), float(neg.mean(0) @ vector)
         return {
             "vector": vector,
-            "loss_history": torch.tensor(history),
+            "loss_history": torch.stack(history).to("cpu", torch.float32),
             "final_separation": pos_mean_proj - neg_mean_proj,
             "pos_mean_proj": pos_mean_proj,
             "neg_mean_proj": neg_mean_proj,
