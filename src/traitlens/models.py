@@ -75,10 +75,10 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=revision, dtype=dtype or "auto", **from_pretrained_kwargs
         )
-        if "device_map" not in from_pretrained_kwargs:
-            _into_memory(model)
     if device is not None:
         model.to(device)
+    if "device_map" not in from_pretrained_kwargs:
+        _into_memory(model)  # after the moves: only weights still on the CPU are copied
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -117,11 +117,9 @@ def _load_bundled():
     if weights.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == source:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        _into_memory(model)
     else:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        _into_memory(model)
         _write_cache(folder, model, tokenizer, source)
     model.config._name_or_path = BUNDLED_ID
     model.name_or_path = BUNDLED_ID
