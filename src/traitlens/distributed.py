@@ -291,12 +291,10 @@ def _run(
     for stale in shards_dir.glob(".*.tmp-*"):  # left by workers that died mid-shard
         shutil.rmtree(stale, ignore_errors=True)
     stats = {}
-    for split in pairs:
-        parts = [_load_stats(shards_dir / job.name) for job in jobs if job.split == split]
-        merged = parts[0]
-        for part in parts[1:]:
-            merged = merged.merge(part)
-        stats[split] = merged
+    for split in pairs:  # one shard file in memory at a time, merged in shard order
+        for job in (job for job in jobs if job.split == split):
+            part = _load_stats(shards_dir / job.name)
+            stats[split] = part if split not in stats else stats[split].merge(part)
     return stats
 
 

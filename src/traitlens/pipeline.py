@@ -445,7 +445,8 @@ def _scalars(out: dict) -> dict:
 
 
 def _clean(value):
-    """Floats made JSON-safe (NaN/inf become None inside dicts)."""
+    """NaN floats become None, inside dicts too; +/-inf stays (an effect size of a perfect split), written
+    as JSON's ``Infinity`` extension, which Python's ``json`` reads back."""
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, float) and not math.isfinite(value):
