@@ -214,9 +214,9 @@ def memory_in_children(args, model: str, keys: list[str], one_process_each: bool
 def methods_benchmark(args) -> dict:
     """Time every extraction method on real activations (the bundled model, sentiment, one layer) and
     compare the probe's torch and scikit-learn solvers by held-out accuracy."""
-    from traitlens.compute import projection
+    from traitlens.compute import cosine_similarity
     from traitlens.methods import METHODS, get_method
-    from traitlens.metrics import accuracy
+    from traitlens.metrics import accuracy, midpoint_threshold
 
     device = torch.device(args.device)
     try:
@@ -238,7 +238,7 @@ def methods_benchmark(args) -> dict:
             times.append(time.perf_counter() - start)
         vector = out["vector"].float()
         # the train midpoint on the projection onto the unit vector, the scale ``accuracy`` uses
-        threshold = float((projection(train_pos, vector).mean() + projection(train_neg, vector).mean()) / 2)
+        threshold = midpoint_threshold(vector, train_pos, train_neg)
         held_out = accuracy(vector.cpu(), test_pos.cpu(), test_neg.cpu(), threshold=threshold)
         return statistics.median(times) * 1e3, held_out, vector
 
@@ -264,7 +264,7 @@ def methods_benchmark(args) -> dict:
     for name in ("probe", "ica"):
         if (name, "torch") in vectors and (name, "sklearn") in vectors:
             a, b = vectors[name, "torch"].double().cpu(), vectors[name, "sklearn"].double().cpu()
-            cosine[name] = float(a @ b / (a.norm() * b.norm()))
+            cosine[name] = float(cosine_similarity(a, b))
     return {"status": "ok", "source": source, "rows": rows, "solver_cosine": cosine}
 
 
@@ -481,16 +481,14 @@ def main(argv=None) -> dict:
         elif device.type == "cuda":
             with torch.no_grad():
                 entry["memory"] = {k: measure_memory(w, CASE_BY_KEY[k].run, device) for k in keys}
+            entry["streaming"] = _streaming_cuda(args, w)
         del w
         gc.collect()
         if not args.no_memory and device.type != "cuda":
             print("  memory (fresh processes)", flush=True)
-            stream_keys = STREAM_KEYS if _has_stats() else []
-            values = memory_in_children(args, model, keys + stream_keys, one_process_each=not args.quick)
+            values = memory_in_children(args, model, keys + STREAM_KEYS, one_process_each=not args.quick)
             entry["memory"] = {k: values[k] for k in keys}
-            entry["streaming"] = _streaming(args, values if stream_keys else None)
-        elif not args.no_memory:
-            entry["streaming"] = _streaming_cuda(args, model)
+            entry["streaming"] = _streaming(args, values)
         if args.no_peers or args.quick:
             reason = "--no-peers" if args.no_peers else "--quick"
             entry["peers"] = [{"key": "peers", "status": "skipped", "reason": reason}]
@@ -519,36 +517,22 @@ def _write(args, results: dict, started: float) -> tuple[Path, Path]:
 STREAM_KEYS = ["stream_1N", "stream_10N", "collect_1N", "collect_10N"]
 
 
-def _has_stats() -> bool:
-    try:
-        import traitlens.stats  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _streaming(args, values: dict | None) -> dict:
+def _streaming(args, values: dict) -> dict:
     """Peak memory of mean difference over N and 10 N pairs, streamed and collected (CPU: from the fresh
     processes of ``memory_in_children``)."""
-    if values is None:
-        return {"status": "TODO: not measured, traitlens.stats (streaming moments) is not importable"}
     total = {k: values.get(f"_rss_total_mb:{k}") for k in STREAM_KEYS}
     extra = {k: values[k] for k in STREAM_KEYS}
     return {"status": "ok", "pairs": args.stream_pairs, "extra_mb": extra, "total_mb": total}
 
 
-def _streaming_cuda(args, model: str) -> dict:
+def _streaming_cuda(args, w: Workload) -> dict:
     """On a GPU: device memory of the streamed statistics for N and 10 N pairs, in this process."""
-    if not _has_stats():
-        return _streaming(args, None)
-    w = _workload(args, model)
     values = {}
     with torch.no_grad():
         for key in STREAM_KEYS[:2]:
             values[key] = measure_memory(
                 w, stream_case(args.stream_pairs * int(key.split("_")[1][:-1]), True), w.device
             )
-    del w
     return {"status": "ok", "pairs": args.stream_pairs, "extra_mb": values, "total_mb": {}}
 
 
