@@ -520,24 +520,21 @@ def residual_norms(
         layers = [layers]
     chosen = {index: path for path, index in (_where(model, i) for i in layers)}
     norms: dict[int, list[torch.Tensor]] = {i: [] for i in chosen}
-    tracker = SequenceTracker()
 
     def recorder(index: int) -> Callable:
-        def hook(module, args, output):
-            hidden = output_tensor(output)
-            real = tracker.select("all", hidden.shape[0], hidden.shape[1], hidden.device)
-            values = hidden.detach().to(torch.float32).norm(dim=-1)  # [batch, seq]
-            norms[index].append((values[real] if real is not None else values.flatten()).cpu())
+        def hook(module, args, output):  # [batch, seq] norms stay on the device; pads are dropped after
+            norms[index].append(output_tensor(output).detach().to(torch.float32).norm(dim=-1))
 
         return hook
 
     device = input_device(model)
     with HookManager(model) as hooks:
-        tracker.attach(hooks)
         for index, path in chosen.items():
             hooks.add_forward_hook(path, recorder(index))
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True)
             model(**{k: v.to(device) for k, v in batch.items()})
-            tracker.reset()
+            real = batch["attention_mask"].bool()
+            for values in norms.values():
+                values[-1] = values[-1][real.to(values[-1].device)].cpu()
     return {i: float(torch.quantile(torch.cat(v).double(), 0.5)) for i, v in norms.items()}
