@@ -231,13 +231,13 @@ def _score(model, generated, path: str, unit: torch.Tensor, batch_size: int) -> 
                 mask[i, : len(p) + len(r)] = 1
                 response[i, len(p) : len(p) + len(r)] = True
             seen.clear()
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-            hidden = seen[0].detach().float().cpu()  # [batch, seq, hidden]
-            total_projection += float((hidden[response] @ unit).double().sum())
+            ids, response = ids.to(device), response.to(device)  # scored where the model ran
+            logits = model(input_ids=ids, attention_mask=mask.to(device)).logits
+            hidden = seen[0].detach().float()  # [batch, seq, hidden]
+            total_projection += float((hidden[response] @ unit.to(hidden.device)).double().sum())
             # Token t is predicted from position t - 1.
-            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            targets = ids[:, 1:]
-            token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [batch, seq - 1]
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [batch, seq - 1]
             total_nll -= float(token_lp[response[:, 1:]].double().sum())
             count += int(response.sum())
     if count == 0:
