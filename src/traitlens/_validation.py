@@ -32,7 +32,11 @@ def closest(name: str, options: Sequence[str], n: int = 3) -> list[str]:
 
 def did_you_mean(name: str, options: Sequence[str]) -> str:
     """``"; did you mean 'x'?"`` or an empty string."""
-    matches = closest(name, options)
+    return suggest(closest(name, options))
+
+
+def suggest(matches: Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` (or ``one of [...]``) for ready-made ``matches``, or an empty string."""
     if not matches:
         return ""
     if len(matches) == 1:

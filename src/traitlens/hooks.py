@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from traitlens._validation import closest, short_list
+from traitlens._validation import closest, short_list, suggest
 
 
 def resolve_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -59,13 +59,7 @@ def _missing_message(
             pass
     if not fixes:
         fixes = closest(path, [n for n, _ in model.named_modules() if n])
-    if fixes:
-        head += (
-            f"; did you mean {fixes[0]!r}?"
-            if len(fixes) == 1
-            else f"; did you mean one of {short_list(fixes)}?"
-        )
-    return head
+    return head + suggest(fixes)
 
 
 def list_modules(model: torch.nn.Module, pattern: str | None = None) -> list[str]:
