@@ -122,7 +122,7 @@ def _difference(x: object, order: int, dt: float, normalize: bool, dim: int, who
             f"normalize=True needs vectors ([seq, hidden]), got expression_trajectory of shape {shape_of(x)}"
         )
     out = torch.diff(_upcast(x), n=order, dim=dim) / dt**order
-    return normalize_vectors(out) if normalize else out
+    return _unit(out) if normalize else out
 
 
 def projection(
@@ -144,7 +144,7 @@ def projection(
     dtype = torch.float64 if torch.float64 in (acts.dtype, vec.dtype) else torch.float32
     vec = vec.to(device=acts.device, dtype=dtype)
     if normalize_vector:
-        vec = normalize_vectors(vec)
+        vec = _unit(vec)
     return torch.matmul(acts.to(dtype), vec)
 
 
@@ -167,9 +167,13 @@ def cosine_similarity(vec1: torch.Tensor, vec2: torch.Tensor, dim: int = -1) -> 
         raise ValueError(
             f"vec1 and vec2 must have broadcastable shapes, got vec1 {shape_of(a)} and vec2 {shape_of(b)}"
         ) from None
+    return _cosine(a, b.to(a.device), dim)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """``cosine_similarity`` of checked tensors on one device."""
     # Normalising first (rather than dividing the dot product) cannot overflow for large activations.
-    dot = (normalize_vectors(a, dim=dim) * normalize_vectors(b.to(a.device), dim=dim)).sum(dim=dim)
-    return dot.clamp(-1.0, 1.0)
+    return (_unit(a, dim) * _unit(b, dim)).sum(dim=dim).clamp(-1.0, 1.0)
 
 
 def normalize_vectors(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -183,7 +187,12 @@ def normalize_vectors(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
         Same shape, float32. Zero vectors stay zero (no epsilon is added to other norms); very large or
         very small vectors are scaled before squaring, so they neither overflow nor underflow.
     """
-    x = _upcast(_at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]"))
+    return _unit(_at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]"), dim)
+
+
+def _unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``normalize_vectors`` of a checked tensor (no second scan of its values)."""
+    x = _upcast(x)
     # Divide by the largest magnitude first so that squaring can neither overflow nor underflow.
     biggest = x.abs().amax(dim=dim, keepdim=True)
     nonzero = biggest > 0
@@ -217,7 +226,7 @@ def radial_velocity(trajectory: torch.Tensor, dim: int = 0) -> torch.Tensor:
         ``[n_points - 1, ...]``: the input shape without hidden and with one point fewer along ``dim``.
     """
     x = _trajectory(trajectory, dim, "radial_velocity")
-    return torch.diff(magnitude(x), dim=dim % x.ndim)
+    return torch.diff(torch.linalg.vector_norm(_upcast(x), dim=-1), dim=dim % x.ndim)
 
 
 def angular_velocity(trajectory: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -234,7 +243,7 @@ def angular_velocity(trajectory: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """
     x = _trajectory(trajectory, dim, "angular_velocity")
     n = x.shape[dim]
-    return 1.0 - cosine_similarity(x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1))
+    return 1.0 - _cosine(x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1), -1)
 
 
 def _trajectory(trajectory: object, dim: int, who: str) -> torch.Tensor:
