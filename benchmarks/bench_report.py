@@ -227,18 +227,21 @@ def _methods(methods: dict) -> list[str]:
     lines += [
         f"{methods['source']}. Median of repeated fits; held-out accuracy with the train midpoint threshold.",
         "",
-        "| method | parameters | median ms | held-out accuracy |",
-        "| --- | --- | ---: | ---: |",
+        "| method | parameters | train rows x hidden | median ms | held-out accuracy |",
+        "| --- | --- | --- | ---: | ---: |",
     ]
     for r in methods["rows"]:
         if "ms" in r:
-            lines.append(f"| {r['method']} | {r['params']} | {r['ms']:.1f} | {r['held_out_accuracy']:.3f} |")
+            lines.append(
+                f"| {r['method']} | {r['params']} | {r.get('rows', '')} | {r['ms']:.1f} "
+                f"| {r['held_out_accuracy']:.3f} |"
+            )
         else:
-            lines.append(f"| {r['method']} | {r['params']} | - | {r.get('status')} |")
+            lines.append(f"| {r['method']} | {r['params']} | | - | {r.get('status')} |")
     for name, cosine in methods.get("solver_cosine", {}).items():
         lines += [
             "",
-            f"{name} vectors of the torch and scikit-learn solvers: cosine similarity {cosine:.4f}.",
+            f"{name}: the torch and scikit-learn solvers' vectors have cosine similarity {cosine:.4f}.",
         ]
     return lines
 

@@ -213,20 +213,21 @@ def memory_in_children(args, model: str, keys: list[str], one_process_each: bool
 
 def methods_benchmark(args) -> dict:
     """Time every extraction method on real activations (the bundled model, sentiment, one layer) and
-    compare the probe's torch and scikit-learn solvers by held-out accuracy."""
+    compare the torch and scikit-learn solvers of the probe and ICA by held-out accuracy, on the last prompt
+    token of each example and on every token (a larger problem with the same hidden size)."""
     from traitlens.compute import cosine_similarity
     from traitlens.methods import METHODS, get_method
     from traitlens.metrics import accuracy, midpoint_threshold
 
     device = torch.device(args.device)
     try:
-        acts, source = _method_activations(args, device)
+        sets, source = _method_activations(args, device)
     except Exception as e:  # the bundled model is optional on a GPU machine
         return {"status": f"not measured: {type(e).__name__}: {e}".splitlines()[0]}
-    (train_pos, train_neg), (test_pos, test_neg) = acts["train"], acts["test"]
     rows = []
 
-    def fit(name: str, **params):
+    def fit(acts, name: str, **params):
+        (train_pos, train_neg), (test_pos, test_neg) = acts["train"], acts["test"]
         method = get_method(name, **params)
         method.extract(train_pos, train_neg)  # warm-up
         times, out = [], None
@@ -240,35 +241,38 @@ def methods_benchmark(args) -> dict:
         # the train midpoint on the projection onto the unit vector, the scale ``accuracy`` uses
         threshold = midpoint_threshold(vector, train_pos, train_neg)
         held_out = accuracy(vector.cpu(), test_pos.cpu(), test_neg.cpu(), threshold=threshold)
-        return statistics.median(times) * 1e3, held_out, vector
+        rows.append({
+            "method": name,
+            "params": ", ".join(f"{k}={v!r}" for k, v in params.items()) or "defaults",
+            "rows": f"{len(train_pos) + len(train_neg)} x {train_pos.shape[1]}",
+            "ms": statistics.median(times) * 1e3,
+            "held_out_accuracy": held_out,
+        })  # fmt: skip
+        return vector
 
     import warnings
 
+    cosine = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence warnings are reported as numbers instead
         for name in METHODS:
-            ms, acc, _ = fit(name)
-            rows.append({"method": name, "params": "defaults", "ms": ms, "held_out_accuracy": acc})
-        vectors = {}
-        for name in ("probe", "ica"):
-            for solver in ("torch", "sklearn"):
-                try:
-                    ms, acc, vectors[name, solver] = fit(name, solver=solver)
-                except ImportError as e:
-                    rows.append({"method": name, "params": f"solver={solver!r}", "status": str(e)})
-                    continue
-                rows.append(
-                    {"method": name, "params": f"solver={solver!r}", "ms": ms, "held_out_accuracy": acc}
-                )
-    cosine = {}
-    for name in ("probe", "ica"):
-        if (name, "torch") in vectors and (name, "sklearn") in vectors:
-            a, b = vectors[name, "torch"].double().cpu(), vectors[name, "sklearn"].double().cpu()
-            cosine[name] = float(cosine_similarity(a, b))
+            fit(sets["last token"], name)
+        for data, acts in sets.items():
+            for name in ("probe", "ica"):
+                vectors = []
+                for solver in ("torch", "sklearn"):
+                    try:
+                        vectors.append(fit(acts, name, solver=solver).double().cpu())
+                    except ImportError as e:
+                        rows.append({"method": name, "params": f"solver={solver!r}", "status": str(e)})
+                if len(vectors) == 2:
+                    cosine[f"{name}, {data}"] = float(cosine_similarity(*vectors))
     return {"status": "ok", "source": source, "rows": rows, "solver_cosine": cosine}
 
 
-def _method_activations(args, device):
+def _method_activations(args, device) -> tuple[dict, str]:
+    """``({data: {"train": (pos, neg), "test": (pos, neg)}}, source)``; data is 'last token' (one row per
+    example) and, except in quick mode, 'every token' (one row per real token)."""
     if args.quick:  # synthetic: a planted direction in anisotropic noise (no tokenizer needed)
         generator = torch.Generator().manual_seed(0)
         hidden = 64
@@ -280,15 +284,16 @@ def _method_activations(args, device):
             return (torch.randn(n, hidden, generator=generator) * scale + sign * direction).to(device)
 
         acts = {"train": (draw(48, 1), draw(48, -1)), "test": (draw(16, 1), draw(16, -1))}
-        return acts, "synthetic activations (quick mode): 48+48 train, 16+16 test, hidden 64"
-    if args.method_activations and Path(args.method_activations).exists():  # saved by an earlier run
+        return {"last token": acts}, "synthetic activations (quick mode): 48+48 train, 16+16 test, hidden 64"
+    saved_at = Path(args.method_activations) if args.method_activations else None
+    if saved_at and saved_at.exists() and saved_at.with_suffix(".json").exists():  # saved by an earlier run
         from safetensors.torch import load_file
 
-        saved = load_file(args.method_activations)
-        acts = {split: (saved[f"{split}_pos"].to(device), saved[f"{split}_neg"].to(device)) for split in
-                ("train", "test")}  # fmt: skip
-        source = json.loads(Path(args.method_activations).with_suffix(".json").read_text())["source"]
-        return acts, f"{source} (saved on the CPU, {Path(args.method_activations).name})"
+        saved = load_file(saved_at)
+        meta = json.loads(saved_at.with_suffix(".json").read_text())
+        sets = {data: {split: (saved[f"{key}/{split}_pos"].to(device), saved[f"{key}/{split}_neg"].to(device))
+                       for split in ("train", "test")} for data, key in meta["keys"].items()}  # fmt: skip
+        return sets, f"{meta['source']} (saved on the CPU, {saved_at.name})"
     from traitlens.dataset import load_dataset
     from traitlens.models import load_model
     from traitlens.pipeline import collect_activations
@@ -297,28 +302,34 @@ def _method_activations(args, device):
     model, tokenizer = load_model(dtype=dtype, device=device)
     layer = model.config.num_hidden_layers // 2
     data = load_dataset("sentiment")
-    acts = {}
-    for split, splits in (("train", ("train",)), ("test", ("val", "test"))):
-        sides = []
-        for side in (0, 1):
-            examples = [ex for s in splits for ex in data.examples(s)[side]]
-            rows = collect_activations(model, tokenizer, examples, layers=[layer], position="prompt_last")
-            sides.append(rows[0].to(device))  # [n, hidden]
-        acts[split] = tuple(sides)
-    n_train, n_test = len(acts["train"][0]), len(acts["test"][0])
+    sets = {}
+    for name, position in (("last token", "prompt_last"), ("every token", "all")):
+        acts = sets[name] = {}
+        for split, splits in (("train", ("train",)), ("test", ("val", "test"))):
+            sides = []
+            for side in (0, 1):
+                examples = [ex for s in splits for ex in data.examples(s)[side]]
+                rows = collect_activations(model, tokenizer, examples, layers=[layer], position=position)
+                sides.append(rows[0].to(device))  # [n, hidden]
+            acts[split] = tuple(sides)
     del model
-    source = (
-        f"bundled SmolLM2-135M-Instruct, sentiment data, layer {layer}, last prompt token: "
-        f"train {n_train}+{n_train} ({2 * n_train} x {acts['train'][0].shape[1]}), held out (val+test) "
-        f"{n_test}+{n_test}, on {device.type}"
+    sizes = "; ".join(
+        f"{name}: train {len(a['train'][0])}+{len(a['train'][1])}, held out (val+test) "
+        f"{len(a['test'][0])}+{len(a['test'][1])}"
+        for name, a in sets.items()
     )
-    if args.method_activations:  # keep them for a machine without the bundled model (a GPU machine)
+    source = (
+        f"bundled SmolLM2-135M-Instruct, sentiment data, layer {layer}, hidden {sets['last token']['train'][0].shape[1]}"
+        f" ({sizes}), on {device.type}"
+    )
+    if saved_at:  # keep them for a machine without the bundled model (a GPU machine)
         from safetensors.torch import save_file
 
-        save_file({f"{split}_{side}": acts[split][i].cpu().contiguous() for split in acts
-                   for i, side in enumerate(("pos", "neg"))}, args.method_activations)  # fmt: skip
-        Path(args.method_activations).with_suffix(".json").write_text(json.dumps({"source": source}))
-    return acts, source
+        keys = {name: f"set{i}" for i, name in enumerate(sets)}
+        save_file({f"{keys[name]}/{split}_{side}": acts[split][i].cpu().contiguous() for name, acts in sets.items()
+                   for split in acts for i, side in enumerate(("pos", "neg"))}, saved_at)  # fmt: skip
+        saved_at.with_suffix(".json").write_text(json.dumps({"source": source, "keys": keys}))
+    return sets, source
 
 
 # ----------------------------------------------------------------------------------------------- peers

@@ -20,6 +20,8 @@ from traitlens.methods import (
     PCADiffMethod,
     ProbeMethod,
     RandomBaselineMethod,
+    _inverse_hessian_times,
+    _lbfgs,
     get_method,
 )
 
@@ -172,6 +174,49 @@ def test_probe_warns_when_the_solver_hits_max_iter():
     with pytest.warns(UserWarning, match="max_iter=2"):
         result = ProbeMethod(max_iter=2).extract(pos, neg)
     assert not result["converged"]
+
+
+def two_loop_recursion(grad, pairs, scale):
+    """The textbook L-BFGS product H g (Nocedal & Wright 2006, Algorithm 7.4), in float64 numpy."""
+    q, alphas = grad.copy(), []
+    for s, y in reversed(pairs):
+        alpha = (s @ q) / (y @ s)
+        q -= alpha * y
+        alphas.append(alpha)
+    r = scale * q
+    for (s, y), alpha in zip(pairs, reversed(alphas), strict=True):
+        r += (alpha - (y @ r) / (y @ s)) * s
+    return r
+
+
+def test_compact_inverse_hessian_product_equals_the_two_loop_recursion():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((30, 30))
+    hessian = a @ a.T + np.eye(30)  # convex quadratic: every pair has s @ y > 0
+    steps = rng.standard_normal((7, 30))
+    changes = steps @ hessian
+    grad = rng.standard_normal(30)
+    scale = (steps[-1] @ changes[-1]) / (changes[-1] @ changes[-1])
+    expected = two_loop_recursion(grad, list(zip(steps, changes, strict=True)), scale)
+    ours = _inverse_hessian_times(*(torch.from_numpy(t) for t in (grad, steps, changes)), scale)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_lbfgs_minimises_an_ill_conditioned_quadratic_to_numpy_solution():
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    hessian = (q * np.logspace(0, 4, 40)) @ q.T  # condition number 1e4
+    b = rng.standard_normal(40)
+    h, bt = torch.from_numpy(hessian), torch.from_numpy(b)
+
+    def loss_grad(x):
+        return 0.5 * x @ h @ x - bt @ x, h @ x - bt
+
+    x, n_iter, converged = _lbfgs(loss_grad, torch.zeros(40, dtype=torch.float64), max_iter=2000, tol=1e-9)
+    assert converged and 0 < n_iter < 2000
+    np.testing.assert_allclose(x.numpy(), np.linalg.solve(hessian, b), rtol=1e-6, atol=1e-9)
+    _, n_iter, converged = _lbfgs(loss_grad, torch.zeros(40, dtype=torch.float64), max_iter=3, tol=1e-9)
+    assert (n_iter, converged) == (3, False)
 
 
 def test_probe_warns_when_the_penalty_zeroes_every_weight():

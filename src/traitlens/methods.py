@@ -22,6 +22,7 @@ import inspect
 import math
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -237,7 +238,7 @@ def _fit_logistic_torch(
 ) -> tuple[torch.Tensor, float, int, bool]:
     """Fit ``w [hidden]``, ``b`` on ``z [n, hidden]``, labels ``y [n]`` in {0, 1}; sklearn's objective / (C n).
 
-    Smooth (``l1_ratio == 0``): L-BFGS with a strong-Wolfe line search. Otherwise FISTA (Beck & Teboulle 2009)
+    Smooth (``l1_ratio == 0``): L-BFGS (``_lbfgs``). Otherwise FISTA (Beck & Teboulle 2009)
     with backtracking on the step and adaptive momentum restart (O'Donoghue & Candès 2015); the L1 part is
     applied by soft-thresholding. Returns ``(w, b, iterations, converged)``.
     """
@@ -250,29 +251,14 @@ def _fit_logistic_torch(
         return t[:hidden], t[hidden]
 
     if l1 == 0.0:
-        theta.requires_grad_(True)
-        optimizer = torch.optim.LBFGS(
-            [theta],
-            lr=1.0,
-            max_iter=max_iter,
-            max_eval=2 * max_iter,
-            tolerance_grad=tol,
-            tolerance_change=0.0,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-        )
 
-        def closure() -> torch.Tensor:
-            with torch.no_grad():
-                loss, grad_w, grad_b = _logistic_loss_grad(z, y, *split(theta), l2)
-                theta.grad = torch.cat([grad_w, grad_b[None]])
-            return loss
+        def loss_grad(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            loss, grad_w, grad_b = _logistic_loss_grad(z, y, *split(t), l2)
+            return loss, torch.cat([grad_w, grad_b[None]])
 
-        optimizer.step(closure)
-        w, b = split(theta.detach().clone())
-        _, grad_w, grad_b = _logistic_loss_grad(z, y, w, b, l2)
-        converged = max(float(grad_w.abs().max()), abs(float(grad_b))) <= tol
-        return w, float(b), int(optimizer.state[theta]["n_iter"]), converged
+        theta, n_iter, converged = _lbfgs(loss_grad, theta, max_iter=max_iter, tol=tol)
+        w, b = split(theta)
+        return w, float(b), n_iter, converged
 
     def prox(t: torch.Tensor, step: float) -> torch.Tensor:
         w, b = split(t)
@@ -306,6 +292,82 @@ def _fit_logistic_torch(
             return w, float(b), n_iter, True
     w, b = split(current)
     return w, float(b), max_iter, False
+
+
+def _lbfgs(
+    loss_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    theta: torch.Tensor,
+    *,
+    max_iter: int,
+    tol: float,
+    history: int = 50,
+) -> tuple[torch.Tensor, int, bool]:
+    """Minimise a smooth convex function from ``theta [p]``; ``loss_grad(theta) -> (loss [], grad [p])``.
+
+    L-BFGS (Nocedal & Wright 2006, ch. 7) with Armijo backtracking from the unit step. On a strictly convex
+    function every step has ``s @ y > 0``, so no Wolfe curvature test is needed (pairs without it are skipped).
+    The inverse-Hessian product uses the compact form of Byrd, Nocedal & Schnabel (1994, Theorem 2.2): a fixed
+    dozen tensor operations whatever the history length. Each iteration reads the device once. The solver is
+    bound by per-step overhead, not arithmetic: ``torch.optim.LBFGS`` took ~600 small operations and many host
+    reads per fit. ``history`` pairs are kept: on real per-token activations (1655 x 576) 50 took 138
+    iterations against 377 with 10, at about the same cost per iteration.
+    Stops when the gradient's largest component is ``<= tol``. Returns ``(theta, iterations, converged)``.
+    """
+    loss, grad = loss_grad(theta)
+    grad_max, grad_sum = torch.stack([grad.abs().max(), grad.abs().sum()]).tolist()
+    if grad_max <= tol:
+        return theta, 0, True
+    first_step = min(1.0, 1.0 / grad_sum)  # steepest descent's first step, as torch.optim.LBFGS takes it
+    steps = changes = None  # s_i and y_i, oldest first: [m, p]
+    scale = 1.0  # the initial inverse Hessian is scale * I, with scale = s'y / y'y of the newest pair
+    for n_iter in range(1, max_iter + 1):
+        if steps is None:
+            direction, step = -grad, first_step
+        else:
+            direction, step = -_inverse_hessian_times(grad, steps, changes, scale), 1.0
+        while True:  # backtrack until the loss falls by a fraction of the predicted decrease
+            new = theta + step * direction
+            new_loss, new_grad = loss_grad(new)
+            s, y = new - theta, new_grad - grad
+            rise, slope, sy, yy, grad_max = torch.stack(
+                [new_loss - loss, grad @ direction, s @ y, y @ y, new_grad.abs().max()]
+            ).tolist()
+            if slope >= 0 and steps is not None:  # rounding broke the model: restart it from steepest descent
+                steps = changes = None
+                direction, step = -grad, first_step
+                continue
+            # the slack of a few float32 roundings lets steps through once decreases fall below resolution
+            if rise <= 1e-4 * step * slope + 1e-6 * abs(float(loss)):
+                break
+            step /= 2
+            if step < 1e-12:
+                return theta, n_iter, False
+        theta, loss, grad = new, new_loss, new_grad
+        if sy > 1e-10 * yy:
+            steps = s[None] if steps is None else torch.cat([steps, s[None]])[-history:]
+            changes = y[None] if changes is None else torch.cat([changes, y[None]])[-history:]
+            scale = sy / yy
+        if grad_max <= tol:
+            return theta, n_iter, True
+    return theta, max_iter, False
+
+
+def _inverse_hessian_times(
+    grad: torch.Tensor, steps: torch.Tensor, changes: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The L-BFGS inverse-Hessian estimate times ``grad [p]``, from ``steps``, ``changes [m, p]`` (oldest first).
+
+    Compact form, Byrd, Nocedal & Schnabel (1994), Theorem 2.2, with ``H0 = scale * I``, ``R`` the upper
+    triangle of ``S'Y`` and ``D`` its diagonal (S, Y with the pairs as columns)::
+
+        H g = scale g + S p - scale Y q,   q = R^-1 S'g,   p = R^-T ((D + scale Y'Y) q - scale Y'g)
+    """
+    sy = steps @ changes.T  # [m, m], entry (i, j) = s_i @ y_j
+    upper = sy.triu()
+    q = torch.linalg.solve_triangular(upper, (steps @ grad)[:, None], upper=True)[:, 0]  # [m]
+    inner = sy.diagonal() * q + scale * (changes @ (changes.T @ q)) - scale * (changes @ grad)
+    p = torch.linalg.solve_triangular(upper.T, inner[:, None], upper=False)[:, 0]  # [m]
+    return scale * grad + p @ steps - scale * (q @ changes)
 
 
 def _fit_logistic_sklearn(
