@@ -22,6 +22,7 @@ from traitlens.methods import (
     RandomBaselineMethod,
     _inverse_hessian_times,
     _lbfgs,
+    _separation_loss_grad,
     get_method,
 )
 
@@ -366,6 +367,25 @@ def test_pca_diff_pairing():
     assert result["n_pairs"] == 45 and cos(result["vector"], d) > 0.95
     again = PCADiffMethod(pairing="random", seed=1).extract(pos, neg[:45])
     assert torch.equal(result["vector"], again["vector"])
+
+
+@pytest.mark.parametrize("shrinkage", [0.05, 0.5, 1.0])
+def test_separation_gradient_equals_autograd(shrinkage):
+    pos, neg, _ = planted(n=20, hidden=12, shift=0.5, big=3.0, seed=14)
+    pos, neg = pos.double(), neg.double()
+    delta = pos.mean(0) - neg.mean(0)
+    centered = torch.cat([pos - pos.mean(0), neg - neg.mean(0)])
+    dof, mean_var = len(centered) - 2, float((centered**2).sum()) / ((len(centered) - 2) * 12)
+    param = 3.0 * torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    loss, grad = _separation_loss_grad(param, delta, centered, dof, shrinkage, mean_var)
+
+    leaf = param.clone().requires_grad_(True)  # the objective as GradientMethod's docstring states it
+    v = leaf / leaf.norm()
+    spread = (1 - shrinkage) * v @ (centered.T @ centered / dof) @ v + shrinkage * mean_var
+    expected = -(delta @ v) / spread.sqrt()
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-10, atol=1e-14)
 
 
 def test_gradient_reaches_the_regularised_lda_direction():

@@ -112,6 +112,22 @@ def test_effect_size_separation_and_p_value_match_references(data):
     assert effect_size(-vector, pos, neg) == pytest.approx(-effect_size(vector, pos, neg))
 
 
+@pytest.mark.parametrize(("n_pos", "n_neg", "shift", "constant_neg"), [(2, 3, 0.1, False), (40, 7, 1.0, False),
+                                                                     (12, 30, 0.0, False), (9, 5, 2.0, True)])  # fmt: skip
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy, on the constant class
+def test_p_value_matches_scipy_welch_test_for_unequal_sizes_and_one_constant_class(
+    n_pos, n_neg, shift, constant_neg
+):
+    g = torch.Generator().manual_seed(n_pos + n_neg)
+    pos = torch.randn(n_pos, 4, generator=g, dtype=torch.float64) + shift
+    neg = torch.randn(n_neg, 4, generator=g, dtype=torch.float64)
+    if constant_neg:
+        neg[:, 0] = 0.25
+    e0 = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    expected = scipy.stats.ttest_ind(pos[:, 0].numpy(), neg[:, 0].numpy(), equal_var=False).pvalue
+    assert p_value(e0, pos, neg) == pytest.approx(expected, rel=1e-9)
+
+
 def test_degenerate_spread_gives_no_nan():
     e0 = torch.tensor([1.0, 0.0])
     same = torch.tensor([[1.0, 5.0], [1.0, -3.0]])  # both classes project to exactly 1

@@ -636,13 +636,11 @@ class GradientMethod(ExtractionMethod):
         optimizer = torch.optim.Adam([param], lr=lr)
         history = []
         for _ in range(num_steps):
-            v = param / param.norm()
-            within = (centered @ v).pow(2).sum() / dof  # v' S v
-            loss = -(delta @ v) / ((1 - shrinkage) * within + shrinkage * mean_var).sqrt()
-            optimizer.zero_grad()
-            loss.backward()
+            loss, param.grad = _separation_loss_grad(
+                param.detach(), delta, centered, dof, shrinkage, mean_var
+            )
             optimizer.step()
-            history.append(loss.detach())  # read once at the end: no host sync per step
+            history.append(loss)  # read once at the end: no host sync per step
 
         vector, flipped = _orient((param / param.norm()).detach(), pos, neg)
         pos_mean_proj, neg_mean_proj = float(pos.mean(0) @ vector), float(neg.mean(0) @ vector)
@@ -654,6 +652,32 @@ class GradientMethod(ExtractionMethod):
             "neg_mean_proj": neg_mean_proj,
             "flipped": flipped,
         }
+
+
+def _separation_loss_grad(
+    param: torch.Tensor,
+    delta: torch.Tensor,
+    centered: torch.Tensor,
+    dof: int,
+    shrinkage: float,
+    mean_var: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``GradientMethod``'s loss ``-sep(v)`` at ``v = param / |param|`` and its gradient in ``param [hidden]``.
+
+    Written out rather than taken by autograd, which cost two thirds of each step's time at these sizes. With
+    ``q = (1 - shrinkage) |centered v|^2 / dof + shrinkage * mean_var`` and ``loss = -(delta @ v) / sqrt(q)``::
+
+        d loss / d v = -delta / sqrt(q) + (delta @ v) (1 - shrinkage) centered' centered v / (dof q^1.5)
+
+    projected onto the tangent space of the sphere and divided by ``|param|``.
+    """
+    norm = param.norm()
+    v = param / norm
+    along = centered @ v  # [n]
+    q = (1 - shrinkage) * (along @ along) / dof + shrinkage * mean_var
+    gain = delta @ v
+    grad_v = -delta / q.sqrt() + gain * (1 - shrinkage) / (dof * q**1.5) * (along @ centered)
+    return -gain / q.sqrt(), (grad_v - (grad_v @ v) * v) / norm
 
 
 class PCADiffMethod(ExtractionMethod):
