@@ -20,19 +20,21 @@ from traitlens.monitor import token_heatmap_html, token_projections
 from traitlens.pipeline import CHANCE_BAND, CONTROL, ExtractionResult
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize: tuple[float, float]):
+    """A matplotlib ``Figure`` on the Agg canvas, made outside pyplot: the caller's backend (a notebook's
+    inline one, say) and pyplot's list of open figures stay as they were."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=figsize, layout="tight")
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def plot_layers(result: ExtractionResult, path: Path) -> Path:
     """Validation accuracy and AUROC by layer, one line per method."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
+    fig = _figure((12, 4))
+    axes = fig.subplots(1, 2, sharex=True)
     for ax, key in zip(axes, ("accuracy", "auroc"), strict=True):
         for method in result.methods:
             control = method == CONTROL and key == "accuracy"  # mean over random directions
@@ -44,19 +46,17 @@ def plot_layers(result: ExtractionResult, path: Path) -> Path:
         ax.set(xlabel="layer", ylabel=f"validation {key}", ylim=(0, 1.02), title=f"validation {key} by layer")
     axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{result.trait}: {result.model_name}, position {result.position}")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_histogram(result: ExtractionResult, path: Path) -> Path:
     """Test projections of positives and negatives onto the chosen vector, with its train threshold."""
-    plt = _pyplot()
     i = result.index(result.best_layer)
     vector = result.vectors[result.best_method][i]
     pos, neg = (projection(acts[i], vector) for acts in result.activations["test"])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = _figure((7, 4))
+    ax = fig.subplots()
     bins = torch.linspace(float(min(pos.min(), neg.min())), float(max(pos.max(), neg.max())), 25).tolist()
     ax.hist(pos.tolist(), bins=bins, alpha=0.6, label="positive", color="tab:red")
     ax.hist(neg.tolist(), bins=bins, alpha=0.6, label="negative", color="tab:blue")
@@ -67,31 +67,29 @@ def plot_histogram(result: ExtractionResult, path: Path) -> Path:
         title=f"{result.best_method}, layer {result.best_layer}: test accuracy {result.test['accuracy']:.2f}",
     )
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_cosines(result: ExtractionResult, path: Path) -> Path:
     """Cosine similarity between the methods' vectors at the chosen layer."""
-    plt = _pyplot()
     i = result.index(result.best_layer)
     stacked = torch.stack([result.vectors[m][i] for m in result.methods])
     matrix = cosine_similarity(stacked.unsqueeze(1), stacked.unsqueeze(0))
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = _figure((6, 5))
+    ax = fig.subplots()
     image = ax.imshow(matrix.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
     ax.set_xticks(range(len(result.methods)), result.methods, rotation=45, ha="right")
     ax.set_yticks(range(len(result.methods)), result.methods)
     n = len(result.methods)
     for r in range(n):
         for c in range(n):
-            ax.text(c, r, f"{matrix[r, c]:.2f}", ha="center", va="center", fontsize=8)
+            value = float(matrix[r, c])
+            color = "white" if abs(value) > 0.6 else "black"  # readable on the dark ends of the colour map
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
     fig.colorbar(image, ax=ax)
     ax.set_title(f"cosine between methods, layer {result.best_layer}")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
