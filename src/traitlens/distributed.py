@@ -180,15 +180,15 @@ def distributed_activations(
 def read_shards(out_dir: str | Path, split: str, layer_index: int | None = None):
     """The spilled activations of one split from ``out_dir/shards``, in dataset order: ``(pos, neg)``,
     each ``[layer, n, hidden]``, or ``[n, hidden]`` of one layer (its index among the extracted layers)."""
-    from traitlens.pipeline import read_spilled
+    from traitlens.pipeline import _read_spilled_files
 
     folders = _done_folders(Path(out_dir) / "shards", split)
     if not folders:
         raise FileNotFoundError(f"no {split} shards in {Path(out_dir) / 'shards'}; run with spill=True")
     if not any(folders[0].glob("batch_*.safetensors")):
         raise FileNotFoundError(f"the shards in {folders[0].parent} hold no activations; run with spill=True")
-    parts = [read_spilled(folder, layer_index) for folder in folders]
-    return torch.cat([p for p, _ in parts], dim=-2), torch.cat([n for _, n in parts], dim=-2)
+    files = [path for folder in folders for path in sorted(folder.glob("batch_*.safetensors"))]
+    return _read_spilled_files(files, layer_index)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -133,13 +133,18 @@ def read_spilled(folder: str | Path, layer_index: int | None = None) -> tuple[to
     """``(pos, neg)`` from the files that ``stream_statistics(spill_to=folder)`` wrote, each file read once:
     ``[layer, n, hidden]``, or ``[n, hidden]`` of one layer (its index among the spilled layers), in which
     case only that layer's slices are read from disk."""
-    from safetensors import safe_open
-
     files = sorted(Path(folder).glob("batch_*.safetensors"))
     if not files:
         raise FileNotFoundError(
             f"no batch_*.safetensors files in {folder}; run stream_statistics(spill_to=...)"
         )
+    return _read_spilled_files(files, layer_index)
+
+
+def _read_spilled_files(files: Sequence[Path], layer_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``read_spilled`` of the given batch files, in order, joined in one concatenation per side."""
+    from safetensors import safe_open
+
     parts: dict[str, list[torch.Tensor]] = {"pos": [], "neg": []}
     for path in files:
         with safe_open(path, framework="pt") as f:
