@@ -314,7 +314,7 @@ def _lbfgs(
     Stops when the gradient's largest component is ``<= tol``. Returns ``(theta, iterations, converged)``.
     """
     loss, grad = loss_grad(theta)
-    grad_max, grad_sum = torch.stack([grad.abs().max(), grad.abs().sum()]).tolist()
+    loss_value, grad_max, grad_sum = torch.stack([loss, grad.abs().max(), grad.abs().sum()]).tolist()
     if grad_max <= tol:
         return theta, 0, True
     first_step = min(1.0, 1.0 / grad_sum)  # steepest descent's first step, as torch.optim.LBFGS takes it
@@ -329,20 +329,20 @@ def _lbfgs(
             new = theta + step * direction
             new_loss, new_grad = loss_grad(new)
             s, y = new - theta, new_grad - grad
-            rise, slope, sy, yy, grad_max = torch.stack(
-                [new_loss - loss, grad @ direction, s @ y, y @ y, new_grad.abs().max()]
+            new_value, rise, slope, sy, yy, grad_max = torch.stack(
+                [new_loss, new_loss - loss, grad @ direction, s @ y, y @ y, new_grad.abs().max()]
             ).tolist()
             if slope >= 0 and steps is not None:  # rounding broke the model: restart it from steepest descent
                 steps = changes = None
                 direction, step = -grad, first_step
                 continue
             # the slack of a few float32 roundings lets steps through once decreases fall below resolution
-            if rise <= 1e-4 * step * slope + 1e-6 * abs(float(loss)):
+            if rise <= 1e-4 * step * slope + 1e-6 * abs(loss_value):
                 break
             step /= 2
             if step < 1e-12:
                 return theta, n_iter, False
-        theta, loss, grad = new, new_loss, new_grad
+        theta, loss, grad, loss_value = new, new_loss, new_grad, new_value
         if sy > 1e-10 * yy:
             steps = s[None] if steps is None else torch.cat([steps, s[None]])[-history:]
             changes = y[None] if changes is None else torch.cat([changes, y[None]])[-history:]
@@ -664,7 +664,7 @@ def _separation_loss_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``GradientMethod``'s loss ``-sep(v)`` at ``v = param / |param|`` and its gradient in ``param [hidden]``.
 
-    Written out rather than taken by autograd, which cost two thirds of each step's time at these sizes. With
+    Written out rather than taken by autograd, which took about half of each step's time at these sizes. With
     ``q = (1 - shrinkage) |centered v|^2 / dof + shrinkage * mean_var`` and ``loss = -(delta @ v) / sqrt(q)``::
 
         d loss / d v = -delta / sqrt(q) + (delta @ v) (1 - shrinkage) centered' centered v / (dof q^1.5)
