@@ -140,8 +140,8 @@ class ProbeMethod(ExtractionMethod):
         solver: ``'torch'`` (default: L-BFGS for l2, FISTA for l1/elasticnet, on the activations' device)
             or ``'sklearn'`` (scikit-learn's LogisticRegression on CPU, lbfgs / saga: the reference).
         max_iter: iteration cap of the solver (default 1000).
-        tol: convergence tolerance (default 1e-4; for torch, on the gradient's largest component for L-BFGS
-            and on the largest relative parameter change for FISTA).
+        tol: convergence tolerance (default 1e-4; for torch, on the largest component of the gradient of the
+            objective / (C n), for l1 / elasticnet of its proximal gradient mapping).
         standardize: fit on standardised features (default True).
         seed: used by the saga solver of scikit-learn only.
 
@@ -238,9 +238,10 @@ def _fit_logistic_torch(
 ) -> tuple[torch.Tensor, float, int, bool]:
     """Fit ``w [hidden]``, ``b`` on ``z [n, hidden]``, labels ``y [n]`` in {0, 1}; sklearn's objective / (C n).
 
-    Smooth (``l1_ratio == 0``): L-BFGS (``_lbfgs``). Otherwise FISTA (Beck & Teboulle 2009)
-    with backtracking on the step and adaptive momentum restart (O'Donoghue & Candès 2015); the L1 part is
-    applied by soft-thresholding. Returns ``(w, b, iterations, converged)``.
+    Smooth (``l1_ratio == 0``): L-BFGS (``_lbfgs``). Otherwise FISTA (Beck & Teboulle 2009) with
+    backtracking on the step, which may also grow again (as in Scheinberg, Goldfarb & Bai 2014), and adaptive
+    momentum restart (O'Donoghue & Candès 2015); the L1 part is applied by soft-thresholding. Returns ``(w,
+    b, iterations, converged)``.
     """
     n, hidden = z.shape
     l2 = (1.0 - l1_ratio) / (C * n)
@@ -269,17 +270,30 @@ def _fit_logistic_torch(
     for n_iter in range(1, max_iter + 1):
         loss, grad_w, grad_b = _logistic_loss_grad(z, y, *split(theta), l2)
         grad = torch.cat([grad_w, grad_b[None]])
+        # Let the step grow again: without this, one early backtrack fixes a small step for good. On the
+        # bundled model's activations this took 3-5 times fewer iterations; the stopping test below is an
+        # optimality measure, so a step that is too long can only cost time.
+        lipschitz *= 0.8
         while True:  # backtracking: the quadratic model at theta must bound the loss at the new point
             new = prox(theta - grad / lipschitz, 1.0 / lipschitz)
             step = new - theta
-            if _logistic_loss(z, y, *split(new), l2)[0] <= loss + grad @ step + 0.5 * lipschitz * (
-                step @ step
-            ) + 1e-7 * abs(float(loss)):
+            bound = loss + grad @ step + 0.5 * lipschitz * (step @ step)
+            excess, loss_value, uphill, moved = torch.stack([
+                _logistic_loss(z, y, *split(new), l2)[0] - bound,
+                loss,
+                (theta - new) @ (new - current),
+                step.abs().max(),
+            ]).tolist()  # fmt: skip
+            if excess <= 1e-7 * abs(loss_value):
                 break
             lipschitz *= 2.0
-        change = float((new - current).abs().max())
-        scale = max(1.0, float(new.abs().max()))
-        if float((theta - new) @ (new - current)) > 0:  # moving uphill: restart the momentum
+        # lipschitz * (theta - new) is the gradient mapping: the gradient of the smooth case, with the L1 part
+        # folded in, so ``tol`` means the same for every penalty. (A small change of the parameters is no
+        # test: FISTA's steps shrink long before its iterate is near the minimum.)
+        if lipschitz * moved <= tol:
+            w, b = split(new)
+            return w, float(b), n_iter, True
+        if uphill > 0:  # moving uphill: restart the momentum
             momentum = 1.0
             theta = new
         else:
@@ -287,9 +301,6 @@ def _fit_logistic_torch(
             theta = new + (momentum - 1.0) / next_momentum * (new - current)
             momentum = next_momentum
         current = new
-        if change <= tol * scale:
-            w, b = split(current)
-            return w, float(b), n_iter, True
     w, b = split(current)
     return w, float(b), max_iter, False
 
