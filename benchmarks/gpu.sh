@@ -2,7 +2,8 @@
 # The GPU part of issue #5 as one prepared run on the lent GPU machine (see docs/benchmarks.md):
 # correctness of capture's GPU path first, then the suite, then the hook-overhead diagnostic. Writes into
 # $OUT (default: ./gpu-out). On an H200 the check took ~30 s and the suite ~4 min without nnsight; with
-# nnsight it ran past 320 s (SUITE_TIMEOUT), so give a whole run at least 8 minutes.
+# nnsight it ran past 320 s (SUITE_TIMEOUT), and 10 rounds of the generation cases (5 then) add about a
+# minute, so give a whole run at least 9 minutes.
 # Expects .gpu/whl (peer wheels for Python 3.12) and .gpu/method_acts.safetensors (real activations for
 # the methods, saved on the CPU with `run.py --method-activations`), both optional. To prepare them here
 # (`.gpu/` is ignored; carry it with the run):

@@ -5,7 +5,8 @@
     python benchmarks/run.py --quick --out /tmp/b.md        # seconds, a tiny random model (smoke test)
 
 Each case runs the whole workload; every case is warmed up first, then all cases run in rounds (the order
-rotates from round to round, and the bare forward pass runs in every round, so drift shows in its spread).
+rotates from round to round, and the bare forward pass runs in every round, so drift shows in its spread);
+the generation cases run in rounds of their own (``--gen-reps``; more of them on a GPU).
 Reported: the median time, its ratio to the bare forward pass (generation cases: to plain ``generate``), and
 the spread (max - min) / median over rounds. Peak memory: on CPU the extra peak resident memory of a fresh
 process per case (``VmHWM`` after a reset via ``/proc/self/clear_refs``, minus the resident memory before
@@ -43,11 +44,13 @@ ROOT = HERE.parent
 # Workload sizes per profile.
 PROFILES = {
     "cpu": dict(n_prompts=64, batch_size=8, seq_len=64, gen_prompts=16, gen_batch_size=8, gen_prompt_len=64,
-                new_tokens=32, reps=5),
+                new_tokens=32, reps=5, gen_reps=5),
+    # generate on a GPU is bound by the host and jittery (spreads of 30-50% over 5 rounds on an H200), and
+    # a round of it is short: more rounds for the generation cases
     "cuda": dict(n_prompts=64, batch_size=16, seq_len=512, gen_prompts=16, gen_batch_size=16,
-                 gen_prompt_len=512, new_tokens=64, reps=5),
+                 gen_prompt_len=512, new_tokens=64, reps=5, gen_reps=10),
     "quick": dict(n_prompts=8, batch_size=4, seq_len=16, gen_prompts=4, gen_batch_size=4, gen_prompt_len=8,
-                  new_tokens=4, reps=2),
+                  new_tokens=4, reps=2, gen_reps=2),
 }  # fmt: skip
 SIZE_KEYS = (
     "n_prompts",
@@ -433,7 +436,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", help="model dtype (default float32 on CPU, bfloat16 on a GPU)")
     parser.add_argument("--models", help=f"comma-separated: {BUNDLED}, {', '.join(bench_cases.SHAPES)}")
     parser.add_argument("--quick", action="store_true", help="a tiny random model, seconds (smoke test)")
-    parser.add_argument("--reps", type=int, help="timed rounds per case")
+    parser.add_argument("--reps", type=int, help="timed rounds per forward case")
+    parser.add_argument("--gen-reps", type=int, help="timed rounds per generation case")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to update")
     parser.add_argument("--plot", help="PNG path (default: benchmarks_<cpu|cuda>.png next to --out)")
     parser.add_argument("--json", help="also write the raw results here")
@@ -476,7 +480,7 @@ def main(argv=None) -> dict:
         "quick": args.quick,
         "machine": machine_info(device),
         "load_before": os.getloadavg(),
-        "settings": {k: getattr(args, k) for k in (*SIZE_KEYS, "reps", "dtype", "device")},
+        "settings": {k: getattr(args, k) for k in (*SIZE_KEYS, "reps", "gen_reps", "dtype", "device")},
         "models": [],
     }
     started = time.perf_counter()
@@ -485,7 +489,10 @@ def main(argv=None) -> dict:
         w = _workload(args, model)
         entry = {"model": model, "workload": w.describe(), "n_layers": w.n_layers, "stop_layer": w.stop_layer}
         keys = [c.key for c in CASES]
-        times = time_cases(w, keys, args.reps, full_warmup=device.type == "cuda")
+        times = {}
+        for group, reps in (("forward", args.reps), ("generate", args.gen_reps)):
+            group_keys = [c.key for c in CASES if c.group == group]
+            times.update(time_cases(w, group_keys, reps, full_warmup=device.type == "cuda"))
         entry["times"] = times
         if args.no_memory:
             entry["memory"] = {}
