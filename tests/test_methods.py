@@ -20,6 +20,7 @@ from traitlens.methods import (
     PCADiffMethod,
     ProbeMethod,
     RandomBaselineMethod,
+    _fit_logistic_torch,
     _inverse_hessian_times,
     _lbfgs,
     _separation_loss_grad,
@@ -218,6 +219,16 @@ def test_lbfgs_minimises_an_ill_conditioned_quadratic_to_numpy_solution():
     np.testing.assert_allclose(x.numpy(), np.linalg.solve(hessian, b), rtol=1e-6, atol=1e-9)
     _, n_iter, converged = _lbfgs(loss_grad, torch.zeros(40, dtype=torch.float64), max_iter=3, tol=1e-9)
     assert (n_iter, converged) == (3, False)
+
+
+@pytest.mark.parametrize("l1_ratio", [0.0, 1.0])
+def test_torch_probe_solvers_stop_on_non_finite_values_instead_of_looping(l1_ratio):
+    # extract() rejects such inputs; the solvers themselves must still end (backtracking never succeeds)
+    z = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    z[3, 1] = float("nan")
+    y = (torch.arange(20) % 2).float()
+    *_, converged = _fit_logistic_torch(z, y, C=1.0, l1_ratio=l1_ratio, max_iter=50, tol=1e-4)
+    assert converged is False
 
 
 def test_probe_warns_when_the_penalty_zeroes_every_weight():

@@ -274,7 +274,9 @@ def _fit_logistic_torch(
         # bundled model's activations this took 3-5 times fewer iterations; the stopping test below is an
         # optimality measure, so a step that is too long can only cost time.
         lipschitz *= 0.8
-        while True:  # backtracking: the quadratic model at theta must bound the loss at the new point
+        for _ in range(
+            100
+        ):  # backtracking: the quadratic model at theta must bound the loss at the new point
             new = prox(theta - grad / lipschitz, 1.0 / lipschitz)
             step = new - theta
             bound = loss + grad @ step + 0.5 * lipschitz * (step @ step)
@@ -287,6 +289,9 @@ def _fit_logistic_torch(
             if excess <= 1e-7 * abs(loss_value):
                 break
             lipschitz *= 2.0
+        else:  # no step is short enough: only non-finite values get here
+            w, b = split(current)
+            return w, float(b), n_iter, False
         # lipschitz * (theta - new) is the gradient mapping: the gradient of the smooth case, with the L1 part
         # folded in, so ``tol`` means the same for every penalty. (A small change of the parameters is no
         # test: FISTA's steps shrink long before its iterate is near the minimum.)
