@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from tests.conftest import TINY_HIDDEN, TINY_LAYERS, layer_path, make_tiny_model
@@ -213,6 +215,42 @@ def test_host_slabs_grow_geometrically_up_to_the_largest_size():
     slabs._next = _HostSlabs.LARGEST
     slabs.empty(torch.Size([(1 << 21) + 1]), torch.uint8)
     assert slabs._next == _HostSlabs.LARGEST
+
+
+def test_host_slabs_without_a_small_size_put_every_chunk_in_a_slab_as_pinned_ones_do():
+    from traitlens.capture import _HostSlabs
+
+    slabs = _HostSlabs(pin_memory=False, first=1 << 20, smallest=0)  # what the pinned slabs are set to
+    shapes = [(16, 1, 576), (3,), (16, 1, 576), (0, 5), (7, 9)]
+    dtypes = [torch.bfloat16, torch.float64, torch.float32, torch.float32, torch.int8]
+    pieces = [slabs.empty(torch.Size(s), d) for s, d in zip(shapes, dtypes, strict=True)]
+    for i, (piece, shape, dtype) in enumerate(zip(pieces, shapes, dtypes, strict=True)):
+        assert piece.shape == shape and piece.dtype == dtype and piece.is_contiguous()
+        assert piece.data_ptr() % _HostSlabs.ALIGN == 0
+        assert piece.untyped_storage().nbytes() == 1 << 20  # all in the first slab
+        piece.copy_(torch.full(shape, i + 1).to(dtype))
+    for i, piece in enumerate(pieces):
+        assert bool((piece == i + 1).all())
+    ends = sorted((p.data_ptr(), p.data_ptr() + p.nbytes) for p in pieces if p.numel())
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(ends))  # disjoint
+
+
+def test_get_copies_a_small_single_chunk_out_of_a_shared_slab_and_returns_large_ones_as_they_are():
+    capture = ActivationCapture()
+    capture._host = type(capture._host)(pin_memory=False, first=1 << 20, smallest=0)  # as on a GPU, pinned
+    small, big = torch.randn(16, 576), torch.randn(8, 64, 576)
+    capture.store("small", small)
+    capture.store("big", big)
+    capture.store("passes", small)
+    capture.store("passes", small)  # two chunks: joined by get into a new tensor anyway
+    out, stored = capture.get("small"), capture.get("small", concat=False)[0]
+    assert stored.untyped_storage().nbytes() == 1 << 20  # stored in the slab ...
+    assert out.untyped_storage().nbytes() == out.nbytes  # ... handed out in memory of its own
+    torch.testing.assert_close(out, small, rtol=0, atol=0)
+    whole = capture.get("big")
+    assert whole.data_ptr() == capture.get("big", concat=False)[0].data_ptr()  # no copy of a large chunk
+    joined = capture.get("passes")
+    assert joined.shape == (32, 576) and joined.untyped_storage().nbytes() == joined.nbytes
 
 
 def test_capture_fills_its_slab_across_clear_and_small_chunks_stand_alone():

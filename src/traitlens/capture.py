@@ -16,8 +16,8 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
 - anything else raises a ``ValueError`` that says what to do instead.
 
 Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). Every chunk stored in
-host memory is a copy the capture owns (large ones in slabs; see ``_HostSlabs``), so a later hook that edits
-the module's output in place does not change it. From a GPU, hooks never wait for the host: a chunk is copied
+host memory is a copy the capture owns (mostly pieces of larger slabs; see ``_HostSlabs``), so a later hook
+that edits the module's output in place does not change it. From a GPU, hooks never wait for the host: a chunk is copied
 into pinned memory with ``non_blocking=True``, large chunks on a side CUDA stream (after a snapshot on the
 GPU) so that the copy overlaps the rest of the forward pass, small ones (decode steps, last tokens) in
 stream order, which costs the host less; ``get`` waits for the copies once. With ``device=None`` on a GPU,
@@ -82,7 +82,7 @@ class ActivationCapture:
         self._store: dict[str, list[torch.Tensor]] = {}
         self._side: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
         self._pending: set[torch.device] = set()
-        self._pinned = _HostSlabs(pin_memory=True, first=1 << 20)
+        self._pinned = _HostSlabs(pin_memory=True, first=1 << 20, smallest=0)
         self._host = _HostSlabs(pin_memory=False, first=_HostSlabs.LARGEST)
 
     @property
@@ -177,7 +177,7 @@ class ActivationCapture:
         if not concat:
             return list(chunks)
         if len(chunks) == 1:
-            return chunks[0]
+            return _out_of_slab(chunks[0])
         runs = [torch.cat(run, dim=1) if len(run) > 1 else run[0] for run in _generation_runs(chunks)]
         if len(runs) == 1:
             return runs[0]
@@ -223,49 +223,76 @@ SIDE_STREAM_BYTES = 1 << 20
 """GPU-to-host copies of chunks at least this large go through a side stream (see ``_copy_to_host``)."""
 
 
+def _out_of_slab(chunk: torch.Tensor) -> torch.Tensor:
+    """``chunk``, or a copy of it when it is a small piece of a larger slab: a kept result of ``get`` should not
+    keep a whole slab alive (a last token per batch, gathered over a dataset, would hold a slab per batch)."""
+    small = chunk.numel() * chunk.element_size() < _HostSlabs.SMALLEST
+    if small and chunk.device.type == "cpu" and chunk.untyped_storage().nbytes() > chunk.nbytes:
+        return torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=chunk.is_pinned()).copy_(chunk)
+    return chunk
+
+
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class _HostSlabs:
-    """Host memory for stored chunks: a chunk of 256 KiB or more is a piece of a larger slab, a smaller one
-    gets an allocation of its own.
+    """Host memory for stored chunks: pieces of larger slabs, except (when not pinned) chunks under
+    ``smallest`` bytes, which get an allocation of their own.
 
     Pinned (for copies from a GPU): PyTorch's caching host allocator rounds every pinned allocation up to a
     power of two, so pinning each large chunk separately can nearly double the host memory that captured
-    activations take (a 33.5 MB chunk takes 64 MB); a piece of a slab wastes only the slab's unused end.
-    Pinned slabs start at 1 MiB and double up to 256 MiB (or the next power of two above a larger chunk).
-    Not pinned (activations already on the CPU): keeping the model's own output tensors slows the forward
-    pass (the retained outputs sit among the allocator's recycled buffers; see ``docs/benchmarks.md``), so
-    they are copied into 256 MiB slabs, whose untouched pages cost no memory.
+    activations take (a 33.5 MB chunk takes 64 MB), and every allocation it cannot serve from blocks freed
+    earlier is a ``cudaHostAlloc`` call: once per chunk in the first capture of a process. So every pinned
+    chunk, however small (a decode step, a last token), is a piece of a slab; the slabs start at 1 MiB and
+    double up to 256 MiB (or the next power of two above a larger chunk). Not pinned (activations already on
+    the CPU): keeping the model's own output tensors slows the forward pass (the retained outputs sit among
+    the allocator's recycled buffers; see ``docs/benchmarks.md``), so chunks of 256 KiB or more are copied
+    into 256 MiB slabs, whose untouched pages cost no memory; smaller ones come from the ordinary allocator.
 
     A slab is freed once no chunk in it is alive and the capture has moved on to another (or is deleted):
     the capture keeps filling its current slab across ``clear()``. Keeping a single chunk keeps its whole
-    slab alive; ``.clone()`` the few chunks kept from a large capture.
+    slab alive; ``ActivationCapture.get`` therefore copies a small single chunk out of its slab, and a few
+    chunks kept from a large capture should be ``.clone()``d.
     """
 
     ALIGN = 64
     SMALLEST = 1 << 18
     LARGEST = 1 << 28
 
-    def __init__(self, pin_memory: bool, first: int):
+    def __init__(self, pin_memory: bool, first: int, smallest: int = SMALLEST):
         self.pin_memory = pin_memory
+        self.smallest = smallest
         self._slab: torch.Tensor | None = None
+        self._typed: dict[torch.dtype, torch.Tensor] = {}  # the current slab viewed as each dtype
         self._used = 0
         self._next = first
 
     def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < self.SMALLEST:
+        if nbytes < self.smallest:
             return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         start = -(-self._used // self.ALIGN) * self.ALIGN
         if self._slab is None or start + nbytes > self._slab.numel():
             size = max(self._next, 1 << (nbytes - 1).bit_length())
             self._slab = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            self._typed = {}
             self._next = min(2 * self._next, self.LARGEST)
             start = 0
         self._used = start + nbytes
-        return self._slab[start : start + nbytes].view(dtype).view(shape)
+        typed = self._typed.get(dtype)
+        if typed is None:  # slab sizes are powers of two and starts multiples of 64: every dtype divides them
+            typed = self._typed[dtype] = self._slab.view(dtype)
+        # one as_strided instead of slice + view + view: this runs in every hook call
+        return typed.as_strided(shape, _contiguous_strides(shape), start // dtype.itemsize)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _generation_runs(chunks: list[torch.Tensor]) -> list[list[torch.Tensor]]:
