@@ -228,7 +228,7 @@ def _out_of_slab(chunk: torch.Tensor) -> torch.Tensor:
     keep a whole slab alive (a last token per batch, gathered over a dataset, would hold a slab per batch)."""
     small = chunk.numel() * chunk.element_size() < _HostSlabs.SMALLEST
     if small and chunk.device.type == "cpu" and chunk.untyped_storage().nbytes() > chunk.nbytes:
-        return torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=chunk.is_pinned()).copy_(chunk)
+        return chunk.clone()  # ordinary memory: a pinned copy would cost a cudaHostAlloc per call when cold
     return chunk
 
 
