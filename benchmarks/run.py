@@ -289,11 +289,12 @@ def _method_activations(args, device) -> tuple[dict, str]:
         acts = {"train": (draw(48, 1), draw(48, -1)), "test": (draw(16, 1), draw(16, -1))}
         return {"last token": acts}, "synthetic activations (quick mode): 48+48 train, 16+16 test, hidden 64"
     saved_at = Path(args.method_activations) if args.method_activations else None
-    if saved_at and saved_at.exists() and saved_at.with_suffix(".json").exists():  # saved by an earlier run
+    meta_at = saved_at.with_suffix(".json") if saved_at else None
+    meta = json.loads(meta_at.read_text()) if meta_at and meta_at.exists() and saved_at.exists() else {}
+    if "keys" in meta:  # saved by an earlier run (a file from before the two sets has no "keys": recomputed)
         from safetensors.torch import load_file
 
         saved = load_file(saved_at)
-        meta = json.loads(saved_at.with_suffix(".json").read_text())
         sets = {data: {split: (saved[f"{key}/{split}_pos"].to(device), saved[f"{key}/{split}_neg"].to(device))
                        for split in ("train", "test")} for data, key in meta["keys"].items()}  # fmt: skip
         return sets, f"{meta['source']} (saved on the CPU, {saved_at.name})"

@@ -126,6 +126,8 @@ def test_p_value_matches_scipy_welch_test_for_unequal_sizes_and_one_constant_cla
     e0 = torch.tensor([1.0, 0.0, 0.0, 0.0])
     expected = scipy.stats.ttest_ind(pos[:, 0].numpy(), neg[:, 0].numpy(), equal_var=False).pvalue
     assert p_value(e0, pos, neg) == pytest.approx(expected, rel=1e-9)
+    for scale in (1e-150, 1e150):  # float64 activations far from 1: the same p-value, no under/overflow
+        assert p_value(e0, pos * scale, neg * scale) == pytest.approx(expected, rel=1e-9)
 
 
 def test_degenerate_spread_gives_no_nan():

@@ -166,7 +166,11 @@ class ActivationCapture:
 
     def get(self, name: str, concat: bool = True) -> torch.Tensor | list[torch.Tensor]:
         """The activations stored under ``name``: joined (see the module docs) or, with ``concat=False``,
-        the list of chunks in the order the hooks saw them."""
+        the list of chunks in the order the hooks saw them.
+
+        The result is host memory of its own when chunks were joined, or when a single chunk under 256 KiB
+        is copied out of the slab it shares (``_HostSlabs``); a larger single chunk is returned as stored, a
+        piece of a slab that it keeps alive."""
         if name not in self._store:
             raise KeyError(
                 f"no activations captured under {name!r}; captured: {short_list(self._store)}"

@@ -185,9 +185,12 @@ def read_shards(out_dir: str | Path, split: str, layer_index: int | None = None)
     folders = _done_folders(Path(out_dir) / "shards", split)
     if not folders:
         raise FileNotFoundError(f"no {split} shards in {Path(out_dir) / 'shards'}; run with spill=True")
-    if not any(folders[0].glob("batch_*.safetensors")):
-        raise FileNotFoundError(f"the shards in {folders[0].parent} hold no activations; run with spill=True")
-    files = [path for folder in folders for path in sorted(folder.glob("batch_*.safetensors"))]
+    files = []
+    for folder in folders:
+        batches = sorted(folder.glob("batch_*.safetensors"))
+        if not batches:
+            raise FileNotFoundError(f"the shard {folder} holds no activations; run with spill=True")
+        files += batches
     return _read_spilled_files(files, layer_index)
 
 

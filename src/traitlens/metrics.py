@@ -89,7 +89,8 @@ def _welch_p(pos_s: torch.Tensor, neg_s: torch.Tensor) -> float:
     if a + b == 0:
         return 1.0 if diff == 0 else 0.0
     t = diff / math.sqrt(a + b)
-    dof = (a + b) ** 2 / (a**2 / (n_pos - 1) + b**2 / (n_neg - 1))
+    share = a / (a + b)  # in this scale-free form the degrees of freedom neither under- nor overflow
+    dof = 1.0 / (share**2 / (n_pos - 1) + (1.0 - share) ** 2 / (n_neg - 1))
     return float(2 * stdtr(dof, -abs(t)))
 
 
@@ -177,9 +178,10 @@ def effect_size(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Te
 def p_value(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Tensor) -> float:
     """Two-sided p-value of Welch's t-test (unequal variances) between the two sets of projections.
 
-    Uses ``scipy.stats.ttest_ind(..., equal_var=False)``; scipy is imported only when this runs (extra
-    ``traitlens[sklearn]``). If both classes have zero spread, returns 1.0 for equal means and 0.0
-    otherwise (where scipy gives NaN). Needs at least 2 examples per class.
+    Equals ``scipy.stats.ttest_ind(..., equal_var=False).pvalue``: the statistic and Welch-Satterthwaite
+    degrees of freedom are computed here, the Student t tail by ``scipy.special.stdtr``; scipy is imported
+    only when this runs (extra ``traitlens[sklearn]``). If both classes have zero spread, returns 1.0 for
+    equal means and 0.0 otherwise (where scipy gives NaN). Needs at least 2 examples per class.
 
     Args:
         vector: ``[hidden]``.
