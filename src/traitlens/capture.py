@@ -17,10 +17,10 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
 
 Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). Every chunk stored in
 host memory is a copy the capture owns (mostly pieces of larger slabs; see ``_HostSlabs``), so a later hook
-that edits the module's output in place does not change it. From a GPU, hooks never wait for the host: a chunk is copied
-into pinned memory with ``non_blocking=True``, large chunks on a side CUDA stream (after a snapshot on the
-GPU) so that the copy overlaps the rest of the forward pass, small ones (decode steps, last tokens) in
-stream order, which costs the host less; ``get`` waits for the copies once. With ``device=None`` on a GPU,
+that edits the module's output in place does not change it. From a GPU, hooks never wait for the host: a
+chunk is copied into pinned memory with ``non_blocking=True``, large chunks on a side CUDA stream (after a
+snapshot on the GPU) so that the copy overlaps the rest of the forward pass, small ones (decode steps, last
+tokens) in stream order, which costs the host less; ``get`` waits for the copies once. With ``device=None`` on a GPU,
 the stored chunk is the module's output tensor itself, as with ``output_hidden_states``.
 """
 
