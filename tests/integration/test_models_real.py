@@ -15,6 +15,8 @@ def test_cold_cache_then_warm_cache_give_the_gguf_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cold, tokenizer = models.load_model()  # converts the GGUF file and writes the cache
     assert (tmp_path / "smollm2-135m-instruct-v1" / "model.safetensors").is_file()
+    stamp = (tmp_path / "smollm2-135m-instruct-v1" / "source.json").read_text()
+    assert str(models.bundled_gguf_path().parent) not in stamp  # valid for any environment with this file
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
     warm, _ = models.load_model()  # reads the cache
     gguf = models.bundled_gguf_path()
