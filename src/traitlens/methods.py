@@ -241,10 +241,9 @@ def _fit_logistic_torch(
     """Fit ``w [hidden]``, ``b`` on ``z [n, hidden]``, labels ``y [n]`` in {0, 1}; sklearn's objective / (C n).
 
     Smooth (``l1_ratio == 0``): L-BFGS (``_lbfgs``). Otherwise FISTA (Beck & Teboulle 2009) with
-    backtracking on the step, which may also grow again (a heuristic: the momentum is not adjusted for it
-    as in Scheinberg, Goldfarb & Bai 2014; adaptive restart keeps it in check), and adaptive momentum
-    restart (O'Donoghue & Candès 2015); the L1 part is applied by soft-thresholding. Returns ``(w,
-    b, iterations, converged)``.
+    backtracking on the step, which may also grow again (a heuristic: unlike Scheinberg, Goldfarb & Bai
+    2014, the momentum is not adjusted for it), and adaptive momentum restart (O'Donoghue & Candès 2015);
+    the L1 part is applied by soft-thresholding. Returns ``(w, b, iterations, converged)``.
     """
     n, hidden = z.shape
     l2 = (1.0 - l1_ratio) / (C * n)
