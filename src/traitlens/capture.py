@@ -20,8 +20,9 @@ host memory is a copy the capture owns (mostly pieces of larger slabs; see ``_Ho
 that edits the module's output in place does not change it. From a GPU, hooks never wait for the host: a
 chunk is copied into pinned memory with ``non_blocking=True``, large chunks on a side CUDA stream (after a
 snapshot on the GPU) so that the copy overlaps the rest of the forward pass, small ones (decode steps, last
-tokens) in stream order, which costs the host less; ``get`` waits for the copies once. With ``device=None`` on a GPU,
-the stored chunk is the module's output tensor itself, as with ``output_hidden_states``.
+tokens) in stream order, which costs the host less; ``get`` waits for the copies once. With
+``device=None`` on a GPU, the stored chunk is the module's output tensor itself, as with
+``output_hidden_states``.
 """
 
 from __future__ import annotations
@@ -122,19 +123,19 @@ class ActivationCapture:
         target = x.device if self.device is None else self.device
         if target.type == "cpu" and x.device.type == "cuda":
             x = x if self.dtype is None else x.to(self.dtype)  # cast on the GPU: fewer bytes to move
-            x = self._copy_to_host(x, snapshot=_shares_memory(x, activations))
+            x = self._copy_to_host(x, source=activations)
         elif target.type == "cpu":  # copied (and cast) into memory the capture owns; see _HostSlabs
             x = self._host.empty(x.shape, self.dtype or x.dtype).copy_(x)
         else:
             x = x.to(device=target, dtype=self.dtype)
         self._store.setdefault(name, []).append(x)
 
-    def _copy_to_host(self, x: torch.Tensor, snapshot: bool) -> torch.Tensor:
+    def _copy_to_host(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Start copying ``x`` into pinned host memory without a host sync; ``get`` waits for it.
 
         A chunk under ``SIDE_STREAM_BYTES`` (a decode step, a last token) is copied in stream order: that
-        costs the host least, and the GPU a few microseconds. A larger one is snapshotted (if it is the
-        module's own output) and copied on a side stream that waits for the compute stream, so that the
+        costs the host least, and the GPU a few microseconds. A larger one is snapshotted (if it is still the
+        module's own output ``source``, not a selection or cast of it) and copied on a side stream that waits for the compute stream, so that the
         copy overlaps the rest of the forward pass.
         """
         buffer = self._pinned.empty(x.shape, x.dtype)
@@ -142,7 +143,7 @@ class ActivationCapture:
             buffer.copy_(x, non_blocking=True)
             self._pending.add(x.device)
             return buffer
-        if snapshot:  # the module's own output: copy it now, in stream order, before anything edits it
+        if _shares_memory(x, source):  # the module's own output: copy it now, before anything edits it
             x = x.clone()
         if x.device not in self._side:
             self._side[x.device] = (torch.cuda.Stream(x.device), torch.cuda.Event())
