@@ -534,7 +534,7 @@ def residual_norms(
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True)
             model(**{k: v.to(device) for k, v in batch.items()})
-            real = batch["attention_mask"].bool()
+            real = batch["attention_mask"].bool()  # on the CPU, where each layer's norms go once
             for values in norms.values():
-                values[-1] = values[-1][real.to(values[-1].device)].cpu()
+                values[-1] = values[-1].cpu()[real]
     return {i: float(torch.quantile(torch.cat(v).double(), 0.5)) for i, v in norms.items()}
