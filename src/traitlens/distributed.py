@@ -180,18 +180,14 @@ def distributed_activations(
 def read_shards(out_dir: str | Path, split: str, layer_index: int | None = None):
     """The spilled activations of one split from ``out_dir/shards``, in dataset order: ``(pos, neg)``,
     each ``[layer, n, hidden]``, or ``[n, hidden]`` of one layer (its index among the extracted layers)."""
-    from traitlens.pipeline import _read_spilled_files
+    from traitlens.pipeline import read_spilled
 
     folders = _done_folders(Path(out_dir) / "shards", split)
     if not folders:
         raise FileNotFoundError(f"no {split} shards in {Path(out_dir) / 'shards'}; run with spill=True")
-    files = []
-    for folder in folders:
-        batches = sorted(folder.glob("batch_*.safetensors"))
-        if not batches:
-            raise FileNotFoundError(f"the shard {folder} holds no activations; run with spill=True")
-        files += batches
-    return _read_spilled_files(files, layer_index)
+    if not any(folders[0].glob("batch_*.safetensors")):
+        raise FileNotFoundError(f"the shards in {folders[0].parent} hold no activations; run with spill=True")
+    return read_spilled(folders, layer_index)
 
 
 # --------------------------------------------------------------------------------------------------------

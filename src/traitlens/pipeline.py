@@ -129,22 +129,23 @@ def stream_statistics(
     return stats
 
 
-def read_spilled(folder: str | Path, layer_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def read_spilled(
+    folder: str | Path | Sequence[str | Path], layer_index: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pos, neg)`` from the files that ``stream_statistics(spill_to=folder)`` wrote, each file read once:
     ``[layer, n, hidden]``, or ``[n, hidden]`` of one layer (its index among the spilled layers), in which
-    case only that layer's slices are read from disk."""
-    files = sorted(Path(folder).glob("batch_*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"no batch_*.safetensors files in {folder}; run stream_statistics(spill_to=...)"
-        )
-    return _read_spilled_files(files, layer_index)
-
-
-def _read_spilled_files(files: Sequence[Path], layer_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``read_spilled`` of the given batch files, in order, joined in one concatenation per side."""
+    case only that layer's slices are read from disk. ``folder`` may also be several such folders, read in
+    order as one (the shards of a distributed run), joined in one concatenation per side."""
     from safetensors import safe_open
 
+    files = []
+    for one in [folder] if isinstance(folder, (str, Path)) else folder:
+        batches = sorted(Path(one).glob("batch_*.safetensors"))
+        if not batches:
+            raise FileNotFoundError(
+                f"no batch_*.safetensors files in {one}; run stream_statistics(spill_to=...)"
+            )
+        files += batches
     parts: dict[str, list[torch.Tensor]] = {"pos": [], "neg": []}
     for path in files:
         with safe_open(path, framework="pt") as f:
