@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from traitlens._plot import figure
 from traitlens.capture import output_tensor
 from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager, input_device
@@ -130,16 +131,12 @@ def plot_dose_response(rows: Sequence[dict], path: str | os.PathLike, *, title: 
 
     Left: mean trait projection against the coefficient; right: perplexity (log scale).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not rows:
         raise ValueError("rows is empty; pass the result of dose_response(...)")
     rows = sorted(rows, key=lambda row: row["coeff"])
     coeffs = [row["coeff"] for row in rows]
-    figure = Figure(figsize=(9, 3.6), layout="constrained")
-    FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
+    fig = figure((9, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
     left.plot(coeffs, [row["projection"] for row in rows], marker="o")
     left.set(xlabel="coefficient", ylabel="mean projection of generated tokens", title="trait expression")
     right.plot(coeffs, [row["perplexity"] for row in rows], marker="o", color="tab:red")
@@ -148,9 +145,9 @@ def plot_dose_response(rows: Sequence[dict], path: str | os.PathLike, *, title: 
         axes.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
         axes.grid(alpha=0.3)
     if title:
-        figure.suptitle(title)
+        fig.suptitle(title)
     path = Path(path)
-    figure.savefig(path, format="png", dpi=120)
+    fig.savefig(path, format="png", dpi=120)
     return path
 
 

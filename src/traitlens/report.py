@@ -14,26 +14,16 @@ from pathlib import Path
 
 import torch
 
+from traitlens._plot import figure
 from traitlens.compute import cosine_similarity, projection
 from traitlens.dataset import ContrastiveDataset
 from traitlens.monitor import token_heatmap_html, token_projections
 from traitlens.pipeline import CHANCE_BAND, CONTROL, ExtractionResult
 
 
-def _figure(figsize: tuple[float, float]):
-    """A matplotlib ``Figure`` on the Agg canvas, made outside pyplot: the caller's backend (a notebook's
-    inline one, say) and pyplot's list of open figures stay as they were."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=figsize, layout="tight")
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def plot_layers(result: ExtractionResult, path: Path) -> Path:
     """Validation accuracy and AUROC by layer, one line per method."""
-    fig = _figure((12, 4))
+    fig = figure((12, 4))
     axes = fig.subplots(1, 2, sharex=True)
     for ax, key in zip(axes, ("accuracy", "auroc"), strict=True):
         for method in result.methods:
@@ -55,7 +45,7 @@ def plot_histogram(result: ExtractionResult, path: Path) -> Path:
     i = result.index(result.best_layer)
     vector = result.vectors[result.best_method][i]
     pos, neg = (projection(acts[i], vector) for acts in result.activations["test"])
-    fig = _figure((7, 4))
+    fig = figure((7, 4))
     ax = fig.subplots()
     bins = torch.linspace(float(min(pos.min(), neg.min())), float(max(pos.max(), neg.max())), 25).tolist()
     ax.hist(pos.tolist(), bins=bins, alpha=0.6, label="positive", color="tab:red")
@@ -76,7 +66,7 @@ def plot_cosines(result: ExtractionResult, path: Path) -> Path:
     i = result.index(result.best_layer)
     stacked = torch.stack([result.vectors[m][i] for m in result.methods])
     matrix = cosine_similarity(stacked.unsqueeze(1), stacked.unsqueeze(0))
-    fig = _figure((6, 5))
+    fig = figure((6, 5))
     ax = fig.subplots()
     image = ax.imshow(matrix.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
     ax.set_xticks(range(len(result.methods)), result.methods, rotation=45, ha="right")
