@@ -74,11 +74,9 @@ def check(device: torch.device, n_batches: int) -> list[str]:
         launched = time.perf_counter() - start
     for i in range(n_layers):
         _exact(capture.get(str(i)), torch.cat(kept[i]).cpu(), f"{n_batches} batches, layer {i}")
-    captured = sum(
-        c.numel() * c.element_size() for i in range(n_layers) for c in capture.get(str(i), concat=False)
-    )
-    slabs = {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for i in range(n_layers)
-             for c in capture.get(str(i), concat=False)}  # fmt: skip
+    chunks = [c for i in range(n_layers) for c in capture.get(str(i), concat=False)]
+    captured = sum(c.numel() * c.element_size() for c in chunks)
+    slabs = {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for c in chunks}
     report.append(
         f"{n_batches} batches x {n_layers} layers with no sync until get: equal bit for bit "
         f"(host loop {launched:.2f} s); {captured / 2**20:.0f} MiB captured in {len(slabs)} slabs of "
@@ -115,12 +113,11 @@ def check(device: torch.device, n_batches: int) -> list[str]:
         hidden = model(
             input_ids=out[:, :-1], attention_mask=full_mask[:, :-1], output_hidden_states=True
         ).hidden_states
-    worst = 0.0
+    worst, real = 0.0, full_mask[:, :-1].bool().cpu()
     for i in range(n_layers - 1):
         got, want = capture.get(str(i)), hidden[i + 1].cpu()
         if got.shape != want.shape:
             raise AssertionError(f"generate, layer {i}: shape {tuple(got.shape)} vs {tuple(want.shape)}")
-        real = full_mask[:, :-1].bool().cpu()
         rel = ((got - want)[real].norm() / want[real].norm()).item()
         worst = max(worst, rel)
     if worst > 1e-4:
