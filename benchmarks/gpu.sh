@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU part of issue #5 as one prepared run on the lent GPU machine (see docs/benchmarks.md):
-# correctness of capture's GPU path first, then the suite, then the hook-overhead diagnostic. Writes into
+# correctness of capture's GPU path first (and no host sync in hooks), then the suite, then two diagnostics
+# of host time (a profile of the capture cases inside real passes, the cost of one hook call). Writes into
 # $OUT (default: ./gpu-out). On an H200 the check took ~30 s and the suite ~4 min without nnsight; with
 # nnsight it ran past 320 s (SUITE_TIMEOUT), and 10 rounds of the generation cases (5 then) add about a
 # minute, so give a whole run at least 9 minutes.
@@ -30,4 +31,5 @@ acts=()
 [ -f .gpu/method_acts.safetensors ] && acts=(--method-activations .gpu/method_acts.safetensors)
 timeout "${SUITE_TIMEOUT:-450}" python3 benchmarks/run.py --device cuda "${acts[@]}" --out "$OUT/benchmarks.md" \
   --json "$OUT/gpu.json" 2>&1 | tee "$OUT/run_log.txt"
-timeout 90 python3 benchmarks/hook_overhead.py 2>&1 | tee "$OUT/hook_overhead.txt"
+timeout 60 python3 benchmarks/host_profile.py 2>&1 | grep -v "^USDT" | tee "$OUT/host_profile.txt"
+timeout 60 python3 benchmarks/hook_overhead.py 2>&1 | tee "$OUT/hook_overhead.txt"

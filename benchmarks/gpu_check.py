@@ -1,10 +1,12 @@
 """Correctness of capture's GPU path, run on the GPU machine before the GPU benchmarks (issue #5).
 
-On a CUDA device, ``ActivationCapture()`` snapshots each output on the GPU and copies it into pinned host
-memory on a side stream, without host syncs; this checks that what comes back is exactly what the model
-computed, under many copies in flight, after later in-place edits, and during ``generate``, and how much
-pinned memory the slabs take per captured byte. It runs on a CPU too (``--device cpu``), where the copies
-are plain ones (and CPU slabs are 256 MiB of mostly untouched virtual memory, so their ratio means nothing).
+On a CUDA device, ``ActivationCapture()`` copies each output into pinned host memory asynchronously (large
+ones from a snapshot on a side stream), without host syncs; this checks that what comes back is exactly
+what the model computed, under many copies in flight, after later in-place edits, and during ``generate``;
+how much pinned memory the slabs take per captured byte; and, with CUDA's sync debug mode set to raise,
+that no capture or steering hook makes the host wait for the GPU. It runs on a CPU too (``--device cpu``,
+without the last check), where the copies are plain ones (and CPU slabs are 256 MiB of mostly untouched
+virtual memory, so their ratio means nothing).
 
     python benchmarks/gpu_check.py                 # cuda
     python benchmarks/gpu_check.py --device cpu
@@ -18,7 +20,15 @@ import time
 import torch
 from bench_cases import build_model
 
-from traitlens import ActivationCapture, HookManager, decoder_layer_paths, last_token_index, output_tensor
+from traitlens import (
+    ActivationCapture,
+    HookManager,
+    decoder_layer_paths,
+    last_token_index,
+    output_tensor,
+    select_positions,
+)
+from traitlens.steering import steer
 
 
 def _exact(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -125,7 +135,72 @@ def check(device: torch.device, n_batches: int) -> list[str]:
     report.append(
         f"generate (8 new tokens, left padding): every layer equals a forward pass (rel. error <= {worst:.1e})"
     )
+    if device.type == "cuda":
+        report.append(_no_sync_in_hooks(model, paths, ids, mask))
     return report
+
+
+def _strict_hooks(model: torch.nn.Module) -> None:
+    """Run every forward (pre-)hook now on ``model`` under CUDA's sync debug mode "error": a host sync
+    inside one of them (``.item()``, a blocking copy, ``synchronize``) raises instead of passing silently."""
+
+    def strict(hook):
+        def run(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return run
+
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in hooks:
+                hooks[key] = strict(hooks[key])
+
+
+def _no_sync_in_hooks(model, paths, ids: torch.Tensor, mask: torch.Tensor) -> str:
+    """5. No hook of traitlens waits for the GPU: capture (both copy paths, a cast, positions given as
+    indices or weights on the host or on the GPU), per-token capture in ``generate``, and steering at given
+    token indices during ``generate``."""
+    cpu_mask = mask.cpu()
+    weights = select_positions("prompt_mean", cpu_mask)
+    cases = {
+        "full sequence": {},
+        "bf16": {"dtype": torch.bfloat16},
+        "last token, index on the GPU": {"positions": last_token_index(mask)},
+        "last token, index on the host": {"positions": last_token_index(cpu_mask)},
+        "prompt mean, weights on the host": {"positions": weights},
+    }
+    big = torch.randint(3, model.config.vocab_size, (16, 64), device=ids.device)
+    for name, kwargs in cases.items():
+        for batch, batch_mask in ((ids, mask), (big, torch.ones_like(big))):
+            if "positions" in kwargs and batch is big:
+                continue
+            capture = ActivationCapture(**kwargs)
+            with torch.no_grad(), HookManager(model) as hooks:
+                for i, path in enumerate(paths):
+                    hooks.add_forward_hook(path, capture.make_hook(str(i)))
+                _strict_hooks(model)
+                try:
+                    model(input_ids=batch, attention_mask=batch_mask)
+                except RuntimeError as err:
+                    raise AssertionError(f"capture, {name}, {tuple(batch.shape)}: {err}") from err
+            capture.get("0")
+    capture = ActivationCapture()
+    v = torch.randn(model.config.hidden_size)
+    with torch.no_grad(), steer(model, v, layer=[3, 7], coeff=2.0, positions=[0, 34, 36]) as handle:
+        for i, path in enumerate(paths):
+            handle.hooks.add_forward_hook(path, capture.make_hook(str(i)))
+        _strict_hooks(model)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                       do_sample=False, pad_token_id=0)  # fmt: skip
+    capture.get("0")
+    return (
+        f"no host sync inside any hook (torch.cuda sync debug mode 'error'): capture of {len(cases)} kinds, "
+        "small and large chunks; generate with per-token capture and steering at token indices"
+    )
 
 
 def main(argv=None) -> None:

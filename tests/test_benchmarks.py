@@ -59,3 +59,14 @@ def test_quick_run_writes_every_row(tmp_path):
     results = json.loads(raw.read_text())
     bare = results["models"][0]["times"]["bare"]
     assert len(bare) == 2 and all(t > 0 for t in bare)
+
+
+def test_host_profile_runs_on_the_cpu(capsys):
+    """The GPU run's host-time diagnostic, smoke-tested here so that it cannot waste a GPU session."""
+    import host_profile
+
+    host_profile.main(["--device", "cpu", "--model", "tiny", "--new-tokens", "2", "--rows", "3"])
+    out = capsys.readouterr().out
+    for key in ("bare", "tl_cpu", "tl_last", "gen_plain", "gen_tl"):
+        assert f"== {key}: " in out
+    assert "cudaStreamSynchronize" in out.splitlines()[-len(host_profile.WATCHED)]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from traitlens.positions import POSITION_RULES, apply_selector, last_token_index, select_positions
+from traitlens.positions import POSITION_RULES, apply_selector, last_token_index, select_positions, to_device
 
 # Two rows, seq 6. Row 0 right-padded: prompt 0-2, response 3-4, pad 5. Row 1 left-padded: pad 0-1,
 # prompt 2-3, response 4-5.
@@ -59,3 +59,9 @@ def test_selector_shapes_and_errors():
         apply_selector(HIDDEN, [0, 1])
     with pytest.raises(ValueError, match=r"\[batch, seq, hidden\]"):
         apply_selector(HIDDEN[0], 0)
+
+
+def test_to_device_leaves_a_tensor_already_there_alone():
+    index = torch.tensor([1, 2])
+    assert to_device(index, "cpu") is index
+    assert to_device(index, torch.device("meta")).device.type == "meta"

@@ -90,6 +90,25 @@ def test_given_indices_are_steered_and_others_untouched(tiny):
     assert torch.equal(out[~chosen], raw[~chosen])
 
 
+def test_indices_set_again_on_an_intervention_take_effect(tiny):
+    """The index positions are moved to the device once and kept; setting new ones must not reuse them."""
+    family, model = tiny
+    v, ids = _vector(), _ids()
+    tracker = SequenceTracker()
+    intervention = add_vector(v, COEFF, positions=[1], tracker=tracker)
+    capture = ActivationCapture(device=None)
+    with HookManager(model) as hooks:
+        tracker.attach(hooks)
+        hooks.add_forward_hook(layer_path(family, LAYER), intervention)
+        hooks.add_forward_hook(layer_path(family, LAYER), capture.make_hook("h"))
+        model(input_ids=ids)
+        intervention.positions = torch.tensor([4])
+        model(input_ids=ids)
+    first, second = capture.get("h", concat=False)
+    moved = (first - second).abs().amax(dim=(0, 2))  # [seq]: where the two passes differ
+    assert moved.nonzero().flatten().tolist() == [1, 4]
+
+
 @pytest.mark.parametrize("positions", ["all", [0, 3]])
 def test_ablation_removes_the_component_at_selected_positions(tiny, positions):
     family, model = tiny

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from traitlens._validation import did_you_mean, short_list
-from traitlens.positions import apply_selector
+from traitlens.positions import apply_selector, to_device
 
 
 def output_tensor(output: object) -> torch.Tensor:
@@ -104,7 +104,7 @@ class ActivationCapture:
         dtype = hidden.dtype if selector.is_floating_point() else selector.dtype
         key = (hidden.device, dtype)
         if key not in self._selector_on:
-            self._selector_on[key] = selector.to(device=hidden.device, dtype=dtype)
+            self._selector_on[key] = to_device(selector, hidden.device).to(dtype)
         return self._selector_on[key]
 
     def make_hook(self, name: str) -> Callable:

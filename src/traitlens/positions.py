@@ -89,7 +89,7 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
     if not isinstance(selector, torch.Tensor):
         raise TypeError(f"positions must be None, an int, a slice or a tensor, got {type(selector).__name__}")
     batch, seq, width = hidden.shape
-    selector = selector.to(hidden.device, non_blocking=True)
+    selector = to_device(selector, hidden.device)
     if selector.is_floating_point():
         if selector.shape != (batch, seq):
             raise ValueError(
@@ -103,6 +103,21 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
     index = selector.view(batch, -1, 1).expand(-1, -1, width)
     picked = hidden.gather(1, index)  # [batch, k, hidden]
     return picked.squeeze(1) if selector.ndim == 1 else picked
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` (a selector, position indices) on ``device``, without making the host wait for a GPU.
+
+    PyTorch copies ordinary host memory to a GPU blocking, after the work queued on the GPU's stream, which
+    inside a hook would stall the forward pass; ``x`` goes through pinned memory with an asynchronous copy
+    instead.
+    """
+    device = torch.device(device)
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _check_mask(mask: object, name: str) -> torch.Tensor:

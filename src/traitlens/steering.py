@@ -47,6 +47,7 @@ import torch
 from traitlens._validation import check_choice, check_vector, shape_of, short_list
 from traitlens.capture import output_tensor
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, resolve_module
+from traitlens.positions import to_device
 
 POSITIONS = ("all", "prompt", "generated")
 OPERATIONS = ("add", "ablate", "clamp")
@@ -228,6 +229,7 @@ class Intervention:
             raise TypeError(f"tracker must be a SequenceTracker, got {type(tracker).__name__}")
         self.tracker = tracker
         self._cast: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
+        self._index_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, module: torch.nn.Module, args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else output
@@ -244,7 +246,10 @@ class Intervention:
             )
         chosen = None
         if self.tracker is not None:
-            chosen = self.tracker.select(self.positions, hidden.shape[0], hidden.shape[1], hidden.device)
+            positions, step = self.positions, self.tracker.step
+            if isinstance(positions, torch.Tensor) and step is not None:
+                positions = self._positions_on(step.index.device)
+            chosen = self.tracker.select(positions, hidden.shape[0], hidden.shape[1], hidden.device)
         steered = self._apply(hidden)
         if chosen is not None:
             steered = torch.where(chosen.unsqueeze(-1), steered, hidden)
@@ -268,8 +273,16 @@ class Intervention:
         """``scale * vector`` on ``device`` in ``dtype``, made once per (device, dtype, scale)."""
         key = (device, dtype, scale)
         if key not in self._cast:
-            self._cast[key] = (scale * self.vector).to(device=device, dtype=dtype)
+            self._cast[key] = to_device(scale * self.vector, device).to(dtype)
         return self._cast[key]
+
+    def _positions_on(self, device: torch.device) -> torch.Tensor:
+        """The position indices on ``device``, copied once per device and setting of ``positions``: a copy from
+        host memory in every hook call would make each call wait for the GPU."""
+        cached = self._index_on.get(device)
+        if cached is None or cached[0] is not self.positions:
+            cached = self._index_on[device] = (self.positions, to_device(self.positions, device))
+        return cached[1]
 
     def __repr__(self) -> str:
         value = "" if self.op == "ablate" else f", {'coeff' if self.op == 'add' else 'value'}={self.value:g}"

@@ -1,0 +1,83 @@
+"""Where the host time of the capture cases goes inside a real forward pass (issue #5 diagnostics).
+
+``hook_overhead.py`` times hook calls in a tight loop; on the H200 (code at 3b8f6eb) it put a small chunk's
+store at 69 us, while the suite's cases of the 135M shape cost about 300 us more per hook call than the bare
+pass. This runs one batch of each chosen case of the suite's workload under ``torch.profiler`` and prints,
+next to the bare case, the operations and CUDA runtime calls with the most host time, and how often each
+case calls the CUDA runtime functions that can cost the host most (synchronisations, pinned allocations,
+event queries). Counts are exact; times include the profiler's own overhead.
+
+    python benchmarks/host_profile.py                       # cuda, SmolLM2-135M shape, bf16
+    python benchmarks/host_profile.py --device cpu --model tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from bench_cases import CASE_BY_KEY, make_workload
+from torch.profiler import ProfilerActivity, profile
+
+WATCHED = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaHostAlloc",
+    "cudaEventQuery",
+    "cudaEventRecord",
+    "cudaStreamWaitEvent",
+    "cudaMemcpyAsync",
+    "cudaLaunchKernel",
+)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model", default="smollm2-135m-shape")
+    parser.add_argument("--cases", default="bare,tl_cpu,tl_last,gen_plain,gen_tl")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=12, help="rows of each table")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    w = make_workload(
+        args.model, args.device, torch.bfloat16 if cuda else torch.float32, n_prompts=16, batch_size=16,
+        seq_len=512 if cuda else 32, gen_prompts=16, gen_batch_size=16, gen_prompt_len=512 if cuda else 32,
+        new_tokens=args.new_tokens,
+    )  # fmt: skip
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    print(f"host_profile on {name}, torch {torch.__version__}: {w.describe()}", flush=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    counts: dict[str, dict[str, int]] = {}
+    with torch.no_grad():
+        for key in args.cases.split(","):
+            case = CASE_BY_KEY[key]
+            for _ in range(2):  # warm: allocator caches, pinned blocks, kernels
+                case.run(w)
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            case.run(w)
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            with profile(activities=activities) as prof:
+                case.run(w)
+                if cuda:
+                    torch.cuda.synchronize(device)
+            rows = prof.key_averages()
+            counts[key] = {e.key: e.count for e in rows if e.key in WATCHED}
+            print(f"\n== {key}: {case.label}\n   one run {seconds * 1e3:.1f} ms unprofiled", flush=True)
+            print(rows.table(sort_by="self_cpu_time_total", row_limit=args.rows), flush=True)
+    keys = list(counts)
+    print("\ncalls per run of the watched CUDA runtime functions")
+    print(f"{'':24s}" + "".join(f"{k:>12s}" for k in keys))
+    for fn in WATCHED:
+        print(f"{fn:24s}" + "".join(f"{counts[k].get(fn, 0):12d}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
