@@ -95,6 +95,64 @@ def test_generate_with_left_padding_matches_forward_on_real_tokens():
     torch.testing.assert_close(got[real], reference.get("layer_2")[real], rtol=1e-4, atol=1e-5)
 
 
+def _generate_capture(capture, prompt, mask, new_tokens=3):
+    model = make_tiny_model("qwen2")
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook("model.layers.2", capture.make_hook("l2"))
+        with torch.no_grad():
+            seq = model.generate(
+                prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+    return model, seq
+
+
+@pytest.mark.parametrize("positions", [-1, slice(-1, None)])
+def test_a_position_per_pass_in_generate_comes_back_in_step_order(positions):
+    """With a selector, the prompt pass and each decode step give one position each: they must be joined
+    along the sequence ([batch, passes, hidden]), not stacked as more examples along batch."""
+    prompt = torch.tensor([[0, 0, 5, 17], [4, 8, 15, 16]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    capture = ActivationCapture(positions=positions)
+    model, seq = _generate_capture(capture, prompt, mask)
+    got = capture.get("l2")
+    assert got.shape == (2, 1 + 2, TINY_HIDDEN)  # the last prompt token, then the 2 decode steps
+    full_mask = torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], dim=1)
+    reference, _ = _capture_layers(model, "qwen2", input_ids=seq[:, :-1], attention_mask=full_mask)
+    torch.testing.assert_close(got, reference.get("layer_2")[:, 3:], rtol=1e-4, atol=1e-5)
+
+
+def test_an_index_made_for_the_prompt_refuses_the_decode_steps_of_generate():
+    prompt = torch.tensor([[0, 0, 5, 17], [4, 8, 15, 16]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    capture = ActivationCapture(positions=last_token_index(mask))  # index 3 does not exist in a step
+    with pytest.raises(ValueError, match=r"passes of 4 positions.*a pass of 1 \(a decode step.*e.g. -1"):
+        _generate_capture(capture, prompt, mask)
+
+
+def test_a_selected_position_kept_on_the_device_is_a_copy_not_a_view_of_the_whole_output():
+    """With ``device=None`` off the CPU (a GPU; here the meta device, which needs no GPU), an int or slice
+    selection is a view: stored as is, it would keep the whole ``[batch, seq, hidden]`` output alive."""
+    output = torch.empty(2, 5, 8, device="meta")
+    for positions in (-1, slice(-2, None)):
+        capture = ActivationCapture(device=None, positions=positions)
+        capture.store("x", output)
+        chunk = capture.get("x")
+        assert chunk.device.type == "meta" and chunk.untyped_storage().nbytes() == chunk.nbytes
+
+
+def test_weighted_positions_average_bf16_activations_in_float32():
+    torch.manual_seed(0)
+    hidden = (torch.randn(2, 33, 64) * 4 + 10).to(torch.bfloat16)
+    weights = torch.ones(2, 33) / 33  # 1/33 is not a bf16 number
+    capture = ActivationCapture(device=None, positions=weights)
+    capture.store("x", hidden)
+    got = capture.get("x")
+    want = hidden.double().mean(dim=1)
+    assert got.dtype == torch.float32
+    assert float(((got.double() - want).abs() / want.abs()).max()) < 1e-6
+
+
 def test_tuple_output_takes_first_element_not_batch_row():
     model = make_tiny_model("llama")
     capture = ActivationCapture()
@@ -196,9 +254,11 @@ def test_host_slabs_hand_out_disjoint_aligned_views_that_outlive_the_allocator()
         assert bool((piece == i + 1).all())
     storage = [p.untyped_storage() for p in pieces]
     assert storage[0].nbytes() == 60 and storage[5].nbytes() == 12  # small chunks: their own allocations
-    assert storage[1].data_ptr() == storage[2].data_ptr()  # 0.5 MiB + 0.5 MiB fill the first 1 MiB slab
-    # the 2.4 MB chunk opened a 4 MiB slab, and the 256 KiB one after it went into that slab's free tail
-    assert storage[3].nbytes() == 1 << 22 and storage[3].data_ptr() == storage[4].data_ptr()
+    # the 0.5 MiB chunk opened a slab for four of its size (2 MiB); the next 0.5 MiB went in with it
+    assert storage[1].nbytes() == 1 << 21 and storage[1].data_ptr() == storage[2].data_ptr()
+    # the 2.4 MB chunk did not fit the 1 MiB left: it opened a 16 MiB slab (4 x 2.4 MB, rounded up to a
+    # power of two), and the 256 KiB one after it went into that slab's free tail
+    assert storage[3].nbytes() == 1 << 24 and storage[3].data_ptr() == storage[4].data_ptr()
     del slabs  # the allocator is gone; the pieces keep their slabs alive
     assert bool((pieces[2] == 3).all())
 
@@ -208,13 +268,27 @@ def test_host_slabs_grow_geometrically_up_to_the_largest_size():
 
     slabs = _HostSlabs(pin_memory=False, first=1 << 20)
     sizes = []
-    for _ in range(3):
-        piece = slabs.empty(torch.Size([1 << 20]), torch.uint8)  # fills a slab, or opens one
+    for _ in range(6):
+        piece = slabs.empty(torch.Size([1 << 18]), torch.uint8)  # 256 KiB: fills a slab, or opens one
         sizes.append(piece.untyped_storage().nbytes())
-    assert sizes == [1 << 20, 1 << 21, 1 << 21]  # the second slab has room for the third piece
+    assert sizes == [1 << 20] * 4 + [1 << 21] * 2  # four fill the first slab; the next one is twice as large
     slabs._next = _HostSlabs.LARGEST
     slabs.empty(torch.Size([(1 << 21) + 1]), torch.uint8)
     assert slabs._next == _HostSlabs.LARGEST
+
+
+def test_host_slabs_hold_several_large_chunks_each():
+    """A chunk just over half a power of two must not get a slab of its own (pinned: nearly twice the
+    memory it needs): a slab opened by a chunk holds at least four of its size."""
+    from traitlens.capture import _HostSlabs
+
+    slabs = _HostSlabs(pin_memory=False, first=1 << 20, smallest=0)
+    chunk = torch.Size([(1 << 21) + 4096])  # 2 MiB + 4 KiB: a power of two above it would be 4 MiB
+    pieces = [slabs.empty(chunk, torch.uint8) for _ in range(8)]
+    slab_of = [p.untyped_storage().data_ptr() for p in pieces]
+    assert len(set(slab_of[:7])) == 1 and slab_of[7] != slab_of[0]  # 16 MiB: seven of them, the eighth next
+    held = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in pieces}.values())
+    assert pieces[0].untyped_storage().nbytes() == 1 << 24 and held / (8 * chunk[0]) < 2.0
 
 
 def test_host_slabs_without_a_small_size_put_every_chunk_in_a_slab_as_pinned_ones_do():

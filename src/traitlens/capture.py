@@ -10,9 +10,11 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
   ``[batch, 1, hidden]`` chunk per decode step is joined along the sequence, giving
   ``[batch, prompt_len + new_tokens - 1, hidden]`` in position order (the last sampled token is never fed
   back through the model). Several ``generate`` calls of equal shape are then concatenated along batch.
-  A decode step is recognised by its shape (one position, same batch, after a longer chunk), so a prompt
-  of a single token cannot be told apart from separate one-token passes: use ``get(name, concat=False)``
-  there;
+  A decode step is recognised by its shape (a pass of one position, same batch, after a longer pass), so a
+  prompt of a single token cannot be told apart from separate one-token passes: use
+  ``get(name, concat=False)`` there. A selector applies to each pass: with ``positions=-1`` the last
+  prompt token and then each decode step's token come back as ``[batch, 1 + decode_steps, hidden]``; an
+  index or weights tensor is made for one pass length and raises on a pass of another (a decode step);
 - anything else raises a ``ValueError`` that says what to do instead.
 
 Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). Every chunk stored in
@@ -65,8 +67,10 @@ class ActivationCapture:
         dtype: dtype to store in (``None``: as produced). Casting happens on the producing device.
         positions: which positions to keep, applied on the producing device before storing (see
             ``traitlens.positions``): ``None`` (all), an ``int`` or ``slice``, a ``[batch]`` / ``[batch, k]``
-            index tensor, or ``[batch, seq]`` weights. An attribute: set it before each batch, e.g.
-            ``capture.positions = last_token_index(inputs["attention_mask"])``.
+            index tensor, or ``[batch, seq]`` weights (their weighted sums come out in float32). An
+            attribute: set it before each batch, e.g.
+            ``capture.positions = last_token_index(inputs["attention_mask"])``; a tensor selector is for
+            passes of one length, and a pass of another length raises.
     """
 
     def __init__(
@@ -81,6 +85,9 @@ class ActivationCapture:
         self.dtype = dtype
         self.positions = positions
         self._store: dict[str, list[torch.Tensor]] = {}
+        self._lengths: dict[
+            str, list[int]
+        ] = {}  # per chunk: positions in its pass before selection (0: not 3-D)
         self._side: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
         self._pending: set[torch.device] = set()
         self._pinned = _HostSlabs(pin_memory=True, first=1 << 20, smallest=0)
@@ -94,6 +101,9 @@ class ActivationCapture:
     def positions(self, selector) -> None:
         self._positions = selector
         self._selector_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # the pass length a tensor selector is for: weights say it, an index is taken from its first pass
+        weights = isinstance(selector, torch.Tensor) and selector.is_floating_point() and selector.ndim == 2
+        self._selector_len: int | None = selector.shape[1] if weights else None
 
     def _selector(self, hidden: torch.Tensor):
         """The position selector on ``hidden``'s device (and dtype, for weights): a tensor selector is
@@ -101,7 +111,17 @@ class ActivationCapture:
         selector = self._positions
         if not isinstance(selector, torch.Tensor):
             return selector
-        dtype = hidden.dtype if selector.is_floating_point() else selector.dtype
+        if hidden.ndim == 3:
+            if self._selector_len is None:
+                self._selector_len = hidden.shape[1]
+            elif hidden.shape[1] != self._selector_len:
+                raise ValueError(_selector_mismatch(self._selector_len, hidden.shape[1]))
+        # weights in float32 (float64 for float64 activations): a mean in bf16 is off by ~1e-3
+        dtype = (
+            torch.promote_types(hidden.dtype, torch.float32)
+            if selector.is_floating_point()
+            else selector.dtype
+        )
         key = (hidden.device, dtype)
         if key not in self._selector_on:
             self._selector_on[key] = to_device(selector, hidden.device).to(dtype)
@@ -119,7 +139,8 @@ class ActivationCapture:
 
     def store(self, name: str, activations: torch.Tensor) -> None:
         """Store one chunk under ``name`` (what the hooks call; also usable by hand)."""
-        x = apply_selector(activations.detach(), self._selector(activations))
+        selector = self._selector(activations)
+        x = apply_selector(activations.detach(), selector)
         target = x.device if self.device is None else self.device
         if target.type == "cpu" and x.device.type == "cuda":
             x = x if self.dtype is None else x.to(self.dtype)  # cast on the GPU: fewer bytes to move
@@ -128,7 +149,10 @@ class ActivationCapture:
             x = self._host.empty(x.shape, self.dtype or x.dtype).copy_(x)
         else:
             x = x.to(device=target, dtype=self.dtype)
+            if isinstance(selector, (int, slice)) and _shares_memory(x, activations):
+                x = x.clone()  # a view would keep the whole output alive, and see later in-place edits
         self._store.setdefault(name, []).append(x)
+        self._lengths.setdefault(name, []).append(activations.shape[1] if activations.ndim == 3 else 0)
 
     def _copy_to_host(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Start copying ``x`` into pinned host memory without a host sync; ``get`` waits for it.
@@ -183,7 +207,7 @@ class ActivationCapture:
             return list(chunks)
         if len(chunks) == 1:
             return _out_of_slab(chunks[0])
-        runs = [torch.cat(run, dim=1) if len(run) > 1 else run[0] for run in _generation_runs(chunks)]
+        runs = [_join_steps(run) for run in _generation_runs(chunks, self._lengths[name])]
         if len(runs) == 1:
             return runs[0]
         if all(run.shape[1:] == runs[0].shape[1:] for run in runs):
@@ -191,16 +215,19 @@ class ActivationCapture:
         shapes = ", ".join(str(tuple(r.shape)) for r in runs[:4]) + (", ..." if len(runs) > 4 else "")
         raise ValueError(
             f"activations under {name!r} come from {len(runs)} passes whose shapes cannot be joined along "
-            f"batch: {shapes}; use get({name!r}, concat=False) for the list of passes, call clear() between "
-            "passes, or keep fixed positions (e.g. positions=last_token_index(attention_mask))"
+            f"batch: {shapes}; use get({name!r}, concat=False) for the chunks one by one (one per forward "
+            "step), call clear() between passes, or keep a fixed number of positions per pass (e.g. "
+            "positions=last_token_index(attention_mask) with forward passes, positions=-1 with generate)"
         )
 
     def clear(self, name: str | None = None) -> None:
         """Forget everything, or only what is stored under ``name``."""
         if name is None:
             self._store.clear()
+            self._lengths.clear()
         else:
             self._store.pop(name, None)
+            self._lengths.pop(name, None)
 
     def keys(self) -> list[str]:
         return list(self._store)
@@ -250,7 +277,8 @@ class _HostSlabs:
     activations take (a 33.5 MB chunk takes 64 MB), and every allocation it cannot serve from blocks freed
     earlier is a ``cudaHostAlloc`` call: once per chunk in the first capture of a process. So every pinned
     chunk, however small (a decode step, a last token), is a piece of a slab; the slabs start at 1 MiB and
-    double up to 256 MiB (or the next power of two above a larger chunk). Not pinned (activations already on
+    double up to 256 MiB, and are made larger where needed to hold at least four chunks of the size that
+    opens them (a power of two: so at least 4 and fewer than 8 such chunks). Not pinned (activations already on
     the CPU): keeping the model's own output tensors slows the forward pass (the retained outputs sit among
     the allocator's recycled buffers; see ``docs/benchmarks.md``), so chunks of 256 KiB or more are copied
     into 256 MiB slabs, whose untouched pages cost no memory; smaller ones come from the ordinary allocator.
@@ -262,6 +290,7 @@ class _HostSlabs:
     """
 
     ALIGN = 64
+    CHUNKS_PER_SLAB = 4
     SMALLEST = 1 << 18
     LARGEST = 1 << 28
 
@@ -279,7 +308,9 @@ class _HostSlabs:
             return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         start = -(-self._used // self.ALIGN) * self.ALIGN
         if self._slab is None or start + nbytes > self._slab.numel():
-            size = max(self._next, 1 << (nbytes - 1).bit_length())
+            # at least CHUNKS_PER_SLAB chunks of this size: a power of two barely above one large chunk
+            # would leave up to half of it empty
+            size = max(self._next, 1 << (self.CHUNKS_PER_SLAB * nbytes - 1).bit_length())
             self._slab = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
             self._typed = {}
             self._next = min(2 * self._next, self.LARGEST)
@@ -300,25 +331,47 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _generation_runs(chunks: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Group chunks into passes: a chunk of one position that follows a longer chunk of the same batch
-    (or a run already extended that way) is a KV-cache decode step of the same pass."""
+def _generation_runs(chunks: list[torch.Tensor], lengths: list[int]) -> list[list[torch.Tensor]]:
+    """Group chunks into passes: a chunk from a pass of one position that follows a longer pass of the same
+    batch (or a run already extended that way) is a KV-cache decode step of the same pass. ``lengths``
+    are the passes' lengths before any position selection."""
     runs: list[list[torch.Tensor]] = []
-    for chunk in chunks:
-        if runs and _is_decode_step(runs[-1], chunk):
+    head_len = 0
+    for chunk, length in zip(chunks, lengths, strict=True):
+        if runs and length == 1 and head_len > 1 and _same_rows(runs[-1][0], chunk):
             runs[-1].append(chunk)
         else:
             runs.append([chunk])
+            head_len = length
     return runs
 
 
-def _is_decode_step(run: list[torch.Tensor], chunk: torch.Tensor) -> bool:
-    head = run[0]
+def _same_rows(head: torch.Tensor, chunk: torch.Tensor) -> bool:
+    """Can ``chunk`` continue ``head`` along the sequence: ``[batch, hidden]`` chunks of one shape, or
+    ``[batch, k, hidden]`` ones of the same batch and width."""
+    if head.ndim == 2:
+        return chunk.shape == head.shape
     return (
         chunk.ndim == 3
         and head.ndim == 3
-        and chunk.shape[1] == 1
-        and head.shape[1] > 1
         and chunk.shape[0] == head.shape[0]
         and chunk.shape[2] == head.shape[2]
+    )
+
+
+def _join_steps(run: list[torch.Tensor]) -> torch.Tensor:
+    """One pass and its decode steps: ``[batch, seq, hidden]`` pieces joined along the sequence; one
+    selected position per pass (``[batch, hidden]``) stacked into ``[batch, passes, hidden]``."""
+    if len(run) == 1:
+        return run[0]
+    return torch.stack(run, dim=1) if run[0].ndim == 2 else torch.cat(run, dim=1)
+
+
+def _selector_mismatch(expected: int, got: int) -> str:
+    step = " (a decode step of generate with the KV cache)" if got == 1 else ""
+    return (
+        f"positions is a tensor for passes of {expected} positions, but a hooked module saw a pass of {got}"
+        f"{step}; set positions for each batch (capture.positions = last_token_index(batch['attention_mask'])),"
+        " or, during generate, keep every position (positions=None) or give an int or slice (e.g. -1), "
+        "which applies to each pass"
     )

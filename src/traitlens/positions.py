@@ -78,7 +78,8 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
     """Apply a selector to ``hidden`` ``[batch, seq, hidden]`` on its own device.
 
     Returns ``[batch, seq, hidden]`` (``None``), ``[batch, hidden]`` (``int``, ``[batch]`` index or
-    ``[batch, seq]`` weights) or ``[batch, k, hidden]`` (``slice``, ``[batch, k]`` index).
+    ``[batch, seq]`` weights) or ``[batch, k, hidden]`` (``slice``, ``[batch, k]`` index). Weighted sums are
+    computed and returned in float32 (float64 for float64 activations); selections keep the dtype.
     """
     if selector is None:
         return hidden
@@ -95,7 +96,8 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
             raise ValueError(
                 f"position weights must have shape [batch, seq]=[{batch}, {seq}], got {shape_of(selector)}"
             )
-        return torch.einsum("bs,bsh->bh", selector.to(hidden.dtype), hidden)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # a mean in bf16 is off by ~1e-3
+        return torch.einsum("bs,bsh->bh", selector.to(dtype), hidden.to(dtype))
     if selector.ndim not in (1, 2) or selector.shape[0] != batch:
         raise ValueError(
             f"position index must have shape [batch]=[{batch}] or [batch, k], got {shape_of(selector)}"
