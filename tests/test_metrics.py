@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 from traitlens.compute import mean_difference
+from traitlens.methods import get_method
 from traitlens.metrics import (
     accuracy,
     auroc,
@@ -248,6 +249,25 @@ def test_stability_edge_values_and_determinism():
     assert torch.equal(state, torch.get_rng_state())
 
 
+def test_resampling_keeps_pairs_together_for_a_method_that_uses_them():
+    """Contrastive pairs: row i of both classes is the same prompt, and prompts differ far more than the
+    trait. PCA-diff reads the pairs' differences; resampling the classes apart would hand it mismatched
+    pairs (its stability came out near 0 although the vector is stable)."""
+    g = torch.Generator().manual_seed(50)
+    prompts = 10.0 * torch.randn(60, 16, generator=g)
+    trait = torch.zeros(16)
+    trait[0] = 3.0
+    pos = prompts + trait + 0.3 * torch.randn(60, 16, generator=g)
+    neg = prompts + 0.3 * torch.randn(60, 16, generator=g)
+    method = get_method("pca_diff")  # an extraction method object is accepted as well as a callable
+    assert abs(float(method.extract(pos, neg)["vector"][0])) > 0.95  # the full-data vector is the trait
+    for stability in (bootstrap_stability, subsample_stability):
+        assert stability(pos, neg, method=method, n_trials=5)["mean"] > 0.95
+        assert stability(pos, neg, method=method, n_trials=5, paired=False)["mean"] < 0.5  # pairs broken
+    with pytest.raises(ValueError, match="paired=True needs as many positives as negatives, got 60 and 59"):
+        bootstrap_stability(pos, neg[:59], paired=True)
+
+
 def test_stability_with_custom_method():
     _, pos, neg = planted(30, 30, 8, shift=3.0, seed=40)
     calls = []
@@ -451,3 +471,20 @@ def test_midpoint_threshold_is_the_default_threshold_of_accuracy():
     t = midpoint_threshold(vector, pos, neg)
     assert t == evaluate_vector(vector, pos, neg)["threshold"]
     assert accuracy(vector, pos, neg, threshold=t) == accuracy(vector, pos, neg)
+
+
+def test_an_example_in_both_classes_is_a_tie_for_auroc():
+    """Against scikit-learn on one score per distinct example: the shared examples must score the same in
+    both classes whatever the class sizes (separate matrix products can round them differently)."""
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(60)
+    for n_pos, n_neg, hidden in [(8, 30, 576), (5, 17, 576), (3, 50, 100), (30, 8, 576)]:
+        acts = 20 * torch.randn(max(n_pos, n_neg), hidden, generator=g, dtype=torch.float64)
+        pos, neg = acts[:n_pos], acts[:n_neg]  # the first min(n_pos, n_neg) examples are in both classes
+        v = torch.randn(hidden, generator=g, dtype=torch.float64)
+        s = (acts @ (v / v.norm())).numpy()  # one score per distinct example
+        labels = np.r_[np.ones(n_pos), np.zeros(n_neg)]
+        assert auroc(v, pos, neg) == pytest.approx(
+            roc_auc_score(labels, np.r_[s[:n_pos], s[:n_neg]]), abs=1e-12
+        )

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from traitlens._validation import check_pos_neg, check_tensor, check_vector, shape_of
-from traitlens.compute import _upcast, cosine_similarity, mean_difference, projection
+from traitlens.compute import _unit, _upcast, cosine_similarity, mean_difference
 
 #: ``method(pos_acts, neg_acts)`` -> a ``[hidden]`` vector, or a dict with the vector under ``"vector"``.
 Method = Callable[[torch.Tensor, torch.Tensor], object]
@@ -37,11 +37,14 @@ Method = Callable[[torch.Tensor, torch.Tensor], object]
 def _scores(
     vector: object, pos_acts: object, neg_acts: object, min_per_class: int = 1, who: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projections of ``pos_acts`` and ``neg_acts`` onto the unit ``vector``: ``[n_pos]``, ``[n_neg]``."""
+    """Projections of ``pos_acts`` and ``neg_acts`` onto the unit ``vector``: ``[n_pos]``, ``[n_neg]``, in
+    float64. Every row is reduced in the same order, so an example in both classes gets one score (two
+    matrix products of different sizes may round it differently, and AUROC would miss the tie)."""
     pos, neg = check_pos_neg(pos_acts, neg_acts, min_per_class=min_per_class, method=who)
     vec = check_vector(vector, "vector", hidden=pos.shape[1], hidden_of=f"pos_acts {shape_of(pos)}")
-    vec = vec.to(device=pos.device, dtype=torch.float64)
-    return projection(pos.double(), vec), projection(neg.double(), vec.to(neg.device))
+    unit = _unit(vec.to(device=pos.device, dtype=torch.float64))
+    scores = torch.cat([pos.double(), neg.to(pos.device).double()]).mul_(unit).sum(dim=-1)
+    return scores[: len(pos)], scores[len(pos) :]
 
 
 def _midpoint(pos_s: torch.Tensor, neg_s: torch.Tensor) -> float:
@@ -211,13 +214,15 @@ def polarity_correct(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: tor
 
 
 def _extract(method: Method, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """Run ``method`` and return its ``[hidden]`` vector (accepting a dict with ``"vector"``)."""
-    out = method(pos, neg)
+    """Run ``method`` (a callable, or an extraction method such as ``get_method("probe")``) and return its
+    ``[hidden]`` vector (accepting a dict with ``"vector"``)."""
+    extract = getattr(method, "extract", None)
+    out = extract(pos, neg) if callable(extract) else method(pos, neg)
     if isinstance(out, Mapping):
         if "vector" not in out:
             raise ValueError(f"method returned a dict without a 'vector' key (keys: {sorted(out)})")
         out = out["vector"]
-    name = f"the vector returned by {getattr(method, '__name__', 'method')}"
+    name = f"the vector returned by {getattr(method, '__name__', type(method).__name__)}"
     return check_vector(out, name, hidden=pos.shape[1], hidden_of=f"pos_acts {shape_of(pos)}")
 
 
@@ -227,19 +232,35 @@ def _stability(
     method: Method | None,
     n_trials: int,
     seed: int,
-    perturb: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    perturb: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    pick: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+    paired: bool | None = None,
 ) -> dict[str, float]:
-    """Cosines between the full-data vector and vectors recomputed on ``perturb``-ed data."""
+    """Cosines between the full-data vector and vectors recomputed on ``perturb``-ed data, or on the rows
+    that ``pick(n, generator)`` chooses: the same rows of both classes when ``paired`` (``None``: when
+    they have as many rows, which is when row ``i`` may be the pair of row ``i``)."""
     pos, neg = check_pos_neg(pos_acts, neg_acts)
     pos, neg = _upcast(pos), _upcast(neg)
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise ValueError(f"n_trials must be a positive int, got {n_trials!r}")
+    if paired is None:
+        paired = len(pos) == len(neg)
+    elif paired and len(pos) != len(neg):
+        raise ValueError(f"paired=True needs as many positives as negatives, got {len(pos)} and {len(neg)}")
     method = mean_difference if method is None else method
     full = _extract(method, pos, neg)
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same draws on every device
+
+    def draw(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if pick is None:
+            return perturb(x, gen)
+        rows = pick(len(x), gen) if rows is None else rows
+        return x[rows.to(x.device)]
+
     cosines = []
     for _ in range(n_trials):
-        vec = _extract(method, perturb(pos, gen), perturb(neg, gen))
+        rows = pick(len(pos), gen) if pick is not None and paired else None
+        vec = _extract(method, draw(pos, rows), draw(neg, rows))
         cosines.append(float(cosine_similarity(vec.double(), full.double())))
     cosines = torch.tensor(cosines, dtype=torch.float64)
     std = float(cosines.std()) if n_trials > 1 else 0.0
@@ -253,29 +274,35 @@ def bootstrap_stability(
     method: Method | None = None,
     n_trials: int = 20,
     seed: int = 0,
+    paired: bool | None = None,
 ) -> dict[str, float]:
     """How much the vector moves when the examples are resampled with replacement.
 
     Each trial draws ``n_pos`` positives and ``n_neg`` negatives with replacement, recomputes the vector
     with ``method`` and takes its cosine with the vector from all the data (signed: a method that flips
-    sign at random scores badly).
+    sign at random scores badly). Paired data (row ``i`` of each class from the same prompt, as
+    contrastive pairs are) is resampled by pair, so that methods that use the pairing (``pca_diff``) see
+    pairs.
 
     Args:
         pos_acts: ``[n_pos, hidden]``.
         neg_acts: ``[n_neg, hidden]``.
-        method: ``method(pos_acts, neg_acts)`` returning a ``[hidden]`` vector or a dict with key
-            ``"vector"``; default :func:`traitlens.compute.mean_difference`.
+        method: an extraction method (e.g. ``get_method("probe")``) or ``method(pos_acts, neg_acts)``
+            returning a ``[hidden]`` vector or a dict with key ``"vector"``; default
+            :func:`traitlens.compute.mean_difference`.
         n_trials: number of resamples.
         seed: seed of the private random generator (the global torch RNG is not touched).
+        paired: draw the same rows of both classes; ``None`` (default): when ``n_pos == n_neg``. For
+            independent examples of equal counts this is still a bootstrap of each class.
 
     Returns:
         ``{"mean", "min", "std"}`` of the cosines, and ``"n_trials"``.
     """
 
-    def resample(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return x[torch.randint(len(x), (len(x),), generator=gen).to(x.device)]
+    def resample(n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(n, (n,), generator=gen)
 
-    return _stability(pos_acts, neg_acts, method, n_trials, seed, resample)
+    return _stability(pos_acts, neg_acts, method, n_trials, seed, pick=resample, paired=paired)
 
 
 def noise_stability(
@@ -309,7 +336,7 @@ def noise_stability(
         std = noise_scale * torch.linalg.vector_norm(x, dim=1, keepdim=True) / math.sqrt(x.shape[1])
         return x + std * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
 
-    return _stability(pos_acts, neg_acts, method, n_trials, seed, add_noise)
+    return _stability(pos_acts, neg_acts, method, n_trials, seed, perturb=add_noise)
 
 
 def subsample_stability(
@@ -320,17 +347,19 @@ def subsample_stability(
     method: Method | None = None,
     n_trials: int = 20,
     seed: int = 0,
+    paired: bool | None = None,
 ) -> dict[str, float]:
     """How much the vector moves when only a fraction of the examples is used.
 
-    Each trial keeps ``max(1, round(fraction * n))`` examples of each class, drawn without replacement,
-    recomputes the vector and compares it (cosine) with the vector from all the data.
+    Each trial keeps ``max(1, round(fraction * n))`` examples of each class, drawn without replacement
+    (the same rows of both when ``paired``), recomputes the vector and compares it (cosine) with the vector
+    from all the data.
 
     Args:
         pos_acts: ``[n_pos, hidden]``.
         neg_acts: ``[n_neg, hidden]``.
         fraction: share of each class kept, in ``(0, 1]``.
-        method, n_trials, seed: as in :func:`bootstrap_stability`.
+        method, n_trials, seed, paired: as in :func:`bootstrap_stability`.
 
     Returns:
         ``{"mean", "min", "std"}`` of the cosines, and ``"n_trials"``.
@@ -338,11 +367,10 @@ def subsample_stability(
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
 
-    def subsample(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        keep = max(1, round(fraction * len(x)))
-        return x[torch.randperm(len(x), generator=gen)[:keep].to(x.device)]
+    def subsample(n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randperm(n, generator=gen)[: max(1, round(fraction * n))]
 
-    return _stability(pos_acts, neg_acts, method, n_trials, seed, subsample)
+    return _stability(pos_acts, neg_acts, method, n_trials, seed, pick=subsample, paired=paired)
 
 
 # ---------------------------------------------------------------------------------------------------
