@@ -236,6 +236,31 @@ def test_torch_probe_solvers_stop_on_non_finite_values_instead_of_looping(l1_rat
     assert converged is False
 
 
+def _l1_violation(z: np.ndarray, y: np.ndarray, w: np.ndarray, b: float, C: float) -> float:
+    """Largest violation of the optimality conditions of sklearn's l1 objective / (C n), in numpy float64."""
+    n, l1 = len(y), 1.0 / (C * len(y))
+    residual = 1.0 / (1.0 + np.exp(-(z @ w + b))) - y
+    grad = z.T @ residual / n
+    off = np.where(w != 0, np.abs(grad + l1 * np.sign(w)), np.clip(np.abs(grad) - l1, 0.0, None))
+    return max(float(off.max()), abs(float(residual.mean())))
+
+
+def test_fista_claims_convergence_only_at_the_optimality_tolerance():
+    """Unstandardised data and a tight tol: in float32 the step falls below the weights' resolution and
+    nothing moves, which the gradient mapping alone read as convergence (violation 47 x tol)."""
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(30, 8, generator=g) + 0.5, torch.randn(30, 8, generator=g) * 2 + 3
+    z, y = torch.cat([pos, neg]), torch.cat([torch.ones(30), torch.zeros(30)])
+    for dtype in (torch.float32, torch.float64):
+        w, b, _, converged = _fit_logistic_torch(
+            z.to(dtype), y.to(dtype), C=1.0, l1_ratio=1.0, max_iter=5000, tol=1e-6
+        )
+        violation = _l1_violation(z.double().numpy(), y.double().numpy(), w.double().numpy(), b, C=1.0)
+        assert not converged or violation <= 1e-6, (dtype, violation)
+        if dtype == torch.float64:
+            assert converged
+
+
 def test_probe_warns_when_the_penalty_zeroes_every_weight():
     pos, neg, _ = planted(n=100, shift=0.3, seed=8)
     with pytest.warns(UserWarning, match="every weight is zero"):

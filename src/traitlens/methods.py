@@ -195,8 +195,9 @@ class ProbeMethod(ExtractionMethod):
             why = (
                 f"did not converge within max_iter={max_iter}; raise max_iter or lower C"
                 if n_iter >= max_iter
-                else f"stopped at iteration {n_iter} without converging: no step lowered the loss (rounding "
-                "at this scale; lower C or tol)"
+                else f"stopped at iteration {n_iter} without converging: in {str(z.dtype).removeprefix('torch.')} "
+                "its steps no longer lower the loss or move the weights (rounding at this scale); standardize "
+                "the activations, lower C, or raise tol"
             )
             warnings.warn(f"ProbeMethod (solver={solver!r}, penalty={penalty!r}) {why}", stacklevel=3)
         if not bool(w.any()):
@@ -296,10 +297,17 @@ def _fit_logistic_torch(
             return w, float(b), n_iter, False
         # lipschitz * (theta - new) is the gradient mapping: the gradient of the smooth case, with the L1 part
         # folded in, so ``tol`` means the same for every penalty. (A small change of the parameters is no
-        # test: FISTA's steps shrink long before its iterate is near the minimum.)
+        # test: FISTA's steps shrink long before its iterate is near the minimum.) When it passes, the
+        # optimality conditions are checked at the new point itself: in float32 a step below the weights'
+        # resolution moves nothing, which the mapping would read as convergence.
         if lipschitz * moved <= tol:
-            w, b = split(new)
-            return w, float(b), n_iter, True
+            violation, size = _l1_optimality(z, y, *split(new), l2, l1)
+            if violation <= tol:
+                w, b = split(new)
+                return w, float(b), n_iter, True
+            if moved <= 4 * torch.finfo(z.dtype).eps * size:  # stalled at the dtype's resolution
+                w, b = split(new)
+                return w, float(b), n_iter, False
         if uphill > 0:  # moving uphill: restart the momentum
             momentum = 1.0
             theta = new
@@ -310,6 +318,19 @@ def _fit_logistic_torch(
         current = new
     w, b = split(current)
     return w, float(b), max_iter, False
+
+
+def _l1_optimality(
+    z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, l2: float, l1: float
+) -> tuple[float, float]:
+    """How far ``(w, b)`` is from the minimum of the penalised log-loss: the largest violation of its
+    optimality conditions (gradient + ``l1 * sign(w)`` where ``w != 0``, ``|gradient| - l1`` beyond 0 where
+    ``w == 0``, the intercept's gradient), and the largest ``|parameter|``; one device read."""
+    _, grad_w, grad_b = _logistic_loss_grad(z, y, w, b, l2)
+    off = torch.where(w != 0, (grad_w + l1 * torch.sign(w)).abs(), (grad_w.abs() - l1).clamp_min(0.0))
+    violation = torch.maximum(off.max(), grad_b.abs())
+    size = torch.cat([w, b[None]]).abs().max()
+    return tuple(torch.stack([violation, size]).tolist())
 
 
 def _lbfgs(
