@@ -6,19 +6,23 @@ import copy
 import hashlib
 import json
 import re
+import warnings
 
 import pytest
 import torch
 
+from conftest import make_tiny_model
 from traitlens.dataset import (
     SPLITS,
     DatasetError,
     Example,
     Pair,
     available_datasets,
+    check_position,
     encode_examples,
     load_dataset,
 )
+from traitlens.pipeline import default_position, extract_trait
 
 SHIPPED = {  # name: (kind, train, val, test), as documented in data/FORMAT.md
     "sentiment": ("plain", 91, 19, 19),
@@ -425,3 +429,97 @@ def test_encoding_to_and_model_inputs(toy_tokenizer):
     assert set(moved.model_inputs()) == {"input_ids", "attention_mask", "position_ids"}
     assert len(moved) == len(EXAMPLES)
     assert torch.equal(moved.response_mask, enc.response_mask)
+
+
+# ----------------------------------------------------------------------------------------- positions
+
+ANSWERS = {"prompt": "Is it cold?", "pos": "Yes, it is cold.", "neg": "Maybe it is cold."}
+SYSTEM_ONLY = {"prompt": "Describe your weekend.", "system_pos": "Be cheerful.", "system_neg": "Be gloomy."}
+MIXED_ROWS = [  # file lines 1-8; rows without answers on lines 2, 5, 7, 8
+    {**ANSWERS, "split": "train"},
+    {**SYSTEM_ONLY, "split": "train"},
+    {"prompt": "Is it far?", "pos": "It is far.", "neg": "It might be far.", "split": "val"},
+    {"prompt": "Is it late?", "pos": "It is late.", "neg": "It may be late.", "split": "test"},
+    {"pos": "A fine day.", "neg": "A dull day.", "split": "train"},
+    "",
+    {"prompt": "Plan a trip.", "system_pos": "Be cheerful.", "system_neg": "Be gloomy.", "split": "test"},
+    {"prompt": "Name a colour.", "system_pos": "Be cheerful.", "system_neg": "Be gloomy.", "split": "val"},
+]
+
+
+@pytest.fixture(scope="module")
+def watched_model():
+    """A tiny model that records every forward pass in ``model.calls``."""
+    model = make_tiny_model("llama")
+    model.calls = 0
+
+    def count(*_):
+        model.calls += 1
+
+    model.register_forward_pre_hook(count)
+    return model
+
+
+@pytest.mark.parametrize("position", [None, "response_mean"])
+def test_mixed_file_at_response_mean_is_refused_up_front_by_file_line(
+    tmp_path, toy_tokenizer, watched_model, position
+):
+    # The documented format lets a file mix rows with answers and rows without; 'response_mean' (the default
+    # as soon as one row has answers) cannot read the latter. Refused before the model runs, by file line.
+    path = _write(tmp_path, MIXED_ROWS)
+    ds = load_dataset(path)
+    assert default_position(ds) == "response_mean"
+    how = (
+        r"the default: default_position picks it because 3 rows have answers"
+        if position is None
+        else "as given"
+    )
+    with pytest.raises(ValueError) as err:
+        extract_trait(watched_model, toy_tokenizer, ds, layers=[1], position=position, progress=False)
+    message = str(err.value)
+    assert f"position 'response_mean' ({how})" in message
+    assert f"4 of 7 rows of dataset 'data' ({path}) have no answer" in message
+    assert "(plain pairs and prompt-style rows with system prompts only): lines 2, 5, 7-8;" in message
+    assert "Split the file" in message and "position='prompt_last'" in message
+    assert watched_model.calls == 0
+
+
+def test_response_mean_on_data_without_answers_names_every_row(tmp_path, toy_tokenizer, watched_model):
+    path = _write(tmp_path, [{**SYSTEM_ONLY, "split": s} | {"prompt": f"Q{s}?"} for s in SPLITS])
+    ds = load_dataset(path)
+    assert default_position(ds) == "prompt_last"
+    with pytest.raises(ValueError, match=r"3 of 3 rows .* lines 1-3; this dataset has no answers"):
+        extract_trait(watched_model, toy_tokenizer, ds, layers=[1], position="response_mean", progress=False)
+    with pytest.raises(ValueError, match="position must be one of"):
+        extract_trait(watched_model, toy_tokenizer, ds, layers=[1], position="response", progress=False)
+    assert watched_model.calls == 0
+
+
+def test_prompt_positions_read_every_row_and_warn_about_answer_only_rows(tmp_path):
+    ds = load_dataset(_write(tmp_path, MIXED_ROWS))
+    rows = {p.line: p for p in ds.pairs}
+    assert [line for line, p in rows.items() if p.has_answers] == [1, 3, 4]
+    assert [line for line, p in rows.items() if not p.prompts_differ] == [1, 3, 4]
+    for position in ("prompt_last", "prompt_mean"):
+        with pytest.warns(UserWarning, match=rf"position '{position}' .* 3 of 7 rows .*: lines 1, 3-4;"):
+            check_position(ds, position)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_position(ds, "all")
+        # rows with answers and different system prompts are read at every rule
+        both = {**ANSWERS, "system_pos": "Be formal.", "system_neg": "Be casual."}
+        ds = load_dataset(
+            _write(tmp_path, [both | {"split": s, "prompt": f"Q{s}?"} for s in SPLITS], "b.jsonl")
+        )
+        for position in ("prompt_last", "prompt_mean", "response_mean", "all"):
+            check_position(ds, position)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_datasets_are_readable_at_their_default_position(name):
+    ds = load_dataset(name)
+    expected = "prompt_last" if SHIPPED[name][0] == "plain" else "response_mean"
+    assert default_position(ds) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_position(ds, expected, default=True)

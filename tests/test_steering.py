@@ -204,6 +204,53 @@ def test_prompt_positions_under_the_kv_cache(tiny):
         assert torch.equal(after, before)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("positions", ["generated", "prompt"])
+def test_a_second_turn_that_repeats_the_first_is_a_new_prompt(tiny, positions, use_cache):
+    """Multi-turn chat in one steer block: the second prompt starts with the first prompt and its answer,
+    then more tokens. Its whole prompt pass is prompt, not a continuation of the first generation."""
+    family, model = tiny
+    v, first = _vector(), _ids(1, 5)
+    generate = dict(do_sample=False, pad_token_id=0, use_cache=use_cache)
+
+    def run():
+        answer = model.generate(input_ids=first, max_new_tokens=3, **generate)  # [1, 8]
+        second = torch.cat([answer, _ids(1, 4, seed=7)], dim=1)  # [1, 12], starts with `first`
+        model.generate(input_ids=second, max_new_tokens=2, **generate)
+        model(input_ids=second)  # a plain forward pass of the same prompt: also a new sequence
+        return second
+
+    raw, out, second = _steered_run(model, family, run, v, coeff=COEFF, positions=positions)
+    assert torch.equal(second[:, :5], first)
+    widths = [c.shape[1] for c in out]
+    # Turn 1: the prompt, then 2 steps; turn 2: its prompt, then 1 step; then the forward pass.
+    assert widths == ([5, 1, 1, 12, 1, 12] if use_cache else [5, 6, 7, 12, 13, 12])
+    prompt_passes = [3, 5]
+    for i in prompt_passes:
+        expected = raw[i] + COEFF * v if positions == "prompt" else raw[i]
+        assert torch.equal(out[i], expected), f"pass {i} of width {widths[i]}"
+    # The decode step of turn 2 is generated: steered with "generated" only (under use_cache=False it
+    # re-feeds the 12 prompt columns, which stay prompt, and one generated column).
+    step = torch.zeros(widths[4], dtype=torch.bool)
+    step[-1] = True
+    chosen = step if positions == "generated" else ~step
+    assert torch.equal(out[4][:, chosen], raw[4][:, chosen] + COEFF * v)
+    assert torch.equal(out[4][:, ~chosen], raw[4][:, ~chosen])
+
+
+def test_beam_search_without_the_cache_steers_the_generated_positions(tiny):
+    """Beam search reorders its rows between steps; generate(use_cache=False) must still see one sequence."""
+    _, model = tiny
+    v, ids = 5 * _vector(), _ids(1, 5)
+    kwargs = dict(max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    with steer(model, v, layer=LAYER, positions="generated"):
+        cached = model.generate(input_ids=ids, **kwargs)
+        uncached = model.generate(input_ids=ids, use_cache=False, **kwargs)
+    plain = model.generate(input_ids=ids, **kwargs)
+    assert torch.equal(uncached, cached)
+    assert not torch.equal(cached, plain)
+
+
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
 def test_pads_of_left_padded_rows_are_never_steered(tiny, positions):
     family, model = tiny

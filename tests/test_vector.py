@@ -45,8 +45,9 @@ def make(hidden: int = 16, dtype: torch.dtype = torch.float32, seed: int = 0, **
         trait="honesty",
         extra={"note": "héllo", "nested": {"a": [1, {"b": True}]}},
     )
+    tensor = overrides.pop("vector", None)
     fields.update(overrides)
-    return TraitVector(torch.randn(hidden, generator=g).to(dtype), **fields)
+    return TraitVector(torch.randn(hidden, generator=g).to(dtype) if tensor is None else tensor, **fields)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -505,6 +506,51 @@ def test_metadata_rule_for_arithmetic():
     assert c.extra["derivation"][-1]["other"]["derivation"] == [{"op": "negate"}]
     # operands are not modified
     assert "derivation" not in a.extra and a.metrics and b.metrics
+
+
+def test_threshold_and_norm_follow_the_vector_through_arithmetic():
+    # A fitted vector as the pipeline records it: threshold = midpoint of the class means of the
+    # projections onto the unit vector, metrics from evaluate_vector with the "val_" prefix.
+    g = torch.Generator().manual_seed(5)
+    planted = torch.randn(16, generator=g)
+    pos = torch.randn(40, 16, generator=g) + 1.5 * planted  # [n, hidden]
+    neg = torch.randn(30, 16, generator=g) - 0.5 * planted  # [n, hidden]
+    direction = pos.mean(0) - neg.mean(0)  # [hidden]
+
+    def midpoint(vector: torch.Tensor) -> float:  # numpy reference of metrics.midpoint_threshold
+        unit = vector.double().numpy() / np.linalg.norm(vector.double().numpy())
+        return float(((pos.double().numpy() @ unit).mean() + (neg.double().numpy() @ unit).mean()) / 2)
+
+    v = make(
+        vector=direction,
+        method_params={"normalize": False, "threshold": midpoint(direction)},
+        metrics={
+            "val_accuracy": 0.9,
+            "val_threshold": midpoint(direction),
+            "val_vector_norm": float(np.linalg.norm(direction.double().numpy())),
+        },
+    )
+    assert abs(midpoint(direction)) > 0.5  # a threshold whose sign matters
+    b = make(seed=7, method_params={"threshold": 3.0})
+    # a multiple of the vector: the threshold is the one fitted for the multiple
+    multiples = {"2 * v": 2 * v, "v / 3": v / 3, "normalized": v.normalized()}
+    negatives = {"-v": -v, "v * -2": v * -2, "v / -4": v / -4}
+    for name, w in {**multiples, **negatives}.items():
+        assert w.method_params["threshold"] == pytest.approx(midpoint(w.vector), rel=1e-5), name
+        assert w.method_params["normalize"] is False, name
+    # a positive multiple keeps its metrics, with the norm that of the new vector
+    for name, w in multiples.items():
+        assert w.metrics["val_vector_norm"] == pytest.approx(w.norm(), rel=1e-6), name
+        assert {k: x for k, x in w.metrics.items() if k != "val_vector_norm"} == {
+            k: x for k, x in v.metrics.items() if k != "val_vector_norm"
+        }, name
+    # no multiple (or the zero vector): nobody fitted a threshold for it
+    for name, w in {"0 * v": 0 * v, "v + b": v + b, "v - b": v - b, "b + v": b + v}.items():
+        assert "threshold" not in w.method_params, name
+        assert w.metrics == {}, name
+    # the operands and a plain copy are unchanged
+    assert v.method_params["threshold"] == midpoint(direction) and b.method_params["threshold"] == 3.0
+    assert v.to(torch.float64).metadata() | {"dtype": "float32"} == v.metadata()
 
 
 def test_arithmetic_result_round_trips(tmp_path):

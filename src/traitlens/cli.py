@@ -233,21 +233,31 @@ def cmd_evaluate(args) -> None:
     dataset = _dataset(args)
     model, tokenizer = _load(args)
     vector = load_vector(args.vector, model=model)  # now also checked against the model
-    if vector.layer is None:
-        raise ValueError(f"{args.vector} records no decoder layer; evaluate needs one")
     pos, neg = dataset.examples(args.split)
-    acts = [
-        collect_activations(model, tokenizer, side, layers=[vector.layer], position=vector.position, batch_size=args.batch_size)[0]
-        for side in (pos, neg)
-    ]  # fmt: skip
+    acts = []
+    for side in (pos, neg):
+        try:  # the output of the module the vector was read at, as the pipeline reads it
+            acts.append(collect_activations(model, tokenizer, side, module=vector.module, position=vector.position, batch_size=args.batch_size)[0])  # fmt: skip
+        except (TypeError, ValueError) as err:  # an output the capture cannot read at that position
+            raise ValueError(
+                f"cannot read activations at the vector's module {vector.module!r}: {err}"
+            ) from None
+        if acts[-1].ndim != 2 or acts[-1].shape[1] != vector.hidden_size:
+            raise ValueError(
+                f"module {vector.module!r} gives activations of shape {tuple(acts[-1].shape)} at position "
+                f"{vector.position!r}, expected [n, hidden]=[n, {vector.hidden_size}] to score the vector"
+            )
     threshold = vector.method_params.get("threshold")
+    if threshold is None:
+        _info(
+            f"{args.vector} records no threshold; accuracy uses the midpoint of the class means on "
+            f"{args.split} itself, which is optimistic"
+        )
     metrics = evaluate_vector(vector.vector.float(), *acts, threshold=threshold)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return
-    print(
-        f"{vector.trait or '?'} vector ({vector.method}, layer {vector.layer}) on {dataset.name}/{args.split}:"
-    )
+    print(f"{vector.trait or '?'} vector ({vector.method}, {vector.module}) on {dataset.name}/{args.split}:")
     for key in (
         "accuracy",
         "auroc",
@@ -301,6 +311,12 @@ def cmd_steer(args) -> None:
     from traitlens.steering import residual_norms
     from traitlens.vector import load_vector
 
+    if args.dose_response and args.op != "add":  # dose_response only adds; refused before the model load
+        raise ValueError(
+            f"--op {args.op} cannot be used with --dose-response, which measures adding the vector "
+            "(--op add); drop --op, or drop --dose-response to compare generations with --op "
+            f"{args.op}"
+        )
     model, tokenizer = _load(args)
     vector = load_vector(args.vector, model=model)
     prompts = _prompts(args)

@@ -8,9 +8,10 @@ A dataset is one JSONL file, one pair per line, with the train / val / test spli
   optionally with ``"system_pos"`` / ``"system_neg"``; rendered with the tokenizer's chat template.
 
 ``load_dataset`` reads a shipped trait (``available_datasets()``) or a user file and reports every bad row
-at once, by file and line, in a ``DatasetError``. ``encode_examples`` tokenizes one side of the pairs into
-``input_ids`` with ``prompt_mask`` / ``response_mask`` built segment by segment, so that the boundary between
-prompt and response is exact.
+at once, by file and line, in a ``DatasetError``. ``check_position`` refuses, before any model work, a
+position rule that some rows cannot be read at (``"response_mean"`` on rows without answers).
+``encode_examples`` tokenizes one side of the pairs into ``input_ids`` with ``prompt_mask`` /
+``response_mask`` built segment by segment, so that the boundary between prompt and response is exact.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from traitlens._validation import check_choice, did_you_mean, short_list
-from traitlens.positions import last_token_index
+from traitlens.positions import POSITION_RULES, last_token_index
 
 SPLITS = ("train", "val", "test")
 """The split names, in file order of preference."""
@@ -73,6 +74,19 @@ class Pair:
     @property
     def is_plain(self) -> bool:
         return self.prompt is None
+
+    @property
+    def has_answers(self) -> bool:
+        """Whether the row has assistant answers, i.e. response tokens on both sides (prompt-style rows with
+        ``pos`` / ``neg``). Plain pairs and rows with system prompts only have none."""
+        return self.prompt is not None and self.pos is not None
+
+    @property
+    def prompts_differ(self) -> bool:
+        """Whether the two sides differ before any answer: plain pairs (all text is prompt) and prompt-style
+        rows with different system prompts. Where they do not, the prompt positions (``"prompt_last"``,
+        ``"prompt_mean"``) read the same tokens on both sides."""
+        return self.prompt is None or self.system_pos != self.system_neg
 
     @property
     def pos_example(self) -> str | Example:
@@ -196,6 +210,74 @@ def load_dataset(name_or_path: str | Path) -> ContrastiveDataset:
     data = path.read_bytes()
     pairs = _parse(path, data)
     return ContrastiveDataset(name=path.stem, path=path, sha256=hashlib.sha256(data).hexdigest(), pairs=pairs)
+
+
+def check_position(dataset: ContrastiveDataset, position: str, *, default: bool = False) -> None:
+    """Refuse, before any model work, a position rule that some rows of ``dataset`` cannot be read at.
+
+    One rule reads every row of a dataset. ``"response_mean"`` needs answers (response tokens) in every row:
+    plain pairs and prompt-style rows with system prompts only have none, so a ``ValueError`` names them by
+    file line and says how to fix it (split the file, or pass another ``position``). ``"prompt_last"`` and
+    ``"prompt_mean"`` read every row, but rows whose sides differ only in their answers read the same tokens
+    on both sides there and carry no signal: a warning names them when they are only part of the data (when
+    they are all of it, ``extract_trait`` refuses the identical activations). ``"all"`` reads every row.
+    ``default=True`` says in the message that the rule came from ``default_position``.
+    """
+    check_choice(position, "position", POSITION_RULES)
+    pairs = dataset.pairs
+    where = f"dataset {dataset.name!r} ({dataset.path})"
+    if position == "response_mean":
+        unread = [p for p in pairs if not p.has_answers]
+        if not unread:
+            return
+        how = (
+            f"the default: default_position picks it because {len(pairs) - len(unread)} rows have answers"
+            if default
+            else "as given"
+        )
+        kinds = []
+        if any(p.is_plain for p in unread):
+            kinds.append("plain pairs")
+        if any(not p.is_plain for p in unread):
+            kinds.append("prompt-style rows with system prompts only")
+        if len(unread) == len(pairs):
+            fix = "this dataset has no answers: use position='prompt_last' (the default for such data)"
+        else:
+            fix = (
+                "one rule reads every row, so rows with answers and rows without cannot be read together "
+                "at 'response_mean'. Split the file into one with answers and one without and extract each, "
+                "or pass position='prompt_last' explicitly (it reads every row, but rows whose sides differ "
+                "only in their answers then read the same tokens on both sides and carry no signal)"
+            )
+        raise ValueError(
+            f"position 'response_mean' ({how}) reads the mean over each row's answer, but {len(unread)} of "
+            f"{len(pairs)} rows of {where} have no answer ({' and '.join(kinds)}): "
+            f"lines {_line_ranges(p.line for p in unread)}; {fix}"
+        )
+    if position in ("prompt_last", "prompt_mean"):
+        same = [p for p in pairs if not p.prompts_differ]
+        if 0 < len(same) < len(pairs):
+            warnings.warn(
+                f"at position {position!r} the two sides of {len(same)} of {len(pairs)} rows of {where} read "
+                f"the same tokens (they differ only in their answers), so those rows carry no signal: lines "
+                f"{_line_ranges(p.line for p in same)}; split the file, or read rows with answers at "
+                "position='response_mean'",
+                stacklevel=3,
+            )
+
+
+def _line_ranges(lines, limit: int = 10) -> str:
+    """``'3-7, 9, 12-20'``: sorted line numbers as ranges, the first ``limit`` ranges shown."""
+    ranges: list[list[int]] = []
+    for line in sorted(lines):
+        if ranges and line == ranges[-1][1] + 1:
+            ranges[-1][1] = line
+        else:
+            ranges.append([line, line])
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges[:limit])
+    if len(ranges) > limit:
+        shown += f", ... ({sum(b - a + 1 for a, b in ranges[limit:])} more lines)"
+    return shown
 
 
 def _parse(path: Path, data: bytes) -> tuple[Pair, ...]:

@@ -32,8 +32,8 @@ from traitlens import __version__
 from traitlens._validation import check_choice, short_list
 from traitlens.capture import ActivationCapture
 from traitlens.compute import normalize_vectors
-from traitlens.dataset import SPLITS, ContrastiveDataset, Example, Pair, encode_examples
-from traitlens.hooks import HookManager, decoder_layer_paths, input_device
+from traitlens.dataset import SPLITS, ContrastiveDataset, Example, Pair, check_position, encode_examples
+from traitlens.hooks import HookManager, decoder_layer_paths, input_device, resolve_module
 from traitlens.methods import METHODS as METHOD_CLASSES
 from traitlens.methods import get_method
 from traitlens.metrics import evaluate_vector, midpoint_threshold
@@ -57,23 +57,36 @@ def collect_activations(
     batch_size: int = 16,
     chat: bool | None = None,
     progress: bool | str = False,
+    module: str | None = None,
 ) -> torch.Tensor:
     """Activations of ``examples`` at the outputs of decoder ``layers``: ``[layer, n, hidden]`` float32, CPU.
 
     ``position`` is one of ``POSITION_RULES``; with ``"all"`` every real token is a row, so ``n`` is the
     total number of real tokens. ``progress`` shows a progress bar (a string is used as its label).
+    ``module`` reads the output of that module (a dotted path, e.g. ``"model.layers.12.mlp"``; its output
+    must be ``[batch, seq, hidden]``) instead of decoder layers: ``[1, n, hidden]``.
     """
-    batches = _activation_batches(model, tokenizer, examples, layers, position, batch_size, chat, progress)
+    batches = _activation_batches(
+        model, tokenizer, examples, layers, position, batch_size, chat, progress, module
+    )
     return torch.cat(list(batches), dim=1)
 
 
-def _activation_batches(model, tokenizer, examples, layers, position, batch_size, chat, progress):
+def _activation_batches(
+    model, tokenizer, examples, layers, position, batch_size, chat, progress, module=None
+):
     """Yield ``[layer, batch, hidden]`` float32 CPU activations, one batch of ``examples`` at a time."""
     check_choice(position, "position", POSITION_RULES)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    paths = decoder_layer_paths(model)
-    layers = _check_layers(layers, len(paths))
+    if module is None:
+        paths = decoder_layer_paths(model)
+        layers = _check_layers(layers, len(paths))
+    elif layers is not None:
+        raise ValueError(f"give layers or module, not both (got layers={layers!r}, module={module!r})")
+    else:
+        resolve_module(model, module)  # a wrong path fails here, with suggestions
+        paths, layers = [module], [0]
     device = input_device(model)
     capture = ActivationCapture(device="cpu", dtype=torch.float32)
     for start in _progress(range(0, len(examples), batch_size), progress, unit="batch"):
@@ -85,6 +98,8 @@ def _activation_batches(model, tokenizer, examples, layers, position, batch_size
             hooks.stop_after(paths[max(layers)])
             model(**{k: v.to(device) for k, v in enc.model_inputs().items()})
         real = enc.attention_mask.bool()
+        if str(layers[0]) not in capture:
+            raise ValueError(f"module {paths[layers[0]]!r} did not run in the forward pass")
         acts = [capture.get(str(layer)) for layer in layers]
         capture.clear()
         yield torch.stack([a[real] if position == "all" else a for a in acts])
@@ -107,7 +122,8 @@ def stream_statistics(
     Memory does not grow with ``len(pairs)``: each batch's activations are folded into float64 sums and
     dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also written to
     ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``), so that
-    methods that need every row can read one layer at a time from disk with ``read_spilled``.
+    methods that need every row can read one layer at a time from disk with ``read_spilled``; a folder
+    that already holds spilled batches is refused (they would be read as part of this run).
     ``position="all"`` is refused: its positive and negative rows do not pair up.
     """
     if position == "all":
@@ -117,6 +133,12 @@ def stream_statistics(
 
         spill_to = Path(spill_to)
         spill_to.mkdir(parents=True, exist_ok=True)
+        earlier = sorted(spill_to.glob("batch_*.safetensors"))
+        if earlier:  # read_spilled reads every batch file there: old ones would join the new rows
+            raise FileExistsError(
+                f"spill_to={str(spill_to)!r} already holds {len(earlier)} spilled batches (e.g. "
+                f"{earlier[0].name}) from an earlier run; give an empty or new folder, or delete them"
+            )
     stats = ContrastiveStats(outer=outer)
     args = (layers, position, batch_size, None, False)
     pos = _activation_batches(model, tokenizer, [p.pos_example for p in pairs], *args)
@@ -292,7 +314,9 @@ def extract_trait(
     process; the rest is the same.
     """
     check_choice(backend, "backend", ("local", "ray"))
-    position = default_position(dataset) if position is None else position
+    default = position is None
+    position = default_position(dataset) if default else position
+    check_position(dataset, position, default=default)  # every row readable there, before any model work
     methods = list(methods)
     for method in methods:
         check_choice(method, "method", METHODS)
@@ -432,7 +456,11 @@ def _random_draws(
 def default_position(dataset: ContrastiveDataset) -> str:
     """``"response_mean"`` when the pairs differ in their answers (the prompt is shared, so its last token
     reads the same for both sides), else ``"prompt_last"`` (plain texts, or pairs that differ in the system
-    prompt only)."""
+    prompt only).
+
+    ``"response_mean"`` needs answers in every row: for a file that mixes rows with answers and rows without,
+    ``extract_trait`` refuses it up front and names the rows without (see ``dataset.check_position``).
+    """
     answers = any(not p.is_plain and (p.pos or p.neg) for p in dataset.pairs)
     return "response_mean" if answers else "prompt_last"
 

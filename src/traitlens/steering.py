@@ -24,8 +24,10 @@ every forward pass and every ``generate`` step goes) and records, for that pass:
 - how many positions the cache already holds (``cache.get_seq_length()``; transformers 5 no longer
   passes ``cache_position``), so that the positions of this pass are ``past .. past + seq - 1``;
 - the prompt length: the width of the first pass of a sequence (empty cache). ``generate(use_cache=False)``
-  re-feeds the whole sequence at each step; a pass with an empty cache whose input extends the recorded
-  prompt is recognised as such a step, so "generated" means the same with and without the cache.
+  re-feeds the whole sequence at each step, one token more each time; a pass with an empty cache whose
+  input is the previous pass's input plus one token is recognised as such a step, so "generated" means
+  the same with and without the cache. Any other pass with an empty cache starts a new sequence, even
+  when it begins with the previous prompt (the second turn of a chat run in the same ``steer`` block).
 
 The interventions read that record. A forward hook on the same module clears it after each pass, so an
 intervention used outside a forward pass of the model (a layer called by hand) steers every position
@@ -82,7 +84,9 @@ class SequenceTracker:
     def __init__(self):
         self.step: _Step | None = None
         self._prompt_len: int | None = None
-        self._prompt_input: torch.Tensor | None = None
+        # The input of the previous pass when it had an empty cache (ids [batch, seq] or embeds
+        # [batch, seq, hidden]), to recognise the next step of generate(use_cache=False); None otherwise.
+        self._last_input: torch.Tensor | None = None
 
     def attach(self, hooks: HookManager) -> None:
         """Register the recording hooks on the body of ``hooks.model`` (``model.base_model`` when it has one)."""
@@ -96,7 +100,7 @@ class SequenceTracker:
         """Forget the recorded prompt (the next pass starts a new sequence)."""
         self.step = None
         self._prompt_len = None
-        self._prompt_input = None
+        self._last_input = None
 
     def _before(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -131,23 +135,32 @@ class SequenceTracker:
             mask = mask.to(device).bool()
             real = mask[:, -seq:]
             index = (mask.long().cumsum(dim=1) - 1)[:, -seq:]
-        if past == 0 and not self._extends_prompt(given):
-            self._prompt_len = seq
-            self._prompt_input = given.detach()
+        if past == 0:
+            if not self._continues(given):
+                self._prompt_len = seq
+            self._last_input = given.detach()
+        else:  # no tensor to compare on the decode path, and none kept alive
+            self._last_input = None
         if self._prompt_len is None:  # the cache was filled before the tracker came: this pass is prompt too
             self._prompt_len = past + seq
         column = torch.arange(past, past + seq, device=device)
         self.step = _Step(real=real, index=index, column=column, prompt_len=self._prompt_len)
 
-    def _extends_prompt(self, given: torch.Tensor) -> bool:
-        """Is this pass (empty cache) the prompt plus tokens generated since, as in generate(use_cache=False)?"""
-        prompt = self._prompt_input
-        if prompt is None or given.ndim != prompt.ndim or given.shape[0] != prompt.shape[0]:
+    def _continues(self, given: torch.Tensor) -> bool:
+        """Is this pass (empty cache) the previous one plus one token, a step of generate(use_cache=False)?
+
+        Only the shapes are read unless the width is exactly one more, so a new prompt costs no host sync.
+        """
+        last = self._last_input
+        if last is None or given.ndim != last.ndim or given.shape[0] != last.shape[0]:
             return False
-        width = prompt.shape[1]
-        if given.shape[1] <= width or given.shape[2:] != prompt.shape[2:]:
+        if given.shape[1] != last.shape[1] + 1 or given.shape[2:] != last.shape[2:]:
             return False
-        return bool(torch.equal(given[:, :width].to(prompt.device), prompt))
+        head = given[:, :-1].to(last.device)
+        if head.ndim != 2:  # embeddings (generate's later steps feed ids): compare the rows in place
+            return bool(torch.equal(head, last))
+        # Beam search reorders and repeats rows between steps: each row must extend some previous row.
+        return bool((head[:, None, :] == last[None, :, :]).all(dim=-1).any(dim=1).all())
 
     def _after(self, module, args, output) -> None:
         self.step = None

@@ -81,6 +81,9 @@ _REQUIRED = ("model", "module", "position", "method", "traitlens_version")
 # Keys of the JSON object that describe the file rather than a field.
 _FORMAT_KEYS = ("format", "format_version", "hidden_size", "dtype")
 
+# Metrics that are the vector's norm ("vector_norm", "val_vector_norm", ...): rescaled with the vector.
+_NORM_METRIC = "vector_norm"
+
 # Metrics shown in repr, first one present wins; otherwise the first numeric metric.
 _REPR_METRICS = ("auroc", "accuracy", "val_accuracy", "test_accuracy", "heldout_accuracy", "separation")
 
@@ -108,7 +111,10 @@ class TraitVector:
         revision: the model revision (commit hash or tag) if known.
         layer: decoder layer index; when ``None`` it is read from ``module`` (its last all-digit component,
             so ``"model.layers.12.mlp"`` gives 12) and stays ``None`` if there is none.
-        method_params: the method's parameters, e.g. ``{"normalize": True}``.
+        method_params: the method's parameters, e.g. ``{"normalize": True}``. ``"threshold"``, if present,
+            is the decision threshold on the projection onto the unit vector (an example is called positive
+            above it), as ``traitlens.metrics.midpoint_threshold`` fits it; ``evaluate`` and the monitor
+            read it.
         dataset: the dataset's name or path.
         dataset_hash: a content hash of the dataset (the exact examples used).
         split_sizes: number of examples per split, e.g. ``{"train": 80, "val": 20}``; values ints >= 0.
@@ -124,9 +130,13 @@ class TraitVector:
     ``a``'s device first; ``normalized`` computes in float32 and returns the input dtype). The result keeps
     the metadata of its left ``TraitVector`` operand, appends one step to ``extra["derivation"]`` (for
     ``a ± b`` the step holds a summary of ``b``, with ``b``'s own derivation), and keeps ``metrics`` only
-    when the direction is unchanged (scaling by a positive number, normalizing); negation, scaling by a
-    number <= 0, and adding or subtracting another vector empty them. ``a ± b`` requires equal hidden
-    sizes and warns when the two come from different models, modules or positions.
+    when the direction is unchanged (scaling by a positive number, normalizing), with the metrics that are
+    the vector's norm (``"vector_norm"``, ``"val_vector_norm"``, ...) rescaled; negation, scaling by a
+    number <= 0, and adding or subtracting another vector empty them. ``method_params["threshold"]`` is on
+    the projection onto the unit vector, so it is kept by a positive scaling, negated by a negative one
+    (``-v`` included), and dropped by scaling by 0 and by ``a ± b`` (nobody fitted one for the result).
+    ``a ± b`` requires equal hidden sizes and warns when the two come from different models, modules or
+    positions.
 
     ``a == b`` is exact identity: same dtype and shape, equal values, and metadata that is equal as JSON
     (device is ignored).
@@ -223,7 +233,7 @@ class TraitVector:
 
     def to(self, *args: Any, **kwargs: Any) -> TraitVector:
         """A copy with ``vector.to(*args, **kwargs)`` (device and/or dtype), metadata unchanged."""
-        return self._derive(self.vector.to(*args, **kwargs), step=None, keep_metrics=True)
+        return self._derive(self.vector.to(*args, **kwargs), step=None, scale=1.0)
 
     def metadata(self) -> dict[str, Any]:
         """The metadata as a JSON-ready dict (everything but the tensor), as written to the file."""
@@ -285,17 +295,36 @@ class TraitVector:
     # ----------------------------------------------------------------------------------------------------------
     # Arithmetic
 
-    def _derive(self, tensor: torch.Tensor, step: dict[str, Any] | None, keep_metrics: bool) -> TraitVector:
+    def _derive(self, tensor: torch.Tensor, step: dict[str, Any] | None, scale: float | None) -> TraitVector:
+        """A copy holding ``tensor`` ``[hidden]``, with ``step`` appended to ``extra["derivation"]``.
+
+        ``scale``: ``tensor`` is ``scale * self.vector`` (``None``: it is no multiple of it, as ``a + b``).
+        What was measured on the direction follows it (see the class docstring): the threshold, on the
+        projection onto the unit vector, is kept for ``scale > 0``, negated for ``scale < 0`` and dropped
+        for 0 or ``None``; metrics are kept only for ``scale > 0``, with the vector norms rescaled.
+        """
         extra = copy.deepcopy(self.extra)
         if step is not None:
             previous = extra.get("derivation", [])
             extra["derivation"] = [*(previous if isinstance(previous, list) else [previous]), step]
+        method_params = copy.deepcopy(self.method_params)
+        metrics: dict[str, Any] = {}
+        if "threshold" in method_params and not (scale is not None and scale > 0):
+            threshold = method_params.pop("threshold")
+            if scale is not None and scale < 0 and _is_number(threshold):
+                method_params["threshold"] = -threshold
+        if scale is not None and scale > 0:
+            metrics = copy.deepcopy(self.metrics)
+            if scale != 1:  # 1 keeps the values as they are (an int stays an int)
+                for key, value in metrics.items():
+                    if (key == _NORM_METRIC or key.endswith("_" + _NORM_METRIC)) and _is_number(value):
+                        metrics[key] = value * scale
         return dataclasses.replace(
             self,
             vector=tensor,
-            method_params=copy.deepcopy(self.method_params),
+            method_params=method_params,
             split_sizes=dict(self.split_sizes),
-            metrics=copy.deepcopy(self.metrics) if keep_metrics else {},
+            metrics=metrics,
             extra=extra,
         )
 
@@ -307,7 +336,7 @@ class TraitVector:
         factor = float(factor)
         if not math.isfinite(factor):
             raise ValueError(f"cannot scale a TraitVector by {factor}: the factor must be finite")
-        return self._derive(self.vector * factor, {"op": "scale", "factor": factor}, keep_metrics=factor > 0)
+        return self._derive(self.vector * factor, {"op": "scale", "factor": factor}, scale=factor)
 
     __rmul__ = __mul__
 
@@ -321,12 +350,10 @@ class TraitVector:
             raise ValueError(
                 f"cannot divide a TraitVector by {divisor}: the divisor must be finite and non-zero"
             )
-        return self._derive(
-            self.vector / divisor, {"op": "divide", "divisor": divisor}, keep_metrics=divisor > 0
-        )
+        return self._derive(self.vector / divisor, {"op": "divide", "divisor": divisor}, scale=1 / divisor)
 
     def __neg__(self) -> TraitVector:
-        return self._derive(-self.vector, {"op": "negate"}, keep_metrics=False)
+        return self._derive(-self.vector, {"op": "negate"}, scale=-1.0)
 
     def _combine(self, other: object, op: str) -> TraitVector:
         if not isinstance(other, TraitVector):
@@ -350,7 +377,7 @@ class TraitVector:
             )
         b = other.vector.to(self.vector.device)
         tensor = self.vector + b if op == "add" else self.vector - b
-        return self._derive(tensor, {"op": op, "other": other.summary()}, keep_metrics=False)
+        return self._derive(tensor, {"op": op, "other": other.summary()}, scale=None)
 
     def __add__(self, other: object) -> TraitVector:
         return self._combine(other, "add")
@@ -368,7 +395,7 @@ class TraitVector:
         if norm == 0:
             raise ValueError("cannot normalize a zero vector (its norm is 0)")
         unit = (v32 / norm).to(self.vector.dtype)
-        return self._derive(unit, {"op": "normalize", "norm_before": float(norm)}, keep_metrics=True)
+        return self._derive(unit, {"op": "normalize", "norm_before": float(norm)}, scale=1 / float(norm))
 
     # ----------------------------------------------------------------------------------------------------------
     # Files
@@ -485,6 +512,10 @@ def _safetensors():
 def _layer_from_module(module: str) -> int | None:
     digits = [part for part in module.split(".") if part.isdigit()]
     return int(digits[-1]) if digits else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _key_metric(metrics: Mapping[str, Any]) -> tuple[str, float] | None:

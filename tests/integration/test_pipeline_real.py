@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from traitlens import load_dataset, load_vector
+from traitlens import TraitVector, load_dataset, load_vector
 from traitlens.cli import main
+from traitlens.dataset import encode_examples
 from traitlens.monitor import token_projections
 
 pytestmark = pytest.mark.integration
@@ -99,6 +100,70 @@ def test_cli_bad_arguments_get_one_line(tmp_path, capsys):
     assert err.startswith("traitlens evaluate: error:") and "\n" not in err
     assert main(["extract", "--trait", "sentimnt"]) == 2
     assert "did you mean 'sentiment'" in capsys.readouterr().err
+
+
+def _last_token_outputs(model, tokenizer, texts, path: str) -> torch.Tensor:
+    """``[n, hidden]`` float32: the output of module ``path`` at each text's last token, read with a plain
+    torch hook (the reference for where ``evaluate`` must read)."""
+    enc = encode_examples(tokenizer, texts)
+    seen = []
+    handle = model.get_submodule(path).register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(**enc.model_inputs())
+    finally:
+        handle.remove()
+    return seen[0][torch.arange(len(texts)), enc.last_prompt_index].float()
+
+
+def test_cli_evaluate_reads_the_module_the_vector_was_read_at(real_model, tmp_path, capsys):
+    model, tokenizer = real_model
+    data = load_dataset("sentiment")
+    path = "model.layers.12.mlp"  # not the layer-12 residual stream
+    train_pos, train_neg = (
+        _last_token_outputs(model, tokenizer, side, path) for side in data.examples("train")
+    )
+    test_pos, test_neg = (_last_token_outputs(model, tokenizer, side, path) for side in data.examples("test"))
+    direction = train_pos.mean(0) - train_neg.mean(0)  # [hidden]
+    unit = direction / direction.norm()
+    threshold = float(((train_pos @ unit).mean() + (train_neg @ unit).mean()) / 2)
+    vector = TraitVector(
+        direction, model="HuggingFaceTB/SmolLM2-135M-Instruct", module=path, position="prompt_last",
+        method="mean_diff", method_params={"threshold": threshold},
+    )  # fmt: skip
+    file = vector.save(tmp_path / "mlp12.safetensors")
+    assert main(["evaluate", str(file), "--trait", "sentiment", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    pos_s, neg_s = test_pos @ unit, test_neg @ unit  # [n]
+    assert metrics["pos_mean"] == pytest.approx(float(pos_s.mean()), rel=1e-3)
+    assert metrics["neg_mean"] == pytest.approx(float(neg_s.mean()), rel=1e-3)
+    right = int((pos_s > threshold).sum()) + int((neg_s <= threshold).sum())
+    assert metrics["accuracy"] == pytest.approx(right / (len(pos_s) + len(neg_s)), abs=1.01 / len(pos_s))
+    # a module whose output is not [batch, seq, hidden] cannot be scored: refused, not read elsewhere
+    k_proj = TraitVector(
+        direction, model="HuggingFaceTB/SmolLM2-135M-Instruct", module="model.layers.12.self_attn.k_proj",
+        position="prompt_last", method="mean_diff",
+    )  # fmt: skip
+    assert main(["evaluate", str(k_proj.save(tmp_path / "k.safetensors")), "--trait", "sentiment"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model-loading lines
+    assert err.startswith("traitlens evaluate: error:")
+    assert "'model.layers.12.self_attn.k_proj'" in err and "192" in err and "576" in err
+
+
+def test_cli_steer_refuses_an_op_that_dose_response_cannot_apply(tmp_path, capsys):
+    vector = TraitVector(
+        torch.randn(576, generator=torch.Generator().manual_seed(0)),
+        model="HuggingFaceTB/SmolLM2-135M-Instruct", module="model.layers.12", position="prompt_last",
+        method="mean_diff",
+    )  # fmt: skip
+    file = str(vector.save(tmp_path / "v.safetensors"))
+    for op in ("ablate", "clamp"):
+        args = ["steer", file, "--prompt", "Hi.", "--max-new-tokens", "2", "--dose-response", "--op", op]
+        assert main([*args, "--out", str(tmp_path / "dose.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("traitlens steer: error:") and "\n" not in err
+        assert f"--op {op}" in err and "--dose-response" in err
+        assert not (tmp_path / "dose.png").exists()
 
 
 def test_cli_steer_dose_response_and_export(run, tmp_path, capsys):

@@ -28,3 +28,6 @@ def test_streaming_mean_difference_and_spill_match_collected_rows(real_model, tm
     assert len(list(tmp_path.glob("batch_*.safetensors"))) == 3
     every_pos, every_neg = read_spilled(tmp_path)  # all layers in one read of each file
     assert every_pos.shape == pos.shape and torch.equal(every_neg[1], read_spilled(tmp_path, 1)[1])
+    with pytest.raises(FileExistsError, match="already holds 3 spilled batches"):  # a rerun into the folder
+        stream_statistics(model, tokenizer, pairs[:4], layers=LAYERS, spill_to=tmp_path)
+    assert read_spilled(tmp_path)[0].shape == pos.shape  # the earlier run's files are left as they were
