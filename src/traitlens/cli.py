@@ -320,6 +320,11 @@ def cmd_steer(args) -> None:
     model, tokenizer = _load(args)
     vector = load_vector(args.vector, model=model)
     prompts = _prompts(args)
+    if vector.layer is None and not args.absolute:
+        raise ValueError(
+            f"{args.vector} was read at {vector.module!r}, which is in no decoder layer, so there is no "
+            "residual norm to make --coeff relative to; pass --absolute"
+        )
     norm = None if args.absolute else residual_norms(model, tokenizer, prompts, vector.layer)[vector.layer]
     settings = {"positions": args.positions, "norm": norm, "max_new_tokens": args.max_new_tokens}
     if args.dose_response:

@@ -164,6 +164,23 @@ def test_cli_steer_refuses_an_op_that_dose_response_cannot_apply(tmp_path, capsy
         assert err.startswith("traitlens steer: error:") and "\n" not in err
         assert f"--op {op}" in err and "--dose-response" in err
         assert not (tmp_path / "dose.png").exists()
+    # a vector in no decoder layer has no residual norm for a relative --coeff
+    final_norm = TraitVector(
+        torch.randn(576, generator=torch.Generator().manual_seed(1)),
+        model="HuggingFaceTB/SmolLM2-135M-Instruct", module="model.norm", position="prompt_last",
+        method="mean_diff",
+    )  # fmt: skip
+    args = [
+        "steer",
+        str(final_norm.save(tmp_path / "n.safetensors")),
+        "--prompt",
+        "Hi.",
+        "--max-new-tokens",
+        "2",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("traitlens steer: error:") and "'model.norm'" in err and "--absolute" in err
 
 
 def test_cli_steer_dose_response_and_export(run, tmp_path, capsys):
