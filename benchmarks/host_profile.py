@@ -5,7 +5,8 @@ store at 69 us, while the suite's cases of the 135M shape cost about 300 us more
 pass. This runs one batch of each chosen case of the suite's workload under ``torch.profiler`` and prints,
 next to the bare case, the operations and CUDA runtime calls with the most host time, and how often each
 case calls the CUDA runtime functions that can cost the host most (synchronisations, pinned allocations,
-event queries). Counts are exact; times include the profiler's own overhead.
+event queries). Counts are exact; times include the profiler's own overhead. Then, without the profiler,
+it times capture to CPU with the side stream for large chunks against every chunk in stream order.
 
     python benchmarks/host_profile.py                       # cuda, SmolLM2-135M shape, bf16
     python benchmarks/host_profile.py --device cpu --model tiny
@@ -14,11 +15,14 @@ event queries). Counts are exact; times include the profiler's own overhead.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 from bench_cases import CASE_BY_KEY, make_workload
 from torch.profiler import ProfilerActivity, profile
+
+from traitlens import capture
 
 WATCHED = (
     "cudaStreamSynchronize",
@@ -40,6 +44,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default="bare,tl_cpu,tl_last,gen_plain,gen_tl")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rows", type=int, default=12, help="rows of each table")
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds of the copy-path comparison")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -77,6 +82,47 @@ def main(argv=None) -> None:
     print(f"{'':24s}" + "".join(f"{k:>12s}" for k in keys))
     for fn in WATCHED:
         print(f"{fn:24s}" + "".join(f"{counts[k].get(fn, 0):12d}" for k in keys))
+    time_copy_paths(w, args.rounds)
+
+
+def time_copy_paths(w, rounds: int) -> None:
+    """Capture to CPU with the side stream for large chunks (the default) against every chunk copied in
+    stream order (``SIDE_STREAM_BYTES`` raised past any chunk), as ratios to the bare pass in the same
+    rounds: which copy path costs a host-bound pass less, measured inside real passes."""
+    variants = {
+        "bare": ("bare", None),
+        "pinned (raw hooks, stream order)": ("pinned", None),
+        "tl_cpu, side stream >= 1 MiB": ("tl_cpu", capture.SIDE_STREAM_BYTES),
+        "tl_cpu, all in stream order": ("tl_cpu", 1 << 62),
+        "tl_last": ("tl_last", capture.SIDE_STREAM_BYTES),
+    }
+    default = capture.SIDE_STREAM_BYTES
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad():
+        try:
+            for r in range(rounds + 1):  # round 0 warms up
+                names = list(variants)
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    key, side_bytes = variants[name]
+                    capture.SIDE_STREAM_BYTES = default if side_bytes is None else side_bytes
+                    _sync(w.device)
+                    start = time.perf_counter()
+                    CASE_BY_KEY[key].run(w)
+                    _sync(w.device)
+                    if r:
+                        times[name].append(time.perf_counter() - start)
+        finally:
+            capture.SIDE_STREAM_BYTES = default
+    bare = statistics.median(times["bare"])
+    print(f"\ncopy paths, {rounds} rounds of one batch each, median ms and ratio to the bare pass")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:36s} {median * 1e3:9.2f} ms  {median / bare:6.3f}x")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":
