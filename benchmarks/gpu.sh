@@ -3,8 +3,10 @@
 # correctness of capture's GPU path first (and no host sync in hooks), then the suite, then two diagnostics
 # of host time (a profile of the capture cases inside real passes, the cost of one hook call). Writes into
 # $OUT (default: ./gpu-out). On an H200 the check took ~30 s and the suite ~4 min without nnsight; with
-# nnsight it ran past 320 s (SUITE_TIMEOUT), and 10 rounds of the generation cases (5 then) add about a
-# minute, so give a whole run at least 9 minutes.
+# nnsight it ran past 320 s, and 8 rounds of the generation cases (5 then) add about 30 s. The limits below
+# add up to 550 s (check 60, suite 400, profile 50, hook overhead 40) plus ~15 s of setup: run it with the
+# device tool's timeout_s=590. The suite measures the methods first and writes its results after each
+# model, so a suite cut off by its limit keeps what it measured.
 # Expects .gpu/whl (peer wheels for Python 3.12) and .gpu/method_acts.safetensors (real activations for
 # the methods, saved on the CPU with `run.py --method-activations`), both optional. To prepare them here
 # (`.gpu/` is ignored; carry it with the run):
@@ -25,11 +27,11 @@ if compgen -G ".gpu/whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
+timeout 60 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 acts=()
 [ -f .gpu/method_acts.safetensors ] && acts=(--method-activations .gpu/method_acts.safetensors)
-timeout "${SUITE_TIMEOUT:-450}" python3 benchmarks/run.py --device cuda "${acts[@]}" --out "$OUT/benchmarks.md" \
+timeout "${SUITE_TIMEOUT:-400}" python3 benchmarks/run.py --device cuda "${acts[@]}" --out "$OUT/benchmarks.md" \
   --json "$OUT/gpu.json" 2>&1 | tee "$OUT/run_log.txt"
-timeout 60 python3 benchmarks/host_profile.py 2>&1 | grep -v "^USDT" | tee "$OUT/host_profile.txt"
-timeout 60 python3 benchmarks/hook_overhead.py 2>&1 | tee "$OUT/hook_overhead.txt"
+timeout 50 python3 benchmarks/host_profile.py 2>&1 | grep -v "^USDT" | tee "$OUT/host_profile.txt"
+timeout 40 python3 benchmarks/hook_overhead.py 2>&1 | tee "$OUT/hook_overhead.txt"

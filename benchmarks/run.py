@@ -4,13 +4,13 @@
     python benchmarks/run.py --device cuda --dtype bfloat16 # GPU: random-weight 135M and 1B Llama shapes
     python benchmarks/run.py --quick --out /tmp/b.md        # seconds, a tiny random model (smoke test)
 
-Each case runs the whole workload; every case is warmed up first, then all cases run in rounds (the order
-rotates from round to round, and the bare forward pass runs in every round, so drift shows in its spread);
+Each case runs the whole workload; every case is warmed up first, then all cases run in rounds (in a new
+seeded random order each round, and the bare forward pass runs in every round, so drift shows in its spread);
 the generation cases run in rounds of their own (``--gen-reps``; more of them on a GPU).
 Reported: the median time, its ratio to the bare forward pass (generation cases: to plain ``generate``), and
 the spread (max - min) / median over rounds. Peak memory: on CPU the extra peak resident memory of a fresh
 process per case (``VmHWM`` after a reset via ``/proc/self/clear_refs``, minus the resident memory before
-the case, the model loaded and warmed up); on a GPU ``torch.cuda.max_memory_allocated`` above the memory
+the case, the model loaded and warmed up, and memory freed by the warm-up given back with ``malloc_trim``); on a GPU ``torch.cuda.max_memory_allocated`` above the memory
 allocated before the case. Peers run in their own process (``benchmarks/peers.py``, any Python given with
 ``--peer-python``) against their own bare forward pass. Results are written into the CPU or GPU section of
 the markdown file (``--out``, default docs/benchmarks.md) and a PNG plot next to it.
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import gc
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -48,7 +50,7 @@ PROFILES = {
     # generate on a GPU is bound by the host and jittery (spreads of 30-50% over 5 rounds on an H200), and
     # a round of it is short: more rounds for the generation cases
     "cuda": dict(n_prompts=64, batch_size=16, seq_len=512, gen_prompts=16, gen_batch_size=16,
-                 gen_prompt_len=512, new_tokens=64, reps=5, gen_reps=10),
+                 gen_prompt_len=512, new_tokens=64, reps=5, gen_reps=8),
     "quick": dict(n_prompts=8, batch_size=4, seq_len=16, gen_prompts=4, gen_batch_size=4, gen_prompt_len=8,
                   new_tokens=4, reps=2, gen_reps=2),
 }  # fmt: skip
@@ -61,8 +63,10 @@ SIZE_KEYS = (
     "gen_prompt_len",
     "new_tokens",
 )
-STREAM_PAIRS = {"quick": 4, "cpu": 32, "cuda": 256}
-"""N of the streaming memory check (pairs); it is run with N and 10 N."""
+STREAM_PAIRS = {"quick": 4, "cpu": 128, "cuda": 256}
+"""N of the streaming memory check (pairs); it is run with N and 10 N. Large enough that the rows of 10 N
+pairs, collected, raise the peak well past 10% (CPU: 1280 pairs x 2 x 30 layers x 576 floats = 177 MB
+against a process of about 1 GB), so that the check can fail."""
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -74,7 +78,8 @@ def _sync(device: torch.device) -> None:
 
 
 def time_cases(w: Workload, keys: list[str], reps: int, full_warmup: bool) -> dict[str, list[float]]:
-    """Seconds per run of each case, ``reps`` rounds, the order rotated each round."""
+    """Seconds per run of each case, ``reps`` rounds, in a new seeded random order each round (a rotation
+    would keep every case after the same neighbour, and what a case leaves behind slows the next one)."""
     warm = w if full_warmup else dataclasses.replace(w, batches=w.batches[:1], gen_batches=w.gen_batches[:1])
     times: dict[str, list[float]] = {k: [] for k in keys}
     with torch.no_grad():
@@ -82,7 +87,7 @@ def time_cases(w: Workload, keys: list[str], reps: int, full_warmup: bool) -> di
             kept = CASE_BY_KEY[key].run(warm)
             del kept
         for rep in range(reps):
-            order = keys[rep % len(keys) :] + keys[: rep % len(keys)]
+            order = random.Random(rep).sample(keys, len(keys))
             for key in order:
                 gc.collect()
                 _sync(w.device)
@@ -111,6 +116,14 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _return_freed_memory() -> None:
+    """Give memory freed earlier (the warm-up's activations) back to the OS, so that the resident memory
+    grows with what a case allocates: without it, glibc hands freed blocks out again and a case holding
+    tens of MB measured 0 extra."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the extra column is a lower bound then
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def measure_memory(w: Workload, run, device: torch.device) -> float | None:
     """Extra peak memory in MB (2**20) while ``run(w)`` runs and its result is alive."""
     gc.collect()
@@ -123,6 +136,7 @@ def measure_memory(w: Workload, run, device: torch.device) -> float | None:
         peak = torch.cuda.max_memory_allocated(device) - before
         del kept
         return peak / 2**20
+    _return_freed_memory()
     if not _reset_peak_rss():
         return None
     before = _status_kb("VmRSS")
@@ -132,9 +146,15 @@ def measure_memory(w: Workload, run, device: torch.device) -> float | None:
     return peak / 1024
 
 
+STREAM_TOKENS, STREAM_BATCH = 8, 64
+"""Length of each random sequence of the streaming check, and pairs per forward pass: short sequences, because
+the check is about rows kept per example (one per layer and side at the last token), not about tokens."""
+
+
 def stream_case(n_pairs: int, streaming: bool):
-    """Mean difference at the last token of every layer over ``n_pairs`` random pairs (seq 16): streamed
-    through ``traitlens.stats.ContrastiveStats``, or collected first (all rows kept) then averaged."""
+    """Mean difference at the last token of every layer over ``n_pairs`` random pairs: streamed through
+    ``traitlens.stats.ContrastiveStats``, or collected first (all rows kept) then averaged, the control that
+    shows the check can fail. Rows stay on the model's device (the GPU, where the peak is measured)."""
 
     def run(w: Workload):
         from traitlens.capture import ActivationCapture
@@ -142,15 +162,14 @@ def stream_case(n_pairs: int, streaming: bool):
         from traitlens.stats import ContrastiveStats
 
         generator = torch.Generator().manual_seed(1)
-        size, vocab = w.batches[0]["input_ids"].shape[0], w.model.config.vocab_size
-        capture = ActivationCapture(dtype=torch.float32, positions=-1)
+        vocab = w.model.config.vocab_size
+        capture = ActivationCapture(device=w.device, dtype=torch.float32, positions=-1)
         stats, rows = ContrastiveStats(), {"pos": [], "neg": []}
-        for start in range(0, n_pairs, size):
+        for start in range(0, n_pairs, STREAM_BATCH):
             sides = {}
             for side in ("pos", "neg"):
-                ids = torch.randint(3, vocab, (min(size, n_pairs - start), 16), generator=generator).to(
-                    w.device
-                )
+                shape = (min(STREAM_BATCH, n_pairs - start), STREAM_TOKENS)
+                ids = torch.randint(3, vocab, shape, generator=generator).to(w.device)
                 with HookManager(w.model) as hooks:
                     for i, path in enumerate(w.paths):
                         hooks.add_forward_hook(path, capture.make_hook(str(i)))
@@ -485,6 +504,10 @@ def main(argv=None) -> dict:
         "models": [],
     }
     started = time.perf_counter()
+    # the methods first: short, and on a GPU run cut off by its time limit they were what was lost
+    print("== methods", flush=True)
+    results["methods"] = methods_benchmark(args)
+    _write(args, results, started)
     for model in args.models.split(","):
         print(f"== {model}", flush=True)
         w = _workload(args, model)
@@ -495,6 +518,8 @@ def main(argv=None) -> dict:
             group_keys = [c.key for c in CASES if c.group == group]
             times.update(time_cases(w, group_keys, reps, full_warmup=device.type == "cuda"))
         entry["times"] = times
+        results["models"].append(entry)
+        _write(args, results, started)  # what is measured so far survives a run cut short
         if args.no_memory:
             entry["memory"] = {}
         elif device.type == "cuda":
@@ -512,11 +537,9 @@ def main(argv=None) -> dict:
             reason = "--no-peers" if args.no_peers else "--quick"
             entry["peers"] = [{"key": "peers", "status": "skipped", "reason": reason}]
         else:
+            _write(args, results, started)
             entry["peers"] = peers_benchmark(args, model)
-        results["models"].append(entry)
-        _write(args, results, started)  # what is measured so far survives a run cut short
-    print("== methods", flush=True)
-    results["methods"] = methods_benchmark(args)
+        _write(args, results, started)
     out, plot = _write(args, results, started)
     print(f"wrote {out} and {plot} in {results['seconds']:.0f} s", flush=True)
     return results
@@ -545,13 +568,14 @@ def _streaming(args, values: dict) -> dict:
 
 
 def _streaming_cuda(args, w: Workload) -> dict:
-    """On a GPU: device memory of the streamed statistics for N and 10 N pairs, in this process."""
+    """On a GPU: peak device memory (rows and statistics stay on the GPU) of mean difference over N and 10 N
+    pairs, streamed and collected, in this process."""
     values = {}
     with torch.no_grad():
-        for key in STREAM_KEYS[:2]:
-            values[key] = measure_memory(
-                w, stream_case(args.stream_pairs * int(key.split("_")[1][:-1]), True), w.device
-            )
+        for key in STREAM_KEYS:
+            kind, factor = key.split("_")
+            run = stream_case(args.stream_pairs * int(factor[:-1]), kind == "stream")
+            values[key] = measure_memory(w, run, w.device)
     return {"status": "ok", "pairs": args.stream_pairs, "extra_mb": values, "total_mb": {}}
 
 

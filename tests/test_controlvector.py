@@ -117,6 +117,72 @@ def test_loaded_directions_steer_the_same_layers():
         assert torch.equal(capture.get(f"out{i}"), capture.get(f"raw{i}") + directions[i])
 
 
+def _trait_vector(module: str, layer: int | None = None, hidden: int = HIDDEN) -> TraitVector:
+    g = torch.Generator().manual_seed(2)
+    return TraitVector(
+        vector=torch.randn(hidden, generator=g), model="tiny", module=module, layer=layer,
+        position="prompt_last", method="mean_diff",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "model.layers.12.self_attn",
+        "model.layers.12.mlp",
+        "model.layers.12.input_layernorm",
+        "model.layers.3.mlp.experts.12",  # an expert of layer 3, not layer 12
+        "model.norm",
+    ],
+)
+def test_trait_vectors_read_inside_a_layer_are_refused(tmp_path, module):
+    # llama.cpp adds direction.N to decoder layer N's output; a vector read at a submodule was steered there.
+    vector = _trait_vector(module)
+    for directions in (vector, [vector]):
+        with pytest.raises(
+            ValueError, match=r"module '.*' \(layer .*\) cannot be written.*output of decoder layer N"
+        ):
+            save_control_vector(tmp_path / "cv.gguf", directions, model_hint="llama")
+    assert not (tmp_path / "cv.gguf").exists()
+
+
+def test_a_layer_that_disagrees_with_the_module_is_refused(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"'model.layers.12' has layer 5, which is not its module's index 12"
+    ):
+        save_control_vector(
+            tmp_path / "cv.gguf", _trait_vector("model.layers.12", layer=5), model_hint="llama"
+        )
+
+
+def test_explicit_layers_and_decoder_layer_vectors_are_written(tmp_path):
+    attn = _trait_vector("model.layers.12.self_attn")
+    path = save_control_vector(
+        tmp_path / "a.gguf", {12: attn.vector}, model_hint="llama"
+    )  # the user's choice
+    assert torch.equal(load_control_vector(path).directions[12], attn.vector)
+    gpt2 = _trait_vector("transformer.h.3")
+    path = save_control_vector(tmp_path / "b.gguf", gpt2, model_hint="gpt2")
+    assert torch.equal(load_control_vector(path).directions[3], gpt2.vector)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_written_trait_vector_steers_like_the_vector_itself(tmp_path, family):
+    model = make_tiny_model(family)
+    vector = _trait_vector(layer_path(family, 2), hidden=TINY_HIDDEN)
+    loaded = load_control_vector(save_control_vector(tmp_path / "cv.gguf", vector, model_hint=family))
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with steer(model, vector, coeff=4.0):
+            expected = model(input_ids=ids).logits
+        with steer(model, {layer: 4.0 * d for layer, d in loaded.directions.items()}):
+            got = model(input_ids=ids).logits
+    assert loaded.layers == [2]
+    assert not torch.allclose(expected, plain, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def _finish(writer) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

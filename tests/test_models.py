@@ -1,6 +1,11 @@
-"""What the bundled model's safetensors cache is keyed by (the real conversion is in tests/integration)."""
+"""What the bundled model's safetensors cache is keyed by, and the arguments it refuses (the real conversion
+and loading are in tests/integration)."""
 
-from traitlens.models import _file_identity
+import re
+
+import pytest
+
+from traitlens.models import _file_identity, load_model
 
 
 def test_the_cache_key_follows_the_file_content_not_its_path(tmp_path):
@@ -15,3 +20,17 @@ def test_the_cache_key_follows_the_file_content_not_its_path(tmp_path):
     assert _file_identity(a) != _file_identity(b)
     b.write_bytes(content + b"\x00")  # one byte longer
     assert _file_identity(a) != _file_identity(b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        ({"revision": "main"}, "revision='main'"),
+        ({"subfolder": "other"}, "subfolder='other'"),
+        ({"name": "smollm2", "gguf_file": "x.gguf"}, "gguf_file='x.gguf'"),
+    ],
+)
+def test_the_bundled_model_refuses_arguments_that_choose_another_file(kwargs, shown):
+    # Refused before anything is read: the bundled model is one file, there is no revision of it.
+    with pytest.raises(ValueError, match=rf"bundled model is the one file .*got {re.escape(shown)}"):
+        load_model(**kwargs)

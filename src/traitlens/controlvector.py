@@ -13,8 +13,11 @@ and by repeng's ``ControlVector.export_gguf``):
 **Layer numbering.** llama.cpp adds ``direction.N`` to the *output* of its layer ``N`` (counted from 0, the
 same order as Hugging Face's ``model.layers``), after the layer's last residual addition, at every token.
 ``direction.0`` is rejected by llama.cpp's loader: the output of the first layer cannot be steered from a
-file. So traitlens layer ``i`` (the output of ``model.layers.i``, what ``TraitVector.layer`` and
-``steer(layer=i)`` mean) is written as ``direction.i`` unchanged, and ``i`` must be at least 1.
+file. So traitlens layer ``i`` (the output of ``model.layers.i``, what ``steer(layer=i)`` means) is written
+as ``direction.i`` unchanged, and ``i`` must be at least 1. A ``TraitVector`` is written only when its
+``module`` is a decoder layer itself (``model.layers.12``, ``transformer.h.3``): one read inside a layer
+(``model.layers.12.self_attn``, ``.mlp``, ``.input_layernorm``) was steered there, not at the layer's output,
+so the file would add it elsewhere. Give ``{layer: tensor}`` to write such a vector at a layer output anyway.
 
 **Strength.** llama.cpp adds the stored vector times the scale of ``--control-vector-scaled FILE SCALE``
 (1 for ``--control-vector``). Store the vector you want added at scale 1, e.g. ``4 * v``: then
@@ -66,8 +69,9 @@ def save_control_vector(path: str | os.PathLike, directions, *, model_hint: str)
 
     Args:
         directions: ``{layer: [hidden] tensor or TraitVector}``, or a single ``TraitVector`` / a list of
-            them (each written at its ``.layer``). Layers are traitlens indices, at least 1 (see the
-            module docs); values are written as float32.
+            them (each written at its ``.layer``, which needs its ``module`` to be a decoder layer such as
+            ``"model.layers.12"``: see the module docs). Layers are traitlens indices, at least 1; values
+            are written as float32.
         model_hint: the model family llama.cpp users should load it with, e.g. ``model.config.model_type``
             (``"llama"`` for the bundled SmolLM2).
     """
@@ -146,9 +150,12 @@ def _as_directions(directions) -> dict[int, torch.Tensor]:
     if isinstance(directions, (list, tuple)):
         items = []
         for item in directions:
-            if not hasattr(item, "layer") or item.layer is None:
-                raise ValueError("each TraitVector in the list needs a layer; or pass {layer: vector}")
-            items.append((item.layer, item))
+            if not hasattr(item, "layer") or not hasattr(item, "module"):
+                raise TypeError(
+                    f"a list of directions must hold TraitVectors, got {type(item).__name__}; "
+                    "or pass {layer: vector}"
+                )
+            items.append((_decoder_layer(item), item))
     elif isinstance(directions, Mapping):
         items = list(directions.items())
     else:
@@ -176,3 +183,30 @@ def _as_directions(directions) -> dict[int, torch.Tensor]:
         shown = short_list([f"{layer}: {size}" for layer, size in sizes.items()])
         raise ValueError(f"all directions must have the same hidden size, got {shown}")
     return dict(sorted(rows.items()))
+
+
+def _decoder_layer(vector) -> int:
+    """The layer a ``TraitVector`` is written at: its ``module`` must be a decoder layer's own path (a
+    dotted path whose one all-digit part is the last, e.g. ``model.layers.12``), equal to its ``.layer``.
+
+    llama.cpp adds ``direction.N`` to the output of decoder layer ``N``; a vector read (and steered) at a
+    submodule such as ``model.layers.12.self_attn`` would be added somewhere else. Without the model the
+    path is all there is to go by, so an expert (``model.layers.3.mlp.experts.7``) is refused too.
+    """
+    module, layer = vector.module, vector.layer
+    parts = module.split(".")
+    digits = [i for i, part in enumerate(parts) if part.isdigit()]
+    if len(parts) >= 2 and digits == [len(parts) - 1]:  # a decoder layer's own path
+        if int(parts[-1]) != layer:
+            raise ValueError(
+                f"TraitVector with module {module!r} has layer {layer}, which is not its module's index "
+                f"{parts[-1]}; fix one of them, or pass {{layer: vector.vector}}"
+            )
+        return layer
+    example = ".".join(parts[: digits[0] + 1]) if digits else "model.layers.N"
+    raise ValueError(
+        f"TraitVector with module {module!r} (layer {layer}) cannot be written: llama.cpp adds direction.N "
+        f"to the output of decoder layer N (a module such as {example!r}), while this vector was read, and "
+        f"is steered by steer(), at {module!r}, so the file would steer a different place. Extract the "
+        "vector at a decoder layer, or pass {N: vector.vector} to add it at the output of layer N anyway"
+    )

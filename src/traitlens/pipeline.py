@@ -14,8 +14,9 @@ the class means of the projections), so held-out splits are never used to fit an
 The control: one random direction is unoriented, so its accuracy is 0.5 only on average over directions;
 on anisotropic residual streams a single draw scatters widely (seen on SmolLM2 with the sentiment data:
 standard deviation 0.08-0.15 across seeds at one layer). ``random_baseline`` is therefore scored as the
-mean over ``control_draws`` seeded random directions (``draws_accuracy_mean`` / ``_std`` next to the
-single seed-``seed`` vector's own scores), and that mean is what must lie within 0.5 +/- ``CHANCE_BAND``.
+mean over ``control_draws`` seeded random directions (``draws_accuracy_mean`` / ``_std`` and
+``draws_auroc_mean`` / ``_std`` next to the single seed-``seed`` vector's own scores), and the accuracy mean
+is what must lie within 0.5 +/- ``CHANCE_BAND``.
 """
 
 from __future__ import annotations
@@ -433,9 +434,10 @@ def _random_draws(
     seed: int,
     draws: int,
 ) -> dict:
-    """Accuracy of ``draws`` random directions (seeds ``seed``, ``seed + 1``, ...), each with its train
-    midpoint threshold: mean and standard deviation. What ``midpoint_threshold`` and ``accuracy`` give for
-    each direction, computed for all of them in one matrix product."""
+    """Accuracy (each with its train midpoint threshold) and AUROC of ``draws`` random directions (seeds
+    ``seed``, ``seed + 1``, ...): mean and standard deviation over the draws. What ``midpoint_threshold``,
+    ``accuracy`` and ``auroc`` give for each direction, computed for all of them in one matrix product. A
+    random direction is unoriented, so its AUROC is taken as it is: symmetric around 0.5 over draws."""
     method = get_method(CONTROL)
     vectors = [method.extract(train_pos, train_neg, seed=seed + k)["vector"] for k in range(draws)]
     units = normalize_vectors(torch.stack(vectors).double())  # [draws, hidden]
@@ -444,11 +446,20 @@ def _random_draws(
         return acts.double() @ units.T  # [n, draws]
 
     thresholds = (scores(train_pos).mean(0) + scores(train_neg).mean(0)) / 2  # [draws]
-    right = (scores(pos) > thresholds).sum(0) + (scores(neg) <= thresholds).sum(0)  # [draws]
+    pos_s, neg_s = scores(pos), scores(neg)  # [n_pos, draws], [n_neg, draws]
+    right = (pos_s > thresholds).sum(0) + (neg_s <= thresholds).sum(0)  # [draws]
     values = right.double() / (len(pos) + len(neg))
+    # AUROC as Mann-Whitney U / (n_pos n_neg), ties counted one half: for each positive, the negatives
+    # strictly below it plus those not above it, halved, found by binary search in each draw's sorted row.
+    sorted_neg = neg_s.T.sort(dim=1).values.contiguous()  # [draws, n_neg]
+    pos_rows = pos_s.T.contiguous()  # [draws, n_pos]
+    twice_u = torch.searchsorted(sorted_neg, pos_rows) + torch.searchsorted(sorted_neg, pos_rows, right=True)
+    aurocs = twice_u.sum(1).double() / (2 * len(pos) * len(neg))  # [draws]
     return {
         "draws_accuracy_mean": float(values.mean()),
         "draws_accuracy_std": float(values.std()),
+        "draws_auroc_mean": float(aurocs.mean()),
+        "draws_auroc_std": float(aurocs.std()),
         "draws": draws,
     }
 

@@ -22,15 +22,17 @@ from traitlens.pipeline import CHANCE_BAND, CONTROL, ExtractionResult
 
 
 def plot_layers(result: ExtractionResult, path: Path) -> Path:
-    """Validation accuracy and AUROC by layer, one line per method."""
+    """Validation accuracy and AUROC by layer, one line per method; the random baseline's line is the mean
+    over its random directions (one unoriented direction scatters far from 0.5)."""
     fig = figure((12, 4))
     axes = fig.subplots(1, 2, sharex=True)
     for ax, key in zip(axes, ("accuracy", "auroc"), strict=True):
         for method in result.methods:
-            control = method == CONTROL and key == "accuracy"  # mean over random directions
-            values = [v["draws_accuracy_mean" if control else key] for v in result.val[method]]
-            style = {"linestyle": ":", "color": "grey"} if method == CONTROL else {}
-            ax.plot(result.layers, values, marker=".", label=method, **style)
+            control = method == CONTROL  # mean over random directions
+            values = [v[f"draws_{key}_mean" if control else key] for v in result.val[method]]
+            style = {"linestyle": ":", "color": "grey"} if control else {}
+            label = f"{method} (mean of {result.val[method][0]['draws']} draws)" if control else method
+            ax.plot(result.layers, values, marker=".", label=label, **style)
         ax.axhline(0.5, color="black", linewidth=0.5)
         ax.axvline(result.best_layer, color="red", linewidth=0.8, linestyle="--")
         ax.set(xlabel="layer", ylabel=f"validation {key}", ylim=(0, 1.02), title=f"validation {key} by layer")
@@ -142,8 +144,9 @@ def _summary_table(result: ExtractionResult) -> str:
             f"{test['accuracy']:.3f} / {test['auroc']:.3f} / {test['effect_size']:.2f}",
         ),
         (
-            "random baseline, same layer: test accuracy",
-            f"{control['draws_accuracy_mean']:.3f} +/- {control['draws_accuracy_std']:.3f} "
+            "random baseline, same layer: test accuracy / AUROC",
+            f"{control['draws_accuracy_mean']:.3f} +/- {control['draws_accuracy_std']:.3f} / "
+            f"{control['draws_auroc_mean']:.3f} +/- {control['draws_auroc_std']:.3f} "
             f"(mean +/- std over {control['draws']} random directions)",
         ),
     ]
@@ -156,11 +159,16 @@ def _summary_table(result: ExtractionResult) -> str:
     )
     rows = []
     for m in result.methods:
-        layer = result.best_layer_of(m)
-        scores = result.val[m][result.index(layer)]
-        rows.append(
-            f"<tr><td>{m}</td><td>{layer}</td><td>{scores['accuracy']:.3f}</td><td>{scores['auroc']:.3f}</td></tr>"
-        )
+        if m == CONTROL:  # at the chosen layer, the mean over its random directions (no best layer to pick)
+            layer = result.best_layer
+            scores = result.val[m][result.index(layer)]
+            name = f"{m} (mean of {scores['draws']} draws)"
+            accuracy, auroc = scores["draws_accuracy_mean"], scores["draws_auroc_mean"]
+        else:
+            layer = result.best_layer_of(m)
+            scores = result.val[m][result.index(layer)]
+            name, accuracy, auroc = m, scores["accuracy"], scores["auroc"]
+        rows.append(f"<tr><td>{name}</td><td>{layer}</td><td>{accuracy:.3f}</td><td>{auroc:.3f}</td></tr>")
     best = "".join(rows)
     return (
         f"<table>{body}</table>{note}<h3>Best layer per method (validation)</h3>"

@@ -1,5 +1,5 @@
-"""Sharded extraction on a local Ray instance (2 workers) equals the single-process run, survives a worker
-killed mid-shard, and resumes after an interruption."""
+"""Sharded extraction on a local Ray instance (2 workers) equals the single-process run (also for a bf16
+driver model), survives a worker killed mid-shard, and resumes after an interruption."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import ray
 import torch
 
-from traitlens import load_dataset
+from traitlens import load_dataset, load_model
 from traitlens.cli import main
-from traitlens.distributed import RayCluster, distributed_statistics, read_shards
-from traitlens.pipeline import extract_trait, stream_statistics
+from traitlens.distributed import RayCluster, distributed_activations, distributed_statistics, read_shards
+from traitlens.pipeline import collect_activations, extract_trait, stream_statistics
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +80,20 @@ def test_extract_on_ray_equals_the_single_process_run(real_model, small, tmp_pat
         assert torch.equal(remote.vectors["random_baseline"][i], local.vectors["random_baseline"][i])
     assert (remote.best_method, remote.best_layer) == (local.best_method, local.best_layer)
     assert remote.test["accuracy"] == local.test["accuracy"]
+
+
+def test_a_bf16_driver_model_gets_bf16_workers(tmp_path):
+    model, tokenizer = load_model(dtype=torch.bfloat16)  # the workers' default would be float32
+    data = load_dataset("sentiment")
+    data = replace(data, pairs=data.train[:8] + data.val[:4] + data.test[:4])
+    cluster = RayCluster(workers=1, out_dir=tmp_path, shard_size=8)
+    acts = distributed_activations(model, data, layers=[6], batch_size=8, cluster=cluster, progress=False)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["model_kwargs"] == {"dtype": "bfloat16"}
+    for split in ("train", "val", "test"):
+        for got, side in zip(acts[split], data.examples(split), strict=True):
+            expected = collect_activations(model, tokenizer, side, layers=[6], batch_size=8)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_statistics_survive_a_worker_killed_mid_shard(real_model, tmp_path):

@@ -1,4 +1,7 @@
-"""The bundled model: the safetensors cache reproduces the GGUF file exactly, and loading is offline."""
+"""The bundled model: the safetensors cache reproduces the GGUF file exactly, loading is offline, and
+from_pretrained arguments (attention, dtype, device_map) reach it with its weights in ordinary memory."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +30,55 @@ def test_cold_cache_then_warm_cache_give_the_gguf_model(tmp_path, monkeypatch):
         for model in (cold, warm):
             assert torch.equal(model(**ids).logits, expected)
     assert warm.config._name_or_path == models.BUNDLED_ID
+
+
+def _file_mapped(model, path) -> list[str]:
+    """Names of the tensors of ``model`` whose memory lies in a mapping of the file ``path``
+    (``/proc/self/maps``: one line per mapping, ``start-end perms offset dev inode path``)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(Path(path).resolve()):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [n for n, t in tensors if t.device.type == "cpu" and any(a <= t.data_ptr() < b for a, b in ranges)]
+
+
+def test_from_pretrained_arguments_reach_the_bundled_model():
+    model, _ = models.load_model(attn_implementation="eager", device_map={"": "meta"}, use_cache=False)
+    assert model.config._attn_implementation == "eager"
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert model.config.use_cache is False
+    assert model.config._name_or_path == models.BUNDLED_ID
+
+
+def test_bundled_weights_are_in_memory_also_with_a_device_map(real_model):
+    from transformers import AutoModelForCausalLM
+
+    weights = models.cache_dir() / "smollm2-135m-instruct-v1" / "model.safetensors"
+    mapped = AutoModelForCausalLM.from_pretrained(weights.parent, dtype=torch.float32)
+    assert _file_mapped(mapped, weights)  # transformers maps the file: the check below can fail
+    model, tokenizer = models.load_model(device_map={"": "cpu"})
+    assert _file_mapped(real_model[0], weights) == []
+    assert _file_mapped(model, weights) == []
+    ids = tokenizer("The weather today is lovely", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, real_model[0](**ids).logits)
+
+
+def test_dtype_and_disk_offload_of_the_bundled_model(real_model, tmp_path):
+    reference = real_model[0]
+    bf16, _ = models.load_model(dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    for (name, a), b in zip(reference.state_dict().items(), bf16.state_dict().values(), strict=True):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+    # Not GGUF-quantized (the cache is plain float32), so accelerate may offload layers to disk.
+    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head")}
+    device_map |= {f"model.layers.{i}": "disk" if i >= 20 else "cpu" for i in range(30)}
+    offloaded, tokenizer = models.load_model(device_map=device_map, offload_folder=str(tmp_path))
+    assert offloaded.model.layers[25].mlp.down_proj.weight.device.type == "meta"
+    assert offloaded.model.layers[3].mlp.down_proj.weight.device.type == "cpu"
+    ids = tokenizer("The weather today is lovely", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(**ids).logits, reference(**ids).logits, rtol=1e-5, atol=1e-5)

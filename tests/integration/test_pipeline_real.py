@@ -220,3 +220,23 @@ def test_prompt_style_data_reads_the_answers_and_refuses_a_shared_prompt(real_mo
     assert result.position == "response_mean" and result.test["accuracy"] >= 0.8
     with pytest.raises(ValueError, match=r"identical at position 'prompt_last'.*response_mean"):
         extract_trait(model, tokenizer, data, layers=[3], position="prompt_last", progress=False)
+
+
+def test_report_shows_the_random_baseline_as_the_mean_over_its_draws(run):
+    import re
+
+    from traitlens.pipeline import CONTROL
+
+    out, summary = run
+    text = (out / "report.html").read_text()
+    test = summary["control"]["test"]
+    # the control's AUROC is the mean over its draws (near chance), not one unoriented draw (0.66-0.68)
+    assert abs(test["draws_auroc_mean"] - 0.5) <= 0.15
+    assert f"{test['draws_auroc_mean']:.3f} +/- {test['draws_auroc_std']:.3f}" in text
+    assert f"<td>{CONTROL} (mean of 32 draws)</td>" in text
+    # the per-token heatmaps of the short test sentences are coloured past their first token
+    heatmaps = re.findall(r'<div class="traitlens-heatmap">.*?</div></div>', text)
+    assert heatmaps
+    for heatmap in heatmaps:
+        alphas = [float(a) for a in re.findall(r"rgba\([0-9,]+,([0-9.]+)\)", heatmap)]
+        assert len(alphas) < 20 and max(alphas[1:]) >= 0.9
