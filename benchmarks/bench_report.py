@@ -323,7 +323,9 @@ def draw(results: dict, path: Path) -> None:
             ax.text(r, yi, f" {r:.2f}", va="center", fontsize=8)
         ax.axvline(1.0, color="black", lw=0.8, ls="--")
         ax.set_yticks(y, labels, fontsize=8)
-        ax.set_xlabel("time / baseline (blue: bare forward; green: plain generate; purple: peer's own bare)")
+        ax.set_xlabel(
+            "time / baseline\n(blue: bare forward; green: plain generate; purple: the peer's baseline)"
+        )
         ax.set_title(
             f"{entry['model']} on {results['machine'].get('gpu') or results['machine']['cpu']}", fontsize=9
         )
