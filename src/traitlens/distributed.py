@@ -54,8 +54,8 @@ class RayCluster:
 
     Args:
         address: the Ray cluster to join (``"auto"``, ``"HEAD_IP:6379"``, ``"ray://HEAD_IP:10001"``); ``None``
-            joins the one in ``$RAY_ADDRESS`` or the one already initialised in this process, else starts a
-            local Ray instance for the duration of the job.
+            joins the one in ``$RAY_ADDRESS``, the one already initialised in this process, or one started on
+            this machine with ``ray start``; else it starts a local Ray instance for the duration of the job.
         workers: number of actors; each loads the model once.
         model: what the workers load with ``traitlens.load_model`` (a hub id or a folder that exists on every
             node); ``None`` for the bundled model, or, in ``extract_trait``, the driver model's name.

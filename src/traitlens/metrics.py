@@ -1,10 +1,13 @@
 """Judging a trait vector on held-out data.
 
-Every per-dataset metric has the signature ``metric(vector, pos_acts, neg_acts, ...)`` with ``vector``
-``[hidden]`` and activations ``[n_pos, hidden]`` / ``[n_neg, hidden]``, and returns a plain Python float,
+The separation metrics have the signature ``metric(vector, pos_acts, neg_acts, ...)`` with ``vector``
+``[hidden]`` and activations ``[n_pos, hidden]`` / ``[n_neg, hidden]``; the stability metrics take
+``(pos_acts, neg_acts, *, method=...)`` and recompute the vector themselves. All return a plain Python float,
 bool or dict (JSON-serialisable). Examples are scored by their projection onto the *unit* vector
 (:func:`traitlens.compute.projection`), so scores are in activation units along the direction and do not
-depend on the vector's norm. All arithmetic is in float64 whatever the input dtype.
+depend on the vector's norm. Separation metrics and vector properties compute in float64 whatever the
+input dtype; stability metrics fit their vectors in float32 (float64 inputs stay float64) and compare them
+in float64.
 
 Sign convention: a good vector points from the negative class to the positive one, so ``separation``,
 ``effect_size`` and ``auroc - 0.5`` are positive for it; a vector with the wrong polarity gets negative
