@@ -125,6 +125,10 @@ def test_a_position_per_pass_in_generate_comes_back_in_step_order(positions):
 def test_an_index_made_for_the_prompt_refuses_the_decode_steps_of_generate():
     prompt = torch.tensor([[0, 0, 5, 17], [4, 8, 15, 16]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    index = ActivationCapture(positions=torch.zeros(2, dtype=torch.long))  # one index, passes of 5 and 7
+    for length in (5, 7):
+        index.store("x", torch.randn(2, length, 8))
+    assert [tuple(c.shape) for c in index.get("x", concat=False)] == [(2, 8), (2, 8)]
     capture = ActivationCapture(positions=last_token_index(mask))  # index 3 does not exist in a step
     with pytest.raises(ValueError, match=r"passes of 4 positions.*a pass of 1 \(a decode step.*e.g. -1"):
         _generate_capture(capture, prompt, mask)
@@ -289,6 +293,12 @@ def test_host_slabs_hold_several_large_chunks_each():
     assert len(set(slab_of[:7])) == 1 and slab_of[7] != slab_of[0]  # 16 MiB: seven of them, the eighth next
     held = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in pieces}.values())
     assert pieces[0].untyped_storage().nbytes() == 1 << 24 and held / (8 * chunk[0]) < 2.0
+
+    class Small(_HostSlabs):  # chunks above LARGEST / 4 get room for two, not four: pinned memory is bounded
+        LARGEST = 1 << 22
+
+    big = Small(pin_memory=False, first=1 << 20, smallest=0).empty(chunk, torch.uint8)
+    assert big.untyped_storage().nbytes() == 1 << 23  # 2 x (2 MiB + 4 KiB), rounded up to a power of two
 
 
 def test_host_slabs_without_a_small_size_put_every_chunk_in_a_slab_as_pinned_ones_do():

@@ -204,6 +204,13 @@ def test_a_rerun_with_other_model_kwargs_is_refused(ray, tiny_folder, data, tmp_
     assert len(ray.workers) == 1
     with pytest.raises(ValueError, match=r"model_kwargs differ.*'bfloat16'.*now.*'float32'"):
         run(torch.float32)
+    manifest = tmp_path / "shards" / "manifest.json"  # one written before model_kwargs were recorded
+    old = json.loads(manifest.read_text())
+    del old["model_kwargs"]
+    manifest.write_text(json.dumps(old))
+    with pytest.warns(UserWarning, match="predates recorded model_kwargs"):
+        run(torch.bfloat16)  # resumed: every shard is reused
+    assert len(ray.workers) == 1
 
 
 def test_no_pairs_are_refused_up_front(ray):

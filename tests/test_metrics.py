@@ -485,6 +485,8 @@ def test_an_example_in_both_classes_is_a_tie_for_auroc():
         v = torch.randn(hidden, generator=g, dtype=torch.float64)
         s = (acts @ (v / v.norm())).numpy()  # one score per distinct example
         labels = np.r_[np.ones(n_pos), np.zeros(n_neg)]
+        before = acts.clone()
         assert auroc(v, pos, neg) == pytest.approx(
             roc_auc_score(labels, np.r_[s[:n_pos], s[:n_neg]]), abs=1e-12
         )
+        assert torch.equal(acts, before)  # float64 inputs are scored in a copy, never scaled in place

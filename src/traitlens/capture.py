@@ -14,7 +14,7 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
   prompt of a single token cannot be told apart from separate one-token passes: use
   ``get(name, concat=False)`` there. A selector applies to each pass: with ``positions=-1`` the last
   prompt token and then each decode step's token come back as ``[batch, 1 + decode_steps, hidden]``; an
-  index or weights tensor is made for one pass length and raises on a pass of another (a decode step);
+  index or weights tensor is made for the prompt's passes and raises on a decode step;
 - anything else raises a ``ValueError`` that says what to do instead.
 
 Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). Every chunk stored in
@@ -69,8 +69,9 @@ class ActivationCapture:
             ``traitlens.positions``): ``None`` (all), an ``int`` or ``slice``, a ``[batch]`` / ``[batch, k]``
             index tensor, or ``[batch, seq]`` weights (their weighted sums come out in float32). An
             attribute: set it before each batch, e.g.
-            ``capture.positions = last_token_index(inputs["attention_mask"])``; a tensor selector is for
-            passes of one length, and a pass of another length raises.
+            ``capture.positions = last_token_index(inputs["attention_mask"])``. Weights are for passes of
+            one length, and a pass of another length raises; so does an index on a pass of one position
+            after longer ones (a decode step of ``generate``).
     """
 
     def __init__(
@@ -112,10 +113,13 @@ class ActivationCapture:
         if not isinstance(selector, torch.Tensor):
             return selector
         if hidden.ndim == 3:
+            length = hidden.shape[1]
             if self._selector_len is None:
-                self._selector_len = hidden.shape[1]
-            elif hidden.shape[1] != self._selector_len:
-                raise ValueError(_selector_mismatch(self._selector_len, hidden.shape[1]))
+                self._selector_len = length
+            # weights are made for one length; an index may serve passes of several (its values are not read
+            # here: that would wait for the GPU), but not a decode step's single position after longer passes
+            elif length != self._selector_len and (selector.is_floating_point() or length == 1):
+                raise ValueError(_selector_mismatch(self._selector_len, length))
         # weights in float32 (float64 for float64 activations): a mean in bf16 is off by ~1e-3
         dtype = (
             torch.promote_types(hidden.dtype, torch.float32)
@@ -278,7 +282,8 @@ class _HostSlabs:
     earlier is a ``cudaHostAlloc`` call: once per chunk in the first capture of a process. So every pinned
     chunk, however small (a decode step, a last token), is a piece of a slab; the slabs start at 1 MiB and
     double up to 256 MiB, and are made larger where needed to hold at least four chunks of the size that
-    opens them (a power of two: so at least 4 and fewer than 8 such chunks). Not pinned (activations already on
+    opens them (a power of two: so 4 to 7 such chunks), or two for chunks over 64 MiB (2 or 3 of them). Not
+    pinned (activations already on
     the CPU): keeping the model's own output tensors slows the forward pass (the retained outputs sit among
     the allocator's recycled buffers; see ``docs/benchmarks.md``), so chunks of 256 KiB or more are copied
     into 256 MiB slabs, whose untouched pages cost no memory; smaller ones come from the ordinary allocator.
@@ -308,9 +313,11 @@ class _HostSlabs:
             return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         start = -(-self._used // self.ALIGN) * self.ALIGN
         if self._slab is None or start + nbytes > self._slab.numel():
-            # at least CHUNKS_PER_SLAB chunks of this size: a power of two barely above one large chunk
-            # would leave up to half of it empty
-            size = max(self._next, 1 << (self.CHUNKS_PER_SLAB * nbytes - 1).bit_length())
+            # room for several chunks of this size: a power of two barely above one large chunk would leave up
+            # to half of it empty; four of them (two above LARGEST / 4, to bound the pinned memory one
+            # large chunk can take)
+            chunks = self.CHUNKS_PER_SLAB if nbytes <= self.LARGEST // self.CHUNKS_PER_SLAB else 2
+            size = max(self._next, 1 << (chunks * nbytes - 1).bit_length())
             self._slab = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
             self._typed = {}
             self._next = min(2 * self._next, self.LARGEST)

@@ -225,12 +225,16 @@ def cmd_extract(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from traitlens.dataset import check_position
     from traitlens.metrics import evaluate_vector
     from traitlens.pipeline import collect_activations
     from traitlens.vector import load_vector
 
-    load_vector(args.vector)  # a bad file or dataset fails here, before the slow model load
+    saved = load_vector(args.vector)  # a bad file or dataset fails here, before the slow model load
     dataset = _dataset(args)
+    check_position(dataset, saved.position)  # rows that cannot be read there, named by file line
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, tokenizer = _load(args)
     vector = load_vector(args.vector, model=model)  # now also checked against the model
     pos, neg = dataset.examples(args.split)

@@ -34,6 +34,7 @@ import socket
 import tempfile
 import time
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -424,6 +425,13 @@ def _check_manifest(shards_dir: Path, manifest: dict) -> None:
     path = shards_dir / "manifest.json"
     if path.is_file():
         found = json.loads(path.read_text())
+        if "model_kwargs" not in found:  # written before traitlens recorded them (2026-11-27)
+            warnings.warn(
+                f"{path} predates recorded model_kwargs: resuming it with model_kwargs="
+                f"{manifest.get('model_kwargs')!r}, which cannot be checked against the shards already done",
+                stacklevel=4,
+            )
+            found["model_kwargs"] = manifest.get("model_kwargs")
         differ = sorted(k for k in manifest.keys() | found.keys() if found.get(k) != manifest.get(k))
         if differ:
             shown = [f"{k}={found.get(k)!r} (now {manifest.get(k)!r})" for k in differ if k != "data"]

@@ -46,8 +46,13 @@ def _scores(
     pos, neg = check_pos_neg(pos_acts, neg_acts, min_per_class=min_per_class, method=who)
     vec = check_vector(vector, "vector", hidden=pos.shape[1], hidden_of=f"pos_acts {shape_of(pos)}")
     unit = _unit(vec.to(device=pos.device, dtype=torch.float64))
-    scores = torch.cat([pos.double(), neg.to(pos.device).double()]).mul_(unit).sum(dim=-1)
-    return scores[: len(pos)], scores[len(pos) :]
+
+    # an elementwise product summed per row, not a matrix product: the same reduction for every row (in a
+    # float64 copy: the caller's float64 activations must not be scaled in place)
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=pos.device, dtype=torch.float64, copy=True).mul_(unit).sum(dim=-1)
+
+    return score(pos), score(neg)
 
 
 def _midpoint(pos_s: torch.Tensor, neg_s: torch.Tensor) -> float:

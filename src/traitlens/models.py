@@ -124,6 +124,12 @@ def _into_memory(model: torch.nn.Module) -> None:
                 tensor.data = tensor.data.clone()
 
 
+def _quant_method(config) -> str | None:
+    if isinstance(config, dict):
+        return config.get("quant_method")
+    return getattr(config, "quant_method", None)
+
+
 def _load_bundled(dtype: torch.dtype, **from_pretrained_kwargs):
     """The bundled model, read from the safetensors cache (converted from the GGUF file first if the cache
     is missing or stale), so that ``from_pretrained_kwargs`` apply as for any folder."""
@@ -141,15 +147,20 @@ def _load_bundled(dtype: torch.dtype, **from_pretrained_kwargs):
         del model  # read back below like a warm cache (about a second more than the 15 s conversion)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     kwargs = dict(from_pretrained_kwargs)
+    dtype = kwargs.pop("torch_dtype", dtype)  # the older name of dtype
     if "config" not in kwargs:
         # The cached config keeps the GGUF file's quantization_config, but the cached weights are plain
         # float32: left in, transformers treats the model as GGUF-quantized (refusing disk offload in
         # device_map, warning about packed weights for other dtypes, refusing save_pretrained). Config
-        # overrides among the kwargs (use_cache=False, ...) go into the config, as from_pretrained does.
+        # overrides among the kwargs (use_cache=False, ...) go into the config, as from_pretrained does; a
+        # quantization_config of the caller's own goes to from_pretrained.
+        quantization = kwargs.pop("quantization_config", None)
         config, kwargs = AutoConfig.from_pretrained(folder, return_unused_kwargs=True, **kwargs)
-        if hasattr(config, "quantization_config"):
+        if _quant_method(getattr(config, "quantization_config", None)) == "gguf":
             del config.quantization_config
         kwargs["config"] = config
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     model.config._name_or_path = BUNDLED_ID
     model.name_or_path = BUNDLED_ID

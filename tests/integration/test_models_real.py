@@ -51,6 +51,21 @@ def test_from_pretrained_arguments_reach_the_bundled_model():
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert model.config.use_cache is False
     assert model.config._name_or_path == models.BUNDLED_ID
+    # a quantization config of the caller's own is passed on, not dropped with the file's GGUF one
+    seen = {}
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return original(cls, *args, **{k: v for k, v in kwargs.items() if k != "quantization_config"})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+        models.load_model(quantization_config={"quant_method": "mine"}, torch_dtype=torch.bfloat16)
+    assert seen["quantization_config"] == {"quant_method": "mine"} and seen["dtype"] == torch.bfloat16
+    assert not hasattr(seen["config"], "quantization_config")  # the GGUF one is gone
 
 
 def test_bundled_weights_are_in_memory_also_with_a_device_map(real_model):
