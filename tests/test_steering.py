@@ -104,9 +104,12 @@ def test_indices_set_again_on_an_intervention_take_effect(tiny):
         model(input_ids=ids)
         intervention.positions = torch.tensor([4])
         model(input_ids=ids)
-    first, second = capture.get("h", concat=False)
+        intervention.positions[0] = 2  # an edit in place is seen too
+        model(input_ids=ids)
+    first, second, third = capture.get("h", concat=False)
     moved = (first - second).abs().amax(dim=(0, 2))  # [seq]: where the two passes differ
     assert moved.nonzero().flatten().tolist() == [1, 4]
+    assert (second - third).abs().amax(dim=(0, 2)).nonzero().flatten().tolist() == [2, 4]
 
 
 @pytest.mark.parametrize("positions", ["all", [0, 3]])

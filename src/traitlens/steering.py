@@ -242,7 +242,7 @@ class Intervention:
             raise TypeError(f"tracker must be a SequenceTracker, got {type(tracker).__name__}")
         self.tracker = tracker
         self._cast: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
-        self._index_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._index_on: dict[torch.device, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def __call__(self, module: torch.nn.Module, args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else output
@@ -290,12 +290,14 @@ class Intervention:
         return self._cast[key]
 
     def _positions_on(self, device: torch.device) -> torch.Tensor:
-        """The position indices on ``device``, copied once per device and setting of ``positions``: a copy from
-        host memory in every hook call would make each call wait for the GPU."""
+        """The position indices on ``device``, copied once per device and setting (or in-place edit, seen by
+        the tensor's version counter) of ``positions``: a copy from host memory in every hook call would make
+        each call wait for the GPU."""
+        positions = self.positions
         cached = self._index_on.get(device)
-        if cached is None or cached[0] is not self.positions:
-            cached = self._index_on[device] = (self.positions, to_device(self.positions, device))
-        return cached[1]
+        if cached is None or cached[0] is not positions or cached[1] != positions._version:
+            cached = self._index_on[device] = (positions, positions._version, to_device(positions, device))
+        return cached[2]
 
     def __repr__(self) -> str:
         value = "" if self.op == "ablate" else f", {'coeff' if self.op == 'add' else 'value'}={self.value:g}"
