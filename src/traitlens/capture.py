@@ -86,9 +86,8 @@ class ActivationCapture:
         self.dtype = dtype
         self.positions = positions
         self._store: dict[str, list[torch.Tensor]] = {}
-        self._lengths: dict[
-            str, list[int]
-        ] = {}  # per chunk: positions in its pass before selection (0: not 3-D)
+        # per chunk: the length of its pass before selection (0: not [batch, seq, hidden])
+        self._lengths: dict[str, list[int]] = {}
         self._side: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
         self._pending: set[torch.device] = set()
         self._pinned = _HostSlabs(pin_memory=True, first=1 << 20, smallest=0)
@@ -282,11 +281,12 @@ class _HostSlabs:
     earlier is a ``cudaHostAlloc`` call: once per chunk in the first capture of a process. So every pinned
     chunk, however small (a decode step, a last token), is a piece of a slab; the slabs start at 1 MiB and
     double up to 256 MiB, and are made larger where needed to hold at least four chunks of the size that
-    opens them (a power of two: so 4 to 7 such chunks), or two for chunks over 64 MiB (2 or 3 of them). Not
-    pinned (activations already on
-    the CPU): keeping the model's own output tensors slows the forward pass (the retained outputs sit among
-    the allocator's recycled buffers; see ``docs/benchmarks.md``), so chunks of 256 KiB or more are copied
-    into 256 MiB slabs, whose untouched pages cost no memory; smaller ones come from the ordinary allocator.
+    opens them (a power of two: so 4 to 7 such chunks), or two for chunks over 64 MiB (2 or 3 of them).
+
+    Not pinned (activations already on the CPU): keeping the model's own output tensors slows the forward
+    pass (the retained outputs sit among the allocator's recycled buffers; see ``docs/benchmarks.md``), so
+    chunks of 256 KiB or more are copied into 256 MiB slabs, whose untouched pages cost no memory; smaller
+    ones come from the ordinary allocator.
 
     A slab is freed once no chunk in it is alive and the capture has moved on to another (or is deleted):
     the capture keeps filling its current slab across ``clear()``. Keeping a single chunk keeps its whole
