@@ -217,8 +217,9 @@ def cmd_extract(args) -> None:
         f"test:   accuracy {test['accuracy']:.3f}  AUROC {test['auroc']:.3f}  effect size {test['effect_size']:.2f}"
     )
     print(
-        f"random baseline at that layer: test accuracy {control['draws_accuracy_mean']:.3f} "
-        f"(mean of {control['draws']} random directions, std {control['draws_accuracy_std']:.3f})"
+        f"random baseline at that layer: test accuracy {control['draws_accuracy_mean']:.3f}  AUROC "
+        f"{control['draws_auroc_mean']:.3f} (means of {control['draws']} random directions, std "
+        f"{control['draws_accuracy_std']:.3f} and {control['draws_auroc_std']:.3f})"
         + ("" if result.control_ok else "  NOT near chance on validation")
     )
     print(f"vector: {out / 'trait_vector.safetensors'}")
