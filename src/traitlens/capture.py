@@ -100,14 +100,14 @@ class ActivationCapture:
     @positions.setter
     def positions(self, selector) -> None:
         self._positions = selector
-        self._selector_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._selector_on: dict[torch.device, torch.Tensor] = {}
         # the pass length a tensor selector is for: weights say it, an index is taken from its first pass
         weights = isinstance(selector, torch.Tensor) and selector.is_floating_point() and selector.ndim == 2
         self._selector_len: int | None = selector.shape[1] if weights else None
 
     def _selector(self, hidden: torch.Tensor):
-        """The position selector on ``hidden``'s device (and dtype, for weights): a tensor selector is
-        copied once per device per setting of ``positions``, not once per hooked module."""
+        """The position selector on ``hidden``'s device: a tensor selector is copied once per device per
+        setting of ``positions``, not once per hooked module."""
         selector = self._positions
         if not isinstance(selector, torch.Tensor):
             return selector
@@ -119,16 +119,9 @@ class ActivationCapture:
             # here: that would wait for the GPU), but not a decode step's single position after longer passes
             elif length != self._selector_len and (selector.is_floating_point() or length == 1):
                 raise ValueError(_selector_mismatch(self._selector_len, length))
-        # weights in float32 (float64 for float64 activations): a mean in bf16 is off by ~1e-3
-        dtype = (
-            torch.promote_types(hidden.dtype, torch.float32)
-            if selector.is_floating_point()
-            else selector.dtype
-        )
-        key = (hidden.device, dtype)
-        if key not in self._selector_on:
-            self._selector_on[key] = to_device(selector, hidden.device).to(dtype)
-        return self._selector_on[key]
+        if hidden.device not in self._selector_on:  # the dtype of weights is apply_selector's to choose
+            self._selector_on[hidden.device] = to_device(selector, hidden.device)
+        return self._selector_on[hidden.device]
 
     def make_hook(self, name: str) -> Callable:
         """A forward hook ``(module, args, output)`` that stores the output under ``name``."""
