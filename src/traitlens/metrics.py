@@ -240,13 +240,12 @@ def _stability(
     method: Method | None,
     n_trials: int,
     seed: int,
-    perturb: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-    pick: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+    perturb: Callable[[torch.Tensor, torch.Tensor, torch.Generator, bool], tuple[torch.Tensor, torch.Tensor]],
     paired: bool | None = None,
 ) -> dict[str, float]:
-    """Cosines between the full-data vector and vectors recomputed on ``perturb``-ed data, or on the rows
-    that ``pick(n, generator)`` chooses: the same rows of both classes when ``paired`` (``None``: when
-    they have as many rows, which is when row ``i`` may be the pair of row ``i``)."""
+    """Cosines between the full-data vector and vectors recomputed on ``perturb(pos, neg, generator,
+    paired)``-ed data; ``paired`` (``None``: when the classes have as many rows, which is when row ``i`` may
+    be the pair of row ``i``) asks for the same rows of both classes."""
     pos, neg = check_pos_neg(pos_acts, neg_acts)
     pos, neg = _upcast(pos), _upcast(neg)
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
@@ -258,17 +257,9 @@ def _stability(
     method = mean_difference if method is None else method
     full = _extract(method, pos, neg)
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same draws on every device
-
-    def draw(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        if pick is None:
-            return perturb(x, gen)
-        rows = pick(len(x), gen) if rows is None else rows
-        return x[rows.to(x.device)]
-
     cosines = []
     for _ in range(n_trials):
-        rows = pick(len(pos), gen) if pick is not None and paired else None
-        vec = _extract(method, draw(pos, rows), draw(neg, rows))
+        vec = _extract(method, *perturb(pos, neg, gen, paired))
         cosines.append(float(cosine_similarity(vec.double(), full.double())))
     cosines = torch.tensor(cosines, dtype=torch.float64)
     std = float(cosines.std()) if n_trials > 1 else 0.0
@@ -310,7 +301,7 @@ def bootstrap_stability(
     def resample(n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randint(n, (n,), generator=gen)
 
-    return _stability(pos_acts, neg_acts, method, n_trials, seed, pick=resample, paired=paired)
+    return _stability(pos_acts, neg_acts, method, n_trials, seed, _rows(resample), paired)
 
 
 def noise_stability(
@@ -344,7 +335,14 @@ def noise_stability(
         std = noise_scale * torch.linalg.vector_norm(x, dim=1, keepdim=True) / math.sqrt(x.shape[1])
         return x + std * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
 
-    return _stability(pos_acts, neg_acts, method, n_trials, seed, perturb=add_noise)
+    return _stability(
+        pos_acts,
+        neg_acts,
+        method,
+        n_trials,
+        seed,
+        lambda p, n, gen, _: (add_noise(p, gen), add_noise(n, gen)),
+    )
 
 
 def subsample_stability(
@@ -378,7 +376,19 @@ def subsample_stability(
     def subsample(n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randperm(n, generator=gen)[: max(1, round(fraction * n))]
 
-    return _stability(pos_acts, neg_acts, method, n_trials, seed, pick=subsample, paired=paired)
+    return _stability(pos_acts, neg_acts, method, n_trials, seed, _rows(subsample), paired)
+
+
+def _rows(pick: Callable[[int, torch.Generator], torch.Tensor]):
+    """A ``_stability`` perturbation keeping the rows ``pick(n, generator)`` chooses: one draw for both
+    classes when paired, one each otherwise."""
+
+    def perturb(pos: torch.Tensor, neg: torch.Tensor, gen: torch.Generator, paired: bool):
+        rows = pick(len(pos), gen)
+        other = rows if paired else pick(len(neg), gen)
+        return pos[rows.to(pos.device)], neg[other.to(neg.device)]
+
+    return perturb
 
 
 # ---------------------------------------------------------------------------------------------------
