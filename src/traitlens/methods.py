@@ -277,9 +277,8 @@ def _fit_logistic_torch(
         # bundled model's activations this took 3-5 times fewer iterations; the stopping test below is an
         # optimality measure, so a step that is too long can only cost time.
         lipschitz *= 0.8
-        for _ in range(
-            100
-        ):  # backtracking: the quadratic model at theta must bound the loss at the new point
+        # backtracking: the quadratic model at theta must bound the loss at the new point
+        for _ in range(100):
             new = prox(theta - grad / lipschitz, 1.0 / lipschitz)
             step = new - theta
             bound = loss + grad @ step + 0.5 * lipschitz * (step @ step)
