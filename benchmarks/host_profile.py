@@ -20,6 +20,7 @@ import time
 
 import torch
 from bench_cases import CASE_BY_KEY, make_workload
+from run import _sync, time_cases
 from torch.profiler import ProfilerActivity, profile
 
 from traitlens import capture
@@ -62,17 +63,14 @@ def main(argv=None) -> None:
             case = CASE_BY_KEY[key]
             for _ in range(2):  # warm: allocator caches, pinned blocks, kernels
                 case.run(w)
-            if cuda:
-                torch.cuda.synchronize(device)
+            _sync(device)
             start = time.perf_counter()
             case.run(w)
-            if cuda:
-                torch.cuda.synchronize(device)
+            _sync(device)
             seconds = time.perf_counter() - start
             with profile(activities=activities) as prof:
                 case.run(w)
-                if cuda:
-                    torch.cuda.synchronize(device)
+                _sync(device)
             rows = prof.key_averages()
             counts[key] = {e.key: e.count for e in rows if e.key in WATCHED}
             print(f"\n== {key}: {case.label}\n   one run {seconds * 1e3:.1f} ms unprofiled", flush=True)
@@ -89,41 +87,27 @@ def time_copy_paths(w, rounds: int) -> None:
     """Capture to CPU with the side stream for large chunks (the default) against every chunk copied in
     stream order (``SIDE_STREAM_BYTES`` raised past any chunk), as ratios to the bare pass in the same
     rounds: which copy path costs a host-bound pass less, measured inside real passes."""
-    variants = {
-        "bare": ("bare", None),
-        "pinned (raw hooks, stream order)": ("pinned", None),
-        "tl_cpu, side stream >= 1 MiB": ("tl_cpu", capture.SIDE_STREAM_BYTES),
-        "tl_cpu, all in stream order": ("tl_cpu", 1 << 62),
-        "tl_last": ("tl_last", capture.SIDE_STREAM_BYTES),
+
+    def with_side_bytes(key: str, side_bytes: int):
+        def run(workload):
+            default, capture.SIDE_STREAM_BYTES = capture.SIDE_STREAM_BYTES, side_bytes
+            try:
+                return CASE_BY_KEY[key].run(workload)
+            finally:
+                capture.SIDE_STREAM_BYTES = default
+
+        return run
+
+    runs = {
+        "bare": CASE_BY_KEY["bare"].run,
+        "pinned (raw hooks, stream order)": CASE_BY_KEY["pinned"].run,
+        "tl_cpu, side stream >= 1 MiB": CASE_BY_KEY["tl_cpu"].run,
+        "tl_cpu, all in stream order": with_side_bytes("tl_cpu", 1 << 62),
+        "tl_last": CASE_BY_KEY["tl_last"].run,
     }
-    default = capture.SIDE_STREAM_BYTES
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.no_grad():
-        try:
-            for r in range(rounds + 1):  # round 0 warms up
-                names = list(variants)
-                for name in names[r % len(names) :] + names[: r % len(names)]:
-                    key, side_bytes = variants[name]
-                    capture.SIDE_STREAM_BYTES = default if side_bytes is None else side_bytes
-                    _sync(w.device)
-                    start = time.perf_counter()
-                    CASE_BY_KEY[key].run(w)
-                    _sync(w.device)
-                    if r:
-                        times[name].append(time.perf_counter() - start)
-        finally:
-            capture.SIDE_STREAM_BYTES = default
+    times = time_cases(w, runs, rounds, full_warmup=True)
     bare = statistics.median(times["bare"])
     print(f"\ncopy paths, {rounds} rounds of one batch each, median ms and ratio to the bare pass")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"  {name:36s} {median * 1e3:9.2f} ms  {median / bare:6.3f}x")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-if __name__ == "__main__":
-    main()

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import bench_cases
@@ -77,14 +78,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_cases(w: Workload, keys: list[str], reps: int, full_warmup: bool) -> dict[str, list[float]]:
-    """Seconds per run of each case, ``reps`` rounds, in a new seeded random order each round (a rotation
-    would keep every case after the same neighbour, and what a case leaves behind slows the next one)."""
+def time_cases(
+    w: Workload, keys: list[str] | dict[str, Callable], reps: int, full_warmup: bool
+) -> dict[str, list[float]]:
+    """Seconds per run of each case (keys of ``CASE_BY_KEY``, or names mapped to ``run(workload)``),
+    ``reps`` rounds, in a new seeded random order each round (a rotation would keep every case after the
+    same neighbour, and what a case leaves behind slows the next one)."""
+    runs = keys if isinstance(keys, dict) else {key: CASE_BY_KEY[key].run for key in keys}
+    keys = list(runs)
     warm = w if full_warmup else dataclasses.replace(w, batches=w.batches[:1], gen_batches=w.gen_batches[:1])
     times: dict[str, list[float]] = {k: [] for k in keys}
     with torch.no_grad():
         for key in keys:
-            kept = CASE_BY_KEY[key].run(warm)
+            kept = runs[key](warm)
             del kept
         for rep in range(reps):
             order = random.Random(rep).sample(keys, len(keys))
@@ -92,7 +98,7 @@ def time_cases(w: Workload, keys: list[str], reps: int, full_warmup: bool) -> di
                 gc.collect()
                 _sync(w.device)
                 start = time.perf_counter()
-                kept = CASE_BY_KEY[key].run(w)
+                kept = runs[key](w)
                 _sync(w.device)
                 times[key].append(time.perf_counter() - start)
                 del kept
