@@ -6,7 +6,8 @@ pass. This runs one batch of each chosen case of the suite's workload under ``to
 next to the bare case, the operations and CUDA runtime calls with the most host time, and how often each
 case calls the CUDA runtime functions that can cost the host most (synchronisations, pinned allocations,
 event queries). Counts are exact; times include the profiler's own overhead. Then, without the profiler,
-it times capture to CPU with the side stream for large chunks against every chunk in stream order.
+it times no-op hooks (what a hook costs at all), capture to CPU with the side stream for large chunks against
+every chunk in stream order, and capture during ``generate``.
 
     python benchmarks/host_profile.py                       # cuda, SmolLM2-135M shape, bf16
     python benchmarks/host_profile.py --device cpu --model tiny
@@ -19,11 +20,11 @@ import statistics
 import time
 
 import torch
-from bench_cases import CASE_BY_KEY, make_workload
+from bench_cases import CASE_BY_KEY, _with_raw_hooks, make_workload
 from run import _sync, time_cases
 from torch.profiler import ProfilerActivity, profile
 
-from traitlens import capture
+from traitlens import ActivationCapture, capture
 
 WATCHED = (
     "cudaStreamSynchronize",
@@ -45,7 +46,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default="bare,tl_cpu,tl_last,gen_plain,gen_tl")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rows", type=int, default=12, help="rows of each table")
-    parser.add_argument("--rounds", type=int, default=10, help="timed rounds of the copy-path comparison")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds without the profiler")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -80,13 +81,15 @@ def main(argv=None) -> None:
     print(f"{'':24s}" + "".join(f"{k:>12s}" for k in keys))
     for fn in WATCHED:
         print(f"{fn:24s}" + "".join(f"{counts[k].get(fn, 0):12d}" for k in keys))
-    time_copy_paths(w, args.rounds)
+    time_in_passes(w, args.rounds)
 
 
-def time_copy_paths(w, rounds: int) -> None:
-    """Capture to CPU with the side stream for large chunks (the default) against every chunk copied in
-    stream order (``SIDE_STREAM_BYTES`` raised past any chunk), as ratios to the bare pass in the same
-    rounds: which copy path costs a host-bound pass less, measured inside real passes."""
+def time_in_passes(w, rounds: int) -> None:
+    """Timed without the profiler, inside real passes, as ratios to the bare pass (forward) and to plain
+    ``generate`` in the same rounds: hooks that do nothing (the cost of having a hook at all on this host),
+    capture to CPU with the side stream for large chunks (the default) against every chunk copied in stream
+    order (``SIDE_STREAM_BYTES`` raised past any chunk), and capture during ``generate`` with ``get`` joining
+    into the pinned slabs (the default) or into new memory."""
 
     def with_side_bytes(key: str, side_bytes: int):
         def run(workload):
@@ -98,16 +101,43 @@ def time_copy_paths(w, rounds: int) -> None:
 
         return run
 
-    runs = {
+    def joined_into_new_memory(workload):  # get as before 2026-11-27: every join allocates new host memory
+        joined, ActivationCapture._joined = ActivationCapture._joined, lambda self, shape, chunks: None
+        try:
+            return CASE_BY_KEY["gen_tl"].run(workload)
+        finally:
+            ActivationCapture._joined = joined
+
+    def noop_hooks(run):
+        return lambda workload: _with_raw_hooks(workload, lambda x: None, lambda kept: run(workload))
+
+    forward = {
         "bare": CASE_BY_KEY["bare"].run,
+        "no-op hooks on every layer": noop_hooks(CASE_BY_KEY["bare"].run),
         "pinned (raw hooks, stream order)": CASE_BY_KEY["pinned"].run,
         "tl_cpu, side stream >= 1 MiB": CASE_BY_KEY["tl_cpu"].run,
         "tl_cpu, all in stream order": with_side_bytes("tl_cpu", 1 << 62),
         "tl_last": CASE_BY_KEY["tl_last"].run,
     }
-    times = time_cases(w, runs, rounds, full_warmup=True)
-    bare = statistics.median(times["bare"])
-    print(f"\ncopy paths, {rounds} rounds of one batch each, median ms and ratio to the bare pass")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"  {name:36s} {median * 1e3:9.2f} ms  {median / bare:6.3f}x")
+    generate = {
+        "gen_plain": CASE_BY_KEY["gen_plain"].run,
+        "generate, no-op hooks on every layer": noop_hooks(CASE_BY_KEY["gen_plain"].run),
+        "gen_tl": CASE_BY_KEY["gen_tl"].run,
+        "gen_tl, joined into new memory": joined_into_new_memory,
+    }
+    for title, runs in (("forward", forward), (f"generate ({w.new_tokens} new tokens)", generate)):
+        times = time_cases(w, runs, rounds, full_warmup=True)
+        base = statistics.median(next(iter(times.values())))
+        print(
+            f"\n{title}: {rounds} rounds of one batch each, median and min ms, ratio of medians to the first row"
+        )
+        for name, values in times.items():
+            median = statistics.median(values)
+            print(
+                f"  {name:38s} {median * 1e3:9.2f} {min(values) * 1e3:9.2f} ms  {median / base:6.3f}x",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ import torch
 from tests.conftest import TINY_HIDDEN, TINY_LAYERS, layer_path, make_tiny_model
 
 from traitlens import ActivationCapture, HookManager, last_token_index, output_tensor
+from traitlens import capture as capture_module
 
 
 def _capture_layers(model, family, **forward_kwargs):
@@ -335,6 +336,46 @@ def test_get_copies_a_small_single_chunk_out_of_a_shared_slab_and_returns_large_
     assert whole.data_ptr() == capture.get("big", concat=False)[0].data_ptr()  # no copy of a large chunk
     joined = capture.get("passes")
     assert joined.shape == (32, 576) and joined.untyped_storage().nbytes() == joined.nbytes
+
+
+def test_chunks_from_a_gpu_are_joined_into_pinned_slabs_and_small_results_into_memory_of_their_own(
+    tiny, monkeypatch
+):
+    """From a GPU, ``get`` joins large results into the capture's pinned slabs (recycled memory, no page
+    faults); simulated here with ordinary slabs in place of the pinned ones and every chunk reading as
+    pinned. The joined values are those of the plain joins."""
+    family, model = tiny
+    capture = ActivationCapture()
+    capture._pinned = type(capture._pinned)(pin_memory=False, first=1 << 20, smallest=0)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: True)
+    prompt = torch.tensor([[5, 17, 33, 9], [4, 8, 15, 16]])
+    with HookManager(model) as hooks, torch.no_grad():
+        hooks.add_forward_hook(layer_path(family, 1), capture.make_hook("gen"))
+        model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    chunks = capture.get("gen", concat=False)
+    capture.store("big", torch.randn(4, 64, 576))
+    capture.store("big", torch.randn(4, 64, 576))
+    joined = capture.get("big")  # 2 x 4 x 64 x 576 float32: 1.1 MiB, joined along batch into a slab
+    assert joined.untyped_storage().nbytes() >= 1 << 20 and joined.untyped_storage().nbytes() > joined.nbytes
+    torch.testing.assert_close(joined, torch.cat(capture.get("big", concat=False)), rtol=0, atol=0)
+    gen = capture.get("gen")  # [2, 8, 32] float32: 2 KiB, under 256 KiB: memory of its own
+    assert gen.untyped_storage().nbytes() == gen.nbytes
+    torch.testing.assert_close(gen, torch.cat(chunks, dim=1), rtol=0, atol=0)
+    monkeypatch.setattr(capture_module._HostSlabs, "SMALLEST", 0)  # now every joined result goes to a slab
+    gen = capture.get("gen")
+    assert gen.untyped_storage().nbytes() > gen.nbytes
+    torch.testing.assert_close(gen, torch.cat(chunks, dim=1), rtol=0, atol=0)
+    capture.store("last", torch.randn(2, 8, 32)[:, -1])
+    capture.store("last", torch.randn(2, 8, 32)[:, -1])
+    joined = capture.get("last")  # two [batch, hidden] chunks of passes of no length: joined along batch
+    torch.testing.assert_close(joined, torch.cat(capture.get("last", concat=False)), rtol=0, atol=0)
+    steps = capture.get("last", concat=False)  # as positions=-1 during generate: stacked along the sequence
+    stacked = capture_module._join_steps(steps, capture._joined)
+    assert stacked.untyped_storage().nbytes() > stacked.nbytes
+    torch.testing.assert_close(stacked, torch.stack(steps, dim=1), rtol=0, atol=0)
 
 
 def test_capture_fills_its_slab_across_clear_and_small_chunks_stand_alone():
