@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU part of issue #5 as one prepared run on the lent GPU machine (see docs/benchmarks.md):
-# correctness of capture's GPU path first (and no host sync in hooks), then the suite, then two diagnostics
-# of host time (a profile of the capture cases inside real passes, the cost of one hook call). Writes into
-# $OUT (default: ./gpu-out). On an H200 the check took ~30 s and the suite ~4 min without nnsight; with
-# nnsight it ran past 320 s, and 8 rounds of the generation cases (5 then) add about 30 s. The limits below
-# add up to 550 s (check 60, suite 400, profile 50, hook overhead 40) plus ~15 s of setup: run it with the
-# device tool's timeout_s=590. The suite measures the methods first and writes its results after each
-# model, so a suite cut off by its limit keeps what it measured.
+# correctness of capture's GPU path first (and no host sync in hooks), then the suite, then a profile of
+# host time inside real passes with timed comparisons of copy paths and of generate capture
+# (host_profile.py; hook_overhead.py, the cost of one hook call in a tight loop, is run by hand). Writes
+# into $OUT (default: ./gpu-out). On an H100 (2026-11-27, with nnsight and steering-vectors) the check took
+# ~25 s (it checks both copy paths since then: ~10 s more) and the suite 325 s. The limits add up to 560 s
+# (check 60, suite 400, profile 100) plus ~15 s of setup: run it with the device tool's timeout_s=590. The
+# suite measures the methods first and writes its results after each model, so a suite cut off by its
+# limit keeps what it measured; host_profile prints its generate comparison before its forward one.
 # Expects .gpu/whl (peer wheels for Python 3.12) and .gpu/method_acts.safetensors (real activations for
 # the methods, saved on the CPU with `run.py --method-activations`), both optional. To prepare them here
 # (`.gpu/` is ignored; carry it with the run):
@@ -33,5 +34,5 @@ acts=()
 [ -f .gpu/method_acts.safetensors ] && acts=(--method-activations .gpu/method_acts.safetensors)
 timeout "${SUITE_TIMEOUT:-400}" python3 benchmarks/run.py --device cuda "${acts[@]}" --out "$OUT/benchmarks.md" \
   --json "$OUT/gpu.json" 2>&1 | tee "$OUT/run_log.txt"
-timeout 50 python3 benchmarks/host_profile.py 2>&1 | grep -v "^USDT" | tee "$OUT/host_profile.txt"
-timeout 40 python3 benchmarks/hook_overhead.py 2>&1 | tee "$OUT/hook_overhead.txt"
+timeout 100 python3 benchmarks/host_profile.py --new-tokens 16 --rounds 8 2>&1 | grep -v "^USDT" \
+  | tee "$OUT/host_profile.txt"

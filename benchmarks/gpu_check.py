@@ -1,7 +1,8 @@
 """Correctness of capture's GPU path, run on the GPU machine before the GPU benchmarks (issue #5).
 
-On a CUDA device, ``ActivationCapture()`` copies each output into pinned host memory asynchronously (large
-ones from a snapshot on a side stream), without host syncs; this checks that what comes back is exactly
+On a CUDA device, ``ActivationCapture()`` copies each output into pinned host memory asynchronously (chunks
+of ``SIDE_STREAM_BYTES`` or more from a snapshot on a side stream, smaller ones in stream order), without host
+syncs; both copy paths are checked here (whatever the default threshold) that what comes back is exactly
 what the model computed, under many copies in flight, after later in-place edits, and during ``generate``;
 how much pinned memory the slabs take per captured byte; and, with CUDA's sync debug mode set to raise,
 that no capture or steering hook makes the host wait for the GPU. It runs on a CPU too (``--device cpu``,
@@ -15,6 +16,8 @@ virtual memory, so their ratio means nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import time
 
 import torch
@@ -28,6 +31,7 @@ from traitlens import (
     output_tensor,
     select_positions,
 )
+from traitlens import capture as capture_module
 from traitlens.steering import steer
 
 
@@ -66,50 +70,9 @@ def check(device: torch.device, n_batches: int) -> list[str]:
                 raise AssertionError(f"{name}, layer {i}: not stored in pinned memory")
         report.append(f"{name}: {n_layers - 1} layers equal output_hidden_states bit for bit")
 
-    # 2. many batches in flight (no sync until get), against on-device copies kept by plain hooks
-    capture, kept = ActivationCapture(), {i: [] for i in range(n_layers)}
-    batches = [torch.randint(3, model.config.vocab_size, (16, 128), generator=generator).to(device)
-               for _ in range(n_batches)]  # fmt: skip
-
-    def keep(i):
-        return lambda m, a, out: kept[i].append(output_tensor(out).detach().clone())
-
-    with torch.no_grad(), HookManager(model) as hooks:
-        for i, path in enumerate(paths):
-            hooks.add_forward_hook(path, capture.make_hook(str(i)))
-            hooks.add_forward_hook(path, keep(i))
-        start = time.perf_counter()
-        for batch in batches:
-            model(input_ids=batch)
-        launched = time.perf_counter() - start
-    for i in range(n_layers):
-        _exact(capture.get(str(i)), torch.cat(kept[i]).cpu(), f"{n_batches} batches, layer {i}")
-    chunks = [c for i in range(n_layers) for c in capture.get(str(i), concat=False)]
-    captured = sum(c.numel() * c.element_size() for c in chunks)
-    slabs = {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for c in chunks}
-    report.append(
-        f"{n_batches} batches x {n_layers} layers with no sync until get: equal bit for bit "
-        f"(host loop {launched:.2f} s); {captured / 2**20:.0f} MiB captured in {len(slabs)} slabs of "
-        f"{sum(slabs.values()) / 2**20:.0f} MiB (ratio {sum(slabs.values()) / captured:.3f}; one pinned "
-        f"allocation per chunk would round each {kept[0][0].numel() * 4 / 2**20:.1f} MiB chunk up to a power of two)"
-    )
-
-    # 3. a later hook that edits the output in place does not reach what was copied to the host
-    for rows, length in ((4, 33), (16, 64)):  # 0.3 MB chunks go in stream order, 2.4 MB via the side stream
-        batch = torch.randint(3, model.config.vocab_size, (rows, length), generator=generator).to(device)
-        capture, clean = ActivationCapture(), ActivationCapture()
-        with torch.no_grad():
-            with HookManager(model) as hooks:
-                hooks.add_forward_hook(paths[3], clean.make_hook("3"))
-                model(input_ids=batch)
-            with HookManager(model) as hooks:
-                hooks.add_forward_hook(paths[3], capture.make_hook("3"))
-                hooks.add_forward_hook(paths[3], lambda m, a, out: output_tensor(out).mul_(0.0))
-                model(input_ids=batch)
-        _exact(capture.get("3"), clean.get("3"), f"in-place edit after the capture hook, {rows} x {length}")
-    report.append(
-        "an in-place edit by a later hook does not reach the captured copy (small and large chunks)"
-    )
+    for copy_path in COPY_PATHS:
+        with _copy_path(copy_path):
+            report += _in_flight_and_in_place(model, paths, generator, n_batches, copy_path)
 
     # 4. generate: per-token capture == a forward pass over the generated sequence
     capture = ActivationCapture()
@@ -137,6 +100,76 @@ def check(device: torch.device, n_batches: int) -> list[str]:
     )
     if device.type == "cuda":
         report.append(_no_sync_in_hooks(model, paths, ids, mask))
+    return report
+
+
+COPY_PATHS = ("side stream", "stream order")
+
+
+@contextlib.contextmanager
+def _copy_path(path: str):
+    """Copy this check's chunks (0.3 MB in stream order always; 2.4 and 4.7 MB by ``path``) one way,
+    whatever ``SIDE_STREAM_BYTES`` is by default."""
+    default = capture_module.SIDE_STREAM_BYTES
+    capture_module.SIDE_STREAM_BYTES = 1 << 20 if path == "side stream" else 1 << 62
+    try:
+        yield
+    finally:
+        capture_module.SIDE_STREAM_BYTES = default
+
+
+def _in_flight_and_in_place(model, paths, generator, n_batches: int, copy_path: str) -> list[str]:
+    """2 and 3, by one copy path."""
+    device, n_layers, report = model.device, len(paths), []
+    # 2. many batches in flight (no sync until get), against on-device copies kept by plain hooks
+    capture, kept = ActivationCapture(), {i: [] for i in range(n_layers)}
+    batches = [torch.randint(3, model.config.vocab_size, (16, 128), generator=generator).to(device)
+               for _ in range(n_batches)]  # fmt: skip
+
+    def keep(i):
+        return lambda m, a, out: kept[i].append(output_tensor(out).detach().clone())
+
+    with torch.no_grad(), HookManager(model) as hooks:
+        for i, path in enumerate(paths):
+            hooks.add_forward_hook(path, capture.make_hook(str(i)))
+            hooks.add_forward_hook(path, keep(i))
+        start = time.perf_counter()
+        for batch in batches:
+            model(input_ids=batch)
+        launched = time.perf_counter() - start
+    for i in range(n_layers):
+        _exact(capture.get(str(i)), torch.cat(kept[i]).cpu(), f"{n_batches} batches, layer {i}")
+    chunks = [c for i in range(n_layers) for c in capture.get(str(i), concat=False)]
+    captured = sum(c.numel() * c.element_size() for c in chunks)
+    slabs = {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for c in chunks}
+    report.append(
+        f"{copy_path}: {n_batches} batches x {n_layers} layers with no sync until get: equal bit for bit "
+        f"(host loop {launched:.2f} s); {captured / 2**20:.0f} MiB captured in {len(slabs)} slabs of "
+        f"{sum(slabs.values()) / 2**20:.0f} MiB (ratio {sum(slabs.values()) / captured:.3f}; one pinned "
+        f"allocation per chunk would round each {kept[0][0].numel() * 4 / 2**20:.1f} MiB chunk up to a power of two)"
+    )
+
+    # 3. a later hook that edits the output in place does not reach what was copied to the host
+    for rows, length in ((4, 33), (16, 64)):  # chunks of 0.3 and 2.4 MB
+        batch = torch.randint(3, model.config.vocab_size, (rows, length), generator=generator).to(device)
+        capture, clean = ActivationCapture(), ActivationCapture()
+        with torch.no_grad():
+            with HookManager(model) as hooks:
+                hooks.add_forward_hook(paths[3], clean.make_hook("3"))
+                model(input_ids=batch)
+            with HookManager(model) as hooks:
+                hooks.add_forward_hook(paths[3], capture.make_hook("3"))
+                hooks.add_forward_hook(paths[3], lambda m, a, out: output_tensor(out).mul_(0.0))
+                model(input_ids=batch)
+        _exact(
+            capture.get("3"),
+            clean.get("3"),
+            f"{copy_path}, in-place edit after a capture hook, {rows} x {length}",
+        )
+    report.append(
+        f"{copy_path}: an in-place edit by a later hook does not reach the captured copy (small and large chunks)"
+    )
+
     return report
 
 
@@ -175,18 +208,22 @@ def _no_sync_in_hooks(model, paths, ids: torch.Tensor, mask: torch.Tensor) -> st
     }
     big = torch.randint(3, model.config.vocab_size, (16, 64), device=ids.device)
     for name, kwargs in cases.items():
-        for batch, batch_mask in ((ids, mask), (big, torch.ones_like(big))):
+        for (batch, batch_mask), copy_path in itertools.product(
+            ((ids, mask), (big, torch.ones_like(big))), COPY_PATHS
+        ):
             if "positions" in kwargs and batch is big:
                 continue
             capture = ActivationCapture(**kwargs)
-            with torch.no_grad(), HookManager(model) as hooks:
+            with torch.no_grad(), HookManager(model) as hooks, _copy_path(copy_path):
                 for i, path in enumerate(paths):
                     hooks.add_forward_hook(path, capture.make_hook(str(i)))
                 _strict_hooks(model)
                 try:
                     model(input_ids=batch, attention_mask=batch_mask)
                 except RuntimeError as err:
-                    raise AssertionError(f"capture, {name}, {tuple(batch.shape)}: {err}") from err
+                    raise AssertionError(
+                        f"capture, {name}, {tuple(batch.shape)}, {copy_path}: {err}"
+                    ) from err
             capture.get("0")
     capture = ActivationCapture()
     v = torch.randn(model.config.hidden_size)
@@ -199,7 +236,7 @@ def _no_sync_in_hooks(model, paths, ids: torch.Tensor, mask: torch.Tensor) -> st
     capture.get("0")
     return (
         f"no host sync inside any hook (torch.cuda sync debug mode 'error'): capture of {len(cases)} kinds, "
-        "small and large chunks; generate with per-token capture and steering at token indices"
+        "small and large chunks, both copy paths; generate with per-token capture and steering at token indices"
     )
 
 

@@ -20,9 +20,10 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
 Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). Every chunk stored in
 host memory is a copy the capture owns (mostly pieces of larger slabs; see ``_HostSlabs``), so a later hook
 that edits the module's output in place does not change it. From a GPU, hooks never wait for the host: a
-chunk is copied into pinned memory with ``non_blocking=True``, large chunks on a side CUDA stream (after a
-snapshot on the GPU) so that the copy overlaps the rest of the forward pass, small ones (decode steps, last
-tokens) in stream order, which costs the host less; ``get`` waits for the copies once. With
+chunk is copied into pinned memory with ``non_blocking=True``, chunks of 16 MiB or more on a side CUDA stream
+(after a snapshot on the GPU) so that the copy overlaps the rest of the forward pass, smaller ones (decode
+steps, last tokens, a small model's outputs) in stream order, which costs the host less; ``get`` waits for
+the copies once. With
 ``device=None`` on a GPU, the stored chunk is the module's output tensor itself, as with
 ``output_hidden_states``.
 """
@@ -154,10 +155,11 @@ class ActivationCapture:
     def _copy_to_host(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Start copying ``x`` into pinned host memory without a host sync; ``get`` waits for it.
 
-        A chunk under ``SIDE_STREAM_BYTES`` (a decode step, a last token) is copied in stream order: that
-        costs the host least, and the GPU a few microseconds. A larger one is snapshotted (if it is still the
-        module's own output ``source``, not a selection or cast of it) and copied on a side stream that waits for the compute stream, so that the
-        copy overlaps the rest of the forward pass.
+        A chunk under ``SIDE_STREAM_BYTES`` (a decode step, a last token, the outputs of a small model) is
+        copied in stream order: that costs the host least, and the GPU the copy's time. A larger one is
+        snapshotted (if it is still the module's own output ``source``, not a selection or cast of it) and
+        copied on a side stream that waits for the compute stream, so that the copy overlaps the rest of the
+        forward pass.
         """
         buffer = self._pinned.empty(x.shape, x.dtype)
         if x.numel() * x.element_size() < SIDE_STREAM_BYTES:
@@ -264,8 +266,16 @@ class ActivationCapture:
         return f"ActivationCapture({len(self)} names: {short_list(self._store, 5)}, {total:.1f} MB)"
 
 
-SIDE_STREAM_BYTES = 1 << 20
-"""GPU-to-host copies of chunks at least this large go through a side stream (see ``_copy_to_host``)."""
+SIDE_STREAM_BYTES = 16 << 20
+"""GPU-to-host copies of chunks at least this large go through a side stream (see ``_copy_to_host``).
+
+The side stream hides a copy behind the rest of the pass but costs the host a snapshot, an event and two
+stream switches per chunk. Where the host is the bottleneck (small models, small batches) copies in stream
+order fill time the GPU would idle anyway. Measured on an H100 (``docs/benchmarks.md``, 2026-11-27), every
+layer of a 16 x 512-token batch to CPU: 9.4 MB chunks (135M shape) 1.09x the bare pass in stream order and
+1.32x by the side stream; 33.5 MB chunks (1B shape) 1.22x and 1.03x. The chunk size is the proxy: it grows
+with batch x length x width, and with it the GPU's share of the pass. A module-level setting: change it
+to choose the other path."""
 
 
 def _out_of_slab(chunk: torch.Tensor) -> torch.Tensor:
