@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from bench_cases import CASE_BY_KEY, _with_raw_hooks, make_workload
+from bench_cases import CASE_BY_KEY, _traitlens, _with_raw_hooks, make_workload
 from run import _sync, time_cases
 from torch.profiler import ProfilerActivity, profile
 
@@ -88,8 +88,9 @@ def time_in_passes(w, rounds: int) -> None:
     """Timed without the profiler, inside real passes, as ratios to the bare pass (forward) and to plain
     ``generate`` in the same rounds: hooks that do nothing (the cost of having a hook at all on this host),
     capture to CPU with chunks from 1 MiB or from 16 MiB (the default) on the side stream, or every chunk in
-    stream order (``SIDE_STREAM_BYTES``), and capture during ``generate`` with ``get`` joining into the
-    pinned slabs (the default) or into new memory."""
+    stream order (``SIDE_STREAM_BYTES``), the last token copied in stream order, on the side stream or not at
+    all (what the gather costs), and capture during ``generate`` with ``get`` joining into the pinned slabs
+    (the default) or into new memory."""
 
     def with_side_bytes(key: str, side_bytes: int):
         def run(workload):
@@ -119,6 +120,10 @@ def time_in_passes(w, rounds: int) -> None:
         "tl_cpu (default: side stream from 16 MiB)": CASE_BY_KEY["tl_cpu"].run,
         "tl_cpu, all in stream order": with_side_bytes("tl_cpu", 1 << 62),
         "tl_last": CASE_BY_KEY["tl_last"].run,
+        "tl_last, copies on the side stream": with_side_bytes("tl_last", 0),
+        "tl_last, kept on the GPU (no copy)": lambda workload: _traitlens(
+            workload, ActivationCapture(device=None), last_token=True
+        ),
     }
     generate = {
         "gen_plain": CASE_BY_KEY["gen_plain"].run,
@@ -136,7 +141,7 @@ def time_in_passes(w, rounds: int) -> None:
         for name, values in times.items():
             median = statistics.median(values)
             print(
-                f"  {name:38s} {median * 1e3:9.2f} {min(values) * 1e3:9.2f} ms  {median / base:6.3f}x",
+                f"  {name:44s} {median * 1e3:9.2f} {min(values) * 1e3:9.2f} ms  {median / base:6.3f}x",
                 flush=True,
             )
 

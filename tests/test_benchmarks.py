@@ -79,6 +79,7 @@ def test_host_profile_runs_on_the_cpu():
     for key in ("bare", "tl_cpu", "tl_last", "gen_plain", "gen_tl"):
         assert f"== {key}: " in out
     assert out.count("cudaStreamSynchronize") == 1  # the table of runtime calls
-    forward, generate = out.split("\nforward: ")[1].split("\ngenerate (2 new tokens): ")
+    generate, forward = out.split("\ngenerate (2 new tokens): ")[1].split("\nforward: ")
     assert "no-op hooks on every layer" in forward and "tl_cpu, all in stream order" in forward
+    assert "tl_last, kept on the GPU (no copy)" in forward
     assert "generate, no-op hooks on every layer" in generate and "gen_tl, joined into new memory" in generate
