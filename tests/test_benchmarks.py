@@ -48,8 +48,8 @@ def test_quick_run_writes_every_row(tmp_path):
         matching = [r for r in rows if r.startswith(f"| {case.label} |")]
         assert len(matching) == 1, case.label
         cells = [c.strip() for c in matching[0].strip("|").split("|")]
-        assert float(cells[1]) > 0 and float(cells[2]) > 0  # median ms, ratio
-        assert cells[4] != "n/a"  # peak memory was measured
+        assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) > 0  # ms, ratios
+        assert cells[5] != "n/a"  # peak memory was measured
     for method in METHODS:
         assert any(r.startswith(f"| {method} | defaults |") for r in rows), method
     assert any(r.startswith("| probe | solver='sklearn' |") for r in rows)
@@ -57,8 +57,13 @@ def test_quick_run_writes_every_row(tmp_path):
     assert "AMD" in text or "Intel" in text or "CPU:" in text
     assert (tmp_path / "benchmarks_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads(raw.read_text())
-    bare = results["models"][0]["times"]["bare"]
+    times = results["models"][0]["times"]
+    bare = times["bare"]
     assert len(bare) == 2 and all(t > 0 for t in bare)
+    row = next(
+        r for r in rows if r.startswith(f"| {CASES[2].label} |")
+    )  # ratio of minima, from the raw times
+    assert row.split("|")[4].strip() == f"{min(times[CASES[2].key]) / min(bare):.3f}"
 
 
 def test_host_profile_runs_on_the_cpu():
