@@ -342,12 +342,12 @@ def test_chunks_from_a_gpu_are_joined_into_pinned_slabs_and_small_results_into_m
     tiny, monkeypatch
 ):
     """From a GPU, ``get`` joins large results into the capture's pinned slabs (recycled memory, no page
-    faults); simulated here with ordinary slabs in place of the pinned ones and every chunk reading as
-    pinned. The joined values are those of the plain joins."""
+    faults); simulated here with ordinary slabs in place of the pinned ones, one of them opened as by a
+    copy from a GPU. The joined values are those of the plain joins."""
     family, model = tiny
     capture = ActivationCapture()
     capture._pinned = type(capture._pinned)(pin_memory=False, first=1 << 20, smallest=0)
-    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: True)
+    capture._pinned.empty(torch.Size([16]), torch.uint8)
     prompt = torch.tensor([[5, 17, 33, 9], [4, 8, 15, 16]])
     with HookManager(model) as hooks, torch.no_grad():
         hooks.add_forward_hook(layer_path(family, 1), capture.make_hook("gen"))

@@ -209,7 +209,9 @@ class ActivationCapture:
             return list(chunks)
         if len(chunks) == 1:
             return _out_of_slab(chunks[0])
-        pinned = chunks[0].is_pinned()
+        # copied from a GPU: this capture has pinned slabs (asking a tensor is_pinned() could create a CUDA
+        # context on a machine whose GPU the user is not using)
+        pinned = self._pinned.opened and chunks[0].device.type == "cpu"
         runs = [
             _join_steps(run, self._joined if pinned else None)
             for run in _generation_runs(chunks, self._lengths[name])
@@ -311,7 +313,8 @@ class _HostSlabs:
     A slab is freed once no chunk in it is alive and the capture has moved on to another (or is deleted):
     the capture keeps filling its current slab across ``clear()``. Keeping a single chunk keeps its whole
     slab alive; ``ActivationCapture.get`` therefore copies a small single chunk out of its slab, and a few
-    chunks kept from a large capture should be ``.clone()``d.
+    chunks kept from a large capture should be ``.clone()``d. ``get`` also joins chunks copied from a GPU into
+    the pinned slabs (results of 256 KiB or more), so a kept result keeps its slab alive too.
     """
 
     ALIGN = 64
@@ -326,6 +329,11 @@ class _HostSlabs:
         self._typed: dict[torch.dtype, torch.Tensor] = {}  # the current slab viewed as each dtype
         self._used = 0
         self._next = first
+
+    @property
+    def opened(self) -> bool:
+        """Whether a slab was ever opened (for pinned slabs: whether anything was copied from a GPU)."""
+        return self._slab is not None
 
     def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
