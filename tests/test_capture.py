@@ -364,7 +364,13 @@ def test_chunks_from_a_gpu_are_joined_into_pinned_slabs_and_small_results_into_m
     gen = capture.get("gen")  # [2, 8, 32] float32: 2 KiB, under 256 KiB: memory of its own
     assert gen.untyped_storage().nbytes() == gen.nbytes
     torch.testing.assert_close(gen, torch.cat(chunks, dim=1), rtol=0, atol=0)
-    monkeypatch.setattr(capture_module._HostSlabs, "SMALLEST", 0)  # now every joined result goes to a slab
+    monkeypatch.setattr(capture_module._HostSlabs, "LARGEST", 1 << 22)  # joins over 1 MiB: new memory
+    joined = capture.get("big")
+    assert joined.untyped_storage().nbytes() == joined.nbytes
+    torch.testing.assert_close(joined, torch.cat(capture.get("big", concat=False)), rtol=0, atol=0)
+    monkeypatch.setattr(
+        capture_module._HostSlabs, "SMALLEST", 0
+    )  # now every small joined result goes to a slab
     gen = capture.get("gen")
     assert gen.untyped_storage().nbytes() > gen.nbytes
     torch.testing.assert_close(gen, torch.cat(chunks, dim=1), rtol=0, atol=0)

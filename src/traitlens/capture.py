@@ -195,9 +195,9 @@ class ActivationCapture:
         A single chunk under 256 KiB is copied out of the slab it shares (``_HostSlabs``); a larger one is
         returned as stored, a piece of a slab that it keeps alive. Chunks are joined into new host memory,
         except chunks copied from a GPU, which are joined into the capture's pinned slabs when the result is
-        256 KiB or more: memory freed by earlier results is reused there, while a new allocation of ordinary
-        memory has every page faulted in on first write (for a 1B model's every-token ``generate`` capture,
-        half a gigabyte per batch: ~3x the time of the copy itself)."""
+        256 KiB to 64 MiB: memory freed by earlier results is reused there, while a new allocation of
+        ordinary memory has every page faulted in on first write (for a 1B model's every-token ``generate``
+        capture, half a gigabyte per batch: ~3x the time of the copy itself)."""
         if name not in self._store:
             raise KeyError(
                 f"no activations captured under {name!r}; captured: {short_list(self._store)}"
@@ -231,9 +231,12 @@ class ActivationCapture:
 
     def _joined(self, shape: tuple[int, ...], chunks: list[torch.Tensor]) -> torch.Tensor | None:
         """Where chunks copied from a GPU are joined: a piece of a pinned slab, or ``None`` (new memory) for
-        a result under 256 KiB, which should not keep a slab alive (see ``_out_of_slab``)."""
+        a result under 256 KiB, which should not keep a slab alive (see ``_out_of_slab``), or over 64 MiB,
+        which would open a slab of its own (pinned memory is locked in RAM; a join that large is a one-off,
+        such as every batch of a dataset joined at once, not the per-batch join of a loop)."""
         dtype = functools.reduce(torch.promote_types, (c.dtype for c in chunks))
-        if math.prod(shape) * dtype.itemsize < _HostSlabs.SMALLEST:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not _HostSlabs.SMALLEST <= nbytes <= _HostSlabs.LARGEST // _HostSlabs.CHUNKS_PER_SLAB:
             return None
         return self._pinned.empty(torch.Size(shape), dtype)
 
@@ -314,7 +317,7 @@ class _HostSlabs:
     the capture keeps filling its current slab across ``clear()``. Keeping a single chunk keeps its whole
     slab alive; ``ActivationCapture.get`` therefore copies a small single chunk out of its slab, and a few
     chunks kept from a large capture should be ``.clone()``d. ``get`` also joins chunks copied from a GPU into
-    the pinned slabs (results of 256 KiB or more), so a kept result keeps its slab alive too.
+    the pinned slabs (results of 256 KiB to 64 MiB), so a kept result keeps its slab alive too.
     """
 
     ALIGN = 64
