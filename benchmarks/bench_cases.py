@@ -276,7 +276,7 @@ CASES: list[Case] = [
     Case("seed_cpu", "seed design: hooks calling `.detach().cpu()` (all layers)", "forward", seed_cpu_hooks),
     Case("pinned", "plain hooks copying into pinned CPU buffers, `non_blocking=True`, same stream (all layers)", "forward", pinned_hooks),
     Case("tl_device", "traitlens `ActivationCapture(device=None)`, all layers, full sequence", "forward", traitlens_on_device),
-    Case("tl_cpu", "traitlens `ActivationCapture()` to CPU (from a GPU: pinned, non-blocking, large chunks on a side stream), all layers, full sequence", "forward", traitlens_to_cpu),
+    Case("tl_cpu", "traitlens `ActivationCapture()` to CPU (from a GPU: pinned, non-blocking, chunks of 16 MiB or more on a side stream), all layers, full sequence", "forward", traitlens_to_cpu),
     Case("tl_last", "traitlens last token only (`positions=last_token_index(mask)`), all layers, to CPU", "forward", traitlens_last_token),
     Case("tl_stop", "traitlens early stop: capture layer k = L/2, `HookManager.stop_after`", "forward", traitlens_early_stop),
     Case("hidden_states", "`output_hidden_states=True`", "forward", hidden_states),

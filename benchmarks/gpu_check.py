@@ -70,15 +70,17 @@ def check(device: torch.device, n_batches: int) -> list[str]:
                 raise AssertionError(f"{name}, layer {i}: not stored in pinned memory")
         report.append(f"{name}: {n_layers - 1} layers equal output_hidden_states bit for bit")
 
-    for copy_path in COPY_PATHS:
+    for copy_path in COPY_PATHS if device.type == "cuda" else ("on the CPU",):
         with _copy_path(copy_path):
             report += _in_flight_and_in_place(model, paths, generator, n_batches, copy_path)
 
-    # 4. generate: per-token capture == a forward pass over the generated sequence
-    capture = ActivationCapture()
+    # 4. generate: per-token capture == a forward pass over the generated sequence; the last position of
+    # each pass (positions=-1) == those positions of it, bit for bit
+    capture, last = ActivationCapture(), ActivationCapture(positions=-1)
     with torch.no_grad(), HookManager(model) as hooks:
         for i, path in enumerate(paths):
             hooks.add_forward_hook(path, capture.make_hook(str(i)))
+            hooks.add_forward_hook(path, last.make_hook(str(i)))
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
                              do_sample=False, pad_token_id=0)  # fmt: skip
     full_mask = torch.cat([mask, torch.ones(4, 8, dtype=mask.dtype, device=device)], 1)
@@ -93,14 +95,37 @@ def check(device: torch.device, n_batches: int) -> list[str]:
             raise AssertionError(f"generate, layer {i}: shape {tuple(got.shape)} vs {tuple(want.shape)}")
         rel = ((got - want)[real].norm() / want[real].norm()).item()
         worst = max(worst, rel)
+        _exact(last.get(str(i)), got[:, ids.shape[1] - 1 :], f"generate, positions=-1, layer {i}")
     if worst > 1e-4:
         raise AssertionError(f"generate: relative error {worst:.2e} > 1e-4")
     report.append(
-        f"generate (8 new tokens, left padding): every layer equals a forward pass (rel. error <= {worst:.1e})"
+        f"generate (8 new tokens, left padding): every layer equals a forward pass (rel. error <= {worst:.1e}); "
+        "with positions=-1, the last position of each pass equals those positions bit for bit"
+    )
+
+    # 5. passes joined along batch by get (from a GPU: into pinned memory of their own)
+    capture, parts = ActivationCapture(), []
+    with torch.no_grad(), HookManager(model) as hooks:
+        hooks.add_forward_hook(paths[5], capture.make_hook("5"))
+        for batch in batches_of(generator, model, device, n=3, rows=4, length=40):
+            model(input_ids=batch)
+            parts.append(capture.get("5", concat=False)[-1].clone())
+    joined = capture.get("5")
+    _exact(joined, torch.cat(parts), "3 passes joined along batch")
+    if device.type == "cuda" and not joined.is_pinned():
+        raise AssertionError("3 passes joined along batch: not in pinned memory")
+    report.append(
+        "3 passes joined along batch by get equal the passes bit for bit"
+        + (", in pinned memory" if device.type == "cuda" else "")
     )
     if device.type == "cuda":
         report.append(_no_sync_in_hooks(model, paths, ids, mask))
     return report
+
+
+def batches_of(generator, model, device, n: int, rows: int, length: int) -> list[torch.Tensor]:
+    return [torch.randint(3, model.config.vocab_size, (rows, length), generator=generator).to(device)
+            for _ in range(n)]  # fmt: skip
 
 
 COPY_PATHS = ("side stream", "stream order")
@@ -123,8 +148,7 @@ def _in_flight_and_in_place(model, paths, generator, n_batches: int, copy_path: 
     device, n_layers, report = model.device, len(paths), []
     # 2. many batches in flight (no sync until get), against on-device copies kept by plain hooks
     capture, kept = ActivationCapture(), {i: [] for i in range(n_layers)}
-    batches = [torch.randint(3, model.config.vocab_size, (16, 128), generator=generator).to(device)
-               for _ in range(n_batches)]  # fmt: skip
+    batches = batches_of(generator, model, device, n=n_batches, rows=16, length=128)
 
     def keep(i):
         return lambda m, a, out: kept[i].append(output_tensor(out).detach().clone())
@@ -137,6 +161,8 @@ def _in_flight_and_in_place(model, paths, generator, n_batches: int, copy_path: 
         for batch in batches:
             model(input_ids=batch)
         launched = time.perf_counter() - start
+    if device.type == "cuda" and bool(capture._side) != (copy_path == "side stream"):
+        raise AssertionError(f"{copy_path}: the side stream was {'not ' if not capture._side else ''}used")
     for i in range(n_layers):
         _exact(capture.get(str(i)), torch.cat(kept[i]).cpu(), f"{n_batches} batches, layer {i}")
     chunks = [c for i in range(n_layers) for c in capture.get(str(i), concat=False)]
@@ -194,7 +220,7 @@ def _strict_hooks(model: torch.nn.Module) -> None:
 
 
 def _no_sync_in_hooks(model, paths, ids: torch.Tensor, mask: torch.Tensor) -> str:
-    """5. No hook of traitlens waits for the GPU: capture (both copy paths, a cast, positions given as
+    """6. No hook of traitlens waits for the GPU: capture (both copy paths, a cast, positions given as
     indices or weights on the host or on the GPU), per-token capture in ``generate``, and steering at given
     token indices during ``generate``."""
     cpu_mask = mask.cpu()

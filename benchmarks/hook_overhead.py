@@ -4,6 +4,8 @@ A small model's forward pass and every ``generate`` decode step are bound by the
 so whatever a capture hook spends on the host adds to the run one for one. This times ``n`` calls of each
 way on a decode-step chunk (16 x 1 x 576 bf16) and a full-sequence chunk (16 x 512 x 576 bf16): the host
 time for the calls alone, and until every copy has landed. Then it profiles ``ActivationCapture.store``.
+Since ``SIDE_STREAM_BYTES`` became 16 MiB (2026-11-27), ``store`` copies the 9.4 MB chunk in stream order;
+earlier runs (``docs/gpu-runs/``) copied it on the side stream.
 
     python benchmarks/hook_overhead.py          # needs a GPU
 """
@@ -55,7 +57,7 @@ def ways():
         "pinned buffer per chunk, same stream": pinned_each,
         "pinned slab, same stream": slab_same_stream,
         "pinned slab, side stream, one reused event": slab_side_stream_reused_event,
-        "traitlens ActivationCapture().store": traitlens,
+        "traitlens ActivationCapture().store": traitlens,  # chunks of 16 MiB or more on the side stream
     }, capture
 
 

@@ -89,7 +89,7 @@ def time_in_passes(w, rounds: int) -> None:
     ``generate`` in the same rounds: hooks that do nothing (the cost of having a hook at all on this host),
     capture to CPU with chunks from 1 MiB or from 16 MiB (the default) on the side stream, or every chunk in
     stream order (``SIDE_STREAM_BYTES``), the last token copied in stream order, on the side stream or not at
-    all (what the gather costs), and capture during ``generate`` with ``get`` joining into the pinned slabs
+    all (what the gather costs), and capture during ``generate`` with ``get`` joining into pinned memory
     (the default) or into new memory."""
 
     def with_side_bytes(key: str, side_bytes: int):
@@ -103,11 +103,11 @@ def time_in_passes(w, rounds: int) -> None:
         return run
 
     def joined_into_new_memory(workload):  # get as before 2026-11-27: every join allocates new host memory
-        joined, ActivationCapture._joined = ActivationCapture._joined, lambda self, shape, chunks: None
+        joined, capture._pinned_join = capture._pinned_join, lambda shape, chunks: None
         try:
             return CASE_BY_KEY["gen_tl"].run(workload)
         finally:
-            ActivationCapture._joined = joined
+            capture._pinned_join = joined
 
     def noop_hooks(run):
         return lambda workload: _with_raw_hooks(workload, lambda x: None, lambda kept: run(workload))

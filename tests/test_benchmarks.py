@@ -88,3 +88,18 @@ def test_host_profile_runs_on_the_cpu():
     assert "no-op hooks on every layer" in forward and "tl_cpu, all in stream order" in forward
     assert "tl_last, kept on the GPU (no copy)" in forward
     assert "generate, no-op hooks on every layer" in generate and "gen_tl, joined into new memory" in generate
+
+
+def test_gpu_check_runs_on_the_cpu():
+    """The GPU run's correctness check, run as gpu.sh runs it but on the CPU (one batch in flight), so that
+    a broken script cannot waste a GPU session; on the CPU its comparisons hold too."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--batches", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    oks = [line for line in proc.stdout.splitlines() if line.startswith("  ok: ")]
+    assert len(oks) == 6, proc.stdout
+    assert "3 passes joined along batch" in oks[-1]

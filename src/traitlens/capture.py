@@ -193,11 +193,11 @@ class ActivationCapture:
         the list of chunks in the order the hooks saw them.
 
         A single chunk under 256 KiB is copied out of the slab it shares (``_HostSlabs``); a larger one is
-        returned as stored, a piece of a slab that it keeps alive. Chunks are joined into new host memory,
-        except chunks copied from a GPU, which are joined into the capture's pinned slabs when the result is
-        256 KiB to 64 MiB: memory freed by earlier results is reused there, while a new allocation of
-        ordinary memory has every page faulted in on first write (for a 1B model's every-token ``generate``
-        capture, half a gigabyte per batch: ~3x the time of the copy itself)."""
+        returned as stored, a piece of a slab that it keeps alive. Chunks are joined into new host memory;
+        chunks copied from a GPU into pinned memory of their own when the result is 256 KiB to 64 MiB,
+        where blocks freed by earlier results are reused, while new ordinary memory has every page faulted
+        in on first write (for a 1B model's every-token ``generate`` capture, half a gigabyte per batch: ~3x
+        the time of the copy itself; see ``_pinned_join``)."""
         if name not in self._store:
             raise KeyError(
                 f"no activations captured under {name!r}; captured: {short_list(self._store)}"
@@ -211,16 +211,14 @@ class ActivationCapture:
             return _out_of_slab(chunks[0])
         # copied from a GPU: this capture has pinned slabs (asking a tensor is_pinned() could create a CUDA
         # context on a machine whose GPU the user is not using)
-        pinned = self._pinned.opened and chunks[0].device.type == "cpu"
-        runs = [
-            _join_steps(run, self._joined if pinned else None)
-            for run in _generation_runs(chunks, self._lengths[name])
-        ]
+        joined = _pinned_join if self._pinned.opened and chunks[0].device.type == "cpu" else None
+        groups = _generation_runs(chunks, self._lengths[name])
+        runs = [_join_steps(run, joined if len(groups) == 1 else None) for run in groups]
         if len(runs) == 1:
             return runs[0]
         if all(run.shape[1:] == runs[0].shape[1:] for run in runs):
-            shape = (sum(run.shape[0] for run in runs), *runs[0].shape[1:])
-            return torch.cat(runs, dim=0, out=self._joined(shape, runs) if pinned else None)
+            out = joined((sum(run.shape[0] for run in runs), *runs[0].shape[1:]), runs) if joined else None
+            return torch.cat(runs, dim=0, out=out)
         shapes = ", ".join(str(tuple(r.shape)) for r in runs[:4]) + (", ..." if len(runs) > 4 else "")
         raise ValueError(
             f"activations under {name!r} come from {len(runs)} passes whose shapes cannot be joined along "
@@ -228,17 +226,6 @@ class ActivationCapture:
             "step), call clear() between passes, or keep a fixed number of positions per pass (e.g. "
             "positions=last_token_index(attention_mask) with forward passes, positions=-1 with generate)"
         )
-
-    def _joined(self, shape: tuple[int, ...], chunks: list[torch.Tensor]) -> torch.Tensor | None:
-        """Where chunks copied from a GPU are joined: a piece of a pinned slab, or ``None`` (new memory) for
-        a result under 256 KiB, which should not keep a slab alive (see ``_out_of_slab``), or over 64 MiB,
-        which would open a slab of its own (pinned memory is locked in RAM; a join that large is a one-off,
-        such as every batch of a dataset joined at once, not the per-batch join of a loop)."""
-        dtype = functools.reduce(torch.promote_types, (c.dtype for c in chunks))
-        nbytes = math.prod(shape) * dtype.itemsize
-        if not _HostSlabs.SMALLEST <= nbytes <= _HostSlabs.LARGEST // _HostSlabs.CHUNKS_PER_SLAB:
-            return None
-        return self._pinned.empty(torch.Size(shape), dtype)
 
     def clear(self, name: str | None = None) -> None:
         """Forget everything, or only what is stored under ``name``."""
@@ -283,6 +270,24 @@ with batch x length x width, and with it the GPU's share of the pass. A module-l
 to choose the other path."""
 
 
+def _pinned_join(shape: tuple[int, ...], chunks: list[torch.Tensor]) -> torch.Tensor | None:
+    """Where chunks copied from a GPU are joined: a pinned block of PyTorch's caching host allocator for a
+    result of 256 KiB to 64 MiB, else ``None`` (new ordinary memory).
+
+    The allocator hands out pinned blocks freed by earlier results again, already in RAM; new ordinary memory
+    has every page faulted in on first write. A block of its own, not a piece of the capture's slabs: a kept
+    result holds only its block (which the allocator rounds up to a power of two), not the chunks captured
+    next to it. The upper bound keeps that rounding off one-off joins (every batch of a dataset joined at
+    once); pinned memory is locked in RAM."""
+    dtype = functools.reduce(torch.promote_types, (c.dtype for c in chunks))
+    if not _HostSlabs.SMALLEST <= math.prod(shape) * dtype.itemsize <= JOIN_PINNED_MAX:
+        return None
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+JOIN_PINNED_MAX = 64 << 20
+
+
 def _out_of_slab(chunk: torch.Tensor) -> torch.Tensor:
     """``chunk``, or a copy of it when it is a small piece of a larger slab: a kept result of ``get`` should not
     keep a whole slab alive (a last token per batch, gathered over a dataset, would hold a slab per batch)."""
@@ -316,8 +321,7 @@ class _HostSlabs:
     A slab is freed once no chunk in it is alive and the capture has moved on to another (or is deleted):
     the capture keeps filling its current slab across ``clear()``. Keeping a single chunk keeps its whole
     slab alive; ``ActivationCapture.get`` therefore copies a small single chunk out of its slab, and a few
-    chunks kept from a large capture should be ``.clone()``d. ``get`` also joins chunks copied from a GPU into
-    the pinned slabs (results of 256 KiB to 64 MiB), so a kept result keeps its slab alive too.
+    chunks kept from a large capture should be ``.clone()``d.
     """
 
     ALIGN = 64
