@@ -23,9 +23,8 @@ that edits the module's output in place does not change it. From a GPU, hooks ne
 chunk is copied into pinned memory with ``non_blocking=True``, chunks of 16 MiB or more on a side CUDA stream
 (after a snapshot on the GPU) so that the copy overlaps the rest of the forward pass, smaller ones (decode
 steps, last tokens, a small model's outputs) in stream order, which costs the host less; ``get`` waits for
-the copies once. With
-``device=None`` on a GPU, the stored chunk is the module's output tensor itself, as with
-``output_hidden_states``.
+the copies once. With ``device=None`` on a GPU, the stored chunk is the module's output tensor itself, as
+with ``output_hidden_states``.
 """
 
 from __future__ import annotations
@@ -270,6 +269,10 @@ with batch x length x width, and with it the GPU's share of the pass. A module-l
 to choose the other path."""
 
 
+JOIN_PINNED_MAX = 64 << 20
+"""Joins of chunks copied from a GPU up to this size go into pinned memory (see ``_pinned_join``)."""
+
+
 def _pinned_join(shape: tuple[int, ...], chunks: list[torch.Tensor]) -> torch.Tensor | None:
     """Where chunks copied from a GPU are joined: a pinned block of PyTorch's caching host allocator for a
     result of 256 KiB to 64 MiB, else ``None`` (new ordinary memory).
@@ -283,9 +286,6 @@ def _pinned_join(shape: tuple[int, ...], chunks: list[torch.Tensor]) -> torch.Te
     if not _HostSlabs.SMALLEST <= math.prod(shape) * dtype.itemsize <= JOIN_PINNED_MAX:
         return None
     return torch.empty(shape, dtype=dtype, pin_memory=True)
-
-
-JOIN_PINNED_MAX = 64 << 20
 
 
 def _out_of_slab(chunk: torch.Tensor) -> torch.Tensor:
