@@ -83,7 +83,8 @@ def time_cases(
 ) -> dict[str, list[float]]:
     """Seconds per run of each case (keys of ``CASE_BY_KEY``, or names mapped to ``run(workload)``),
     ``reps`` rounds, in a new seeded random order each round (a rotation would keep every case after the
-    same neighbour, and what a case leaves behind slows the next one)."""
+    same neighbour, and what a case leaves behind slows the next one), with Python's cyclic garbage
+    collector run before each case and off during it."""
     runs = keys if isinstance(keys, dict) else {key: CASE_BY_KEY[key].run for key in keys}
     keys = list(runs)
     warm = w if full_warmup else dataclasses.replace(w, batches=w.batches[:1], gen_batches=w.gen_batches[:1])
@@ -96,11 +97,15 @@ def time_cases(
             order = random.Random(rep).sample(keys, len(keys))
             for key in order:
                 gc.collect()
-                _sync(w.device)
-                start = time.perf_counter()
-                kept = runs[key](w)
-                _sync(w.device)
-                times[key].append(time.perf_counter() - start)
+                gc.disable()  # as timeit does: a collection inside one case's timing is noise
+                try:
+                    _sync(w.device)
+                    start = time.perf_counter()
+                    kept = runs[key](w)
+                    _sync(w.device)
+                    times[key].append(time.perf_counter() - start)
+                finally:
+                    gc.enable()
                 del kept
             print(f"  round {rep + 1}/{reps} done (load {os.getloadavg()[0]:.2f})", flush=True)
     return times
