@@ -55,28 +55,31 @@ def _scores(
     return score(pos), score(neg)
 
 
-def _midpoint(pos_s: torch.Tensor, neg_s: torch.Tensor) -> float:
-    return float((pos_s.mean() + neg_s.mean()) / 2)
+# The reductions below take the scores of one direction (``[n_pos]``, ``[n_neg]``) or of several at once,
+# one per column (``[n_pos, d]``, ``[n_neg, d]``: the pipeline's random directions), and return tensors
+# (``[]`` or ``[d]``).
 
 
-def _accuracy(pos_s: torch.Tensor, neg_s: torch.Tensor, threshold: float, balanced: bool) -> float:
+def _midpoint(pos_s: torch.Tensor, neg_s: torch.Tensor) -> torch.Tensor:
+    return (pos_s.mean(0) + neg_s.mean(0)) / 2
+
+
+def _accuracy(pos_s: torch.Tensor, neg_s: torch.Tensor, threshold, balanced: bool) -> torch.Tensor:
     # An example is called positive when its score is strictly above the threshold.
     pos_right = (pos_s > threshold).double()
     neg_right = (neg_s <= threshold).double()
     if balanced:
-        return float((pos_right.mean() + neg_right.mean()) / 2)
-    return float((pos_right.sum() + neg_right.sum()) / (len(pos_s) + len(neg_s)))
+        return (pos_right.mean(0) + neg_right.mean(0)) / 2
+    return (pos_right.sum(0) + neg_right.sum(0)) / (len(pos_s) + len(neg_s))
 
 
-def _auroc(pos_s: torch.Tensor, neg_s: torch.Tensor) -> float:
-    # Mann-Whitney U with mid-ranks for ties: AUROC = U / (n_pos * n_neg).
-    scores = torch.cat([pos_s, neg_s])
-    _, group, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
-    last_rank = counts.cumsum(0).double()  # 1-based rank of the last member of each tie group
-    ranks = (last_rank - (counts.double() - 1) / 2)[group]
-    n_pos, n_neg = len(pos_s), len(neg_s)
-    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+def _auroc(pos_s: torch.Tensor, neg_s: torch.Tensor) -> torch.Tensor:
+    # Mann-Whitney U / (n_pos * n_neg), ties counted one half: for each positive, the negatives strictly
+    # below it plus those not above it (binary searches in the sorted negatives) are twice its share of U.
+    neg_sorted = neg_s.movedim(0, -1).sort(dim=-1).values.contiguous()
+    pos_rows = pos_s.movedim(0, -1).contiguous()
+    twice_u = torch.searchsorted(neg_sorted, pos_rows) + torch.searchsorted(neg_sorted, pos_rows, right=True)
+    return twice_u.sum(-1).double() / (2 * len(pos_s) * len(neg_s))
 
 
 def _cohens_d(pos_s: torch.Tensor, neg_s: torch.Tensor) -> float:
@@ -128,7 +131,7 @@ def separation(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Ten
 def midpoint_threshold(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Tensor) -> float:
     """The midpoint of the two class means of the projections onto the unit ``vector``: the threshold that
     ``accuracy`` uses by default. Fit it on training data and pass it to ``accuracy`` on held-out data."""
-    return _midpoint(*_scores(vector, pos_acts, neg_acts))
+    return float(_midpoint(*_scores(vector, pos_acts, neg_acts)))
 
 
 def accuracy(
@@ -153,8 +156,8 @@ def accuracy(
             ``n_pos != n_neg``).
     """
     pos_s, neg_s = _scores(vector, pos_acts, neg_acts)
-    t = _midpoint(pos_s, neg_s) if threshold is None else float(threshold)
-    return _accuracy(pos_s, neg_s, t, balanced)
+    t = float(_midpoint(pos_s, neg_s)) if threshold is None else float(threshold)
+    return float(_accuracy(pos_s, neg_s, t, balanced))
 
 
 def auroc(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Tensor) -> float:
@@ -168,7 +171,7 @@ def auroc(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Tensor) 
         pos_acts: ``[n_pos, hidden]``.
         neg_acts: ``[n_neg, hidden]``.
     """
-    return _auroc(*_scores(vector, pos_acts, neg_acts))
+    return float(_auroc(*_scores(vector, pos_acts, neg_acts)))
 
 
 def effect_size(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Tensor) -> float:
@@ -599,13 +602,13 @@ def evaluate_vector(
         only if both classes project to constants.
     """
     pos_s, neg_s = _scores(vector, pos_acts, neg_acts, 2, "evaluate_vector")
-    t = _midpoint(pos_s, neg_s) if threshold is None else float(threshold)
+    t = float(_midpoint(pos_s, neg_s)) if threshold is None else float(threshold)
     pos_mean, neg_mean = float(pos_s.mean()), float(neg_s.mean())
     return {
-        "accuracy": _accuracy(pos_s, neg_s, t, balanced=False),
-        "balanced_accuracy": _accuracy(pos_s, neg_s, t, balanced=True),
+        "accuracy": float(_accuracy(pos_s, neg_s, t, balanced=False)),
+        "balanced_accuracy": float(_accuracy(pos_s, neg_s, t, balanced=True)),
         "threshold": t,
-        "auroc": _auroc(pos_s, neg_s),
+        "auroc": float(_auroc(pos_s, neg_s)),
         "effect_size": _cohens_d(pos_s, neg_s),
         "p_value": _welch_p(pos_s, neg_s),
         "separation": pos_mean - neg_mean,

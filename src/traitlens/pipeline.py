@@ -37,7 +37,7 @@ from traitlens.dataset import SPLITS, ContrastiveDataset, Example, Pair, check_p
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, resolve_module
 from traitlens.methods import METHODS as METHOD_CLASSES
 from traitlens.methods import get_method
-from traitlens.metrics import evaluate_vector, midpoint_threshold
+from traitlens.metrics import _accuracy, _auroc, _midpoint, evaluate_vector, midpoint_threshold
 from traitlens.positions import POSITION_RULES, select_positions
 from traitlens.stats import ContrastiveStats
 from traitlens.vector import TraitVector
@@ -436,8 +436,9 @@ def _random_draws(
 ) -> dict:
     """Accuracy (each with its train midpoint threshold) and AUROC of ``draws`` random directions (seeds
     ``seed``, ``seed + 1``, ...): mean and standard deviation over the draws. What ``midpoint_threshold``,
-    ``accuracy`` and ``auroc`` give for each direction, computed for all of them in one matrix product. A
-    random direction is unoriented, so its AUROC is taken as it is: symmetric around 0.5 over draws."""
+    ``accuracy`` and ``auroc`` give for each direction, computed for all of them in one matrix product and
+    the metrics' reductions applied per column. A random direction is unoriented, so its AUROC is taken as
+    it is: symmetric around 0.5 over draws."""
     method = get_method(CONTROL)
     vectors = [method.extract(train_pos, train_neg, seed=seed + k)["vector"] for k in range(draws)]
     units = normalize_vectors(torch.stack(vectors).double())  # [draws, hidden]
@@ -445,16 +446,10 @@ def _random_draws(
     def scores(acts: torch.Tensor) -> torch.Tensor:
         return acts.double() @ units.T  # [n, draws]
 
-    thresholds = (scores(train_pos).mean(0) + scores(train_neg).mean(0)) / 2  # [draws]
+    thresholds = _midpoint(scores(train_pos), scores(train_neg))  # [draws]
     pos_s, neg_s = scores(pos), scores(neg)  # [n_pos, draws], [n_neg, draws]
-    right = (pos_s > thresholds).sum(0) + (neg_s <= thresholds).sum(0)  # [draws]
-    values = right.double() / (len(pos) + len(neg))
-    # AUROC as Mann-Whitney U / (n_pos n_neg), ties counted one half: for each positive, the negatives
-    # strictly below it plus those not above it, halved, found by binary search in each draw's sorted row.
-    sorted_neg = neg_s.T.sort(dim=1).values.contiguous()  # [draws, n_neg]
-    pos_rows = pos_s.T.contiguous()  # [draws, n_pos]
-    twice_u = torch.searchsorted(sorted_neg, pos_rows) + torch.searchsorted(sorted_neg, pos_rows, right=True)
-    aurocs = twice_u.sum(1).double() / (2 * len(pos) * len(neg))  # [draws]
+    values = _accuracy(pos_s, neg_s, thresholds, balanced=False)  # [draws]
+    aurocs = _auroc(pos_s, neg_s)  # [draws]
     return {
         "draws_accuracy_mean": float(values.mean()),
         "draws_accuracy_std": float(values.std()),
