@@ -519,7 +519,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _key_metric(metrics: Mapping[str, Any]) -> tuple[str, float] | None:
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+    numeric = {k: v for k, v in metrics.items() if _is_number(v)}
     for name in _REPR_METRICS:
         if name in numeric:
             return name, float(numeric[name])
