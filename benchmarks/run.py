@@ -7,12 +7,13 @@
 Each case runs the whole workload; every case is warmed up first, then all cases run in rounds (in a new
 seeded random order each round, and the bare forward pass runs in every round, so drift shows in its spread);
 the generation cases run in rounds of their own (``--gen-reps``; more of them on a GPU).
-Reported: the median time, its ratio to the bare forward pass (generation cases: to plain ``generate``), and
-the spread (max - min) / median over rounds. Peak memory: on CPU the extra peak resident memory of a fresh
+Reported: the median time, its ratio to the bare forward pass (generation cases: to plain ``generate``), the
+same ratio of the fastest rounds, and the spread (max - min) / median over rounds. Peak memory: on CPU the extra peak resident memory of a fresh
 process per case (``VmHWM`` after a reset via ``/proc/self/clear_refs``, minus the resident memory before
-the case, the model loaded and warmed up, and memory freed by the warm-up given back with ``malloc_trim``); on a GPU ``torch.cuda.max_memory_allocated`` above the memory
-allocated before the case. Peers run in their own process (``benchmarks/peers.py``, any Python given with
-``--peer-python``) against their own bare forward pass. Results are written into the CPU or GPU section of
+the case, the model loaded and warmed up, and memory freed by the warm-up given back with ``malloc_trim``);
+on a GPU ``torch.cuda.max_memory_allocated`` above the memory allocated before the case. Peers run in their
+own process (``benchmarks/peers.py``, any Python given with ``--peer-python``) against a bare forward pass:
+the Hugging Face model's, or for TransformerLens its own. Results are written into the CPU or GPU section of
 the markdown file (``--out``, default docs/benchmarks.md) and a PNG plot next to it.
 """
 
@@ -162,6 +163,13 @@ STREAM_TOKENS, STREAM_BATCH = 8, 64
 the check is about rows kept per example (one per layer and side at the last token), not about tokens."""
 
 
+def stream_run(args, key: str):
+    """The run of one row of the streaming check: ``key`` is one of ``STREAM_KEYS`` (``"collect_10N"``:
+    rows collected, 10 N pairs)."""
+    kind, factor = key.split("_")
+    return stream_case(args.stream_pairs * int(factor.removesuffix("N")), kind == "stream")
+
+
 def stream_case(n_pairs: int, streaming: bool):
     """Mean difference at the last token of every layer over ``n_pairs`` random pairs: streamed through
     ``traitlens.stats.ContrastiveStats``, or collected first (all rows kept) then averaged, the control that
@@ -210,8 +218,7 @@ def memory_child(args) -> None:
         CASE_BY_KEY["bare"].run(dataclasses.replace(w, batches=w.batches[:1]))  # one-time allocations
         for key in args.memory_child.split(","):
             if key.startswith("stream_") or key.startswith("collect_"):
-                kind, factor = key.split("_")
-                run = stream_case(args.stream_pairs * int(factor.rstrip("N") or 1), kind == "stream")
+                run = stream_run(args, key)
             else:
                 run = CASE_BY_KEY[key].run
             results[key] = measure_memory(w, run, w.device)
@@ -548,10 +555,9 @@ def main(argv=None) -> dict:
             reason = "--no-peers" if args.no_peers else "--quick"
             entry["peers"] = [{"key": "peers", "status": "skipped", "reason": reason}]
         else:
-            _write(args, results, started)
+            _write(args, results, started)  # before the peers, the longest part
             entry["peers"] = peers_benchmark(args, model)
-        _write(args, results, started)
-    out, plot = _write(args, results, started)
+        out, plot = _write(args, results, started)
     print(f"wrote {out} and {plot} in {results['seconds']:.0f} s", flush=True)
     return results
 
@@ -584,9 +590,7 @@ def _streaming_cuda(args, w: Workload) -> dict:
     values = {}
     with torch.no_grad():
         for key in STREAM_KEYS:
-            kind, factor = key.split("_")
-            run = stream_case(args.stream_pairs * int(factor[:-1]), kind == "stream")
-            values[key] = measure_memory(w, run, w.device)
+            values[key] = measure_memory(w, stream_run(args, key), w.device)
     return {"status": "ok", "pairs": args.stream_pairs, "extra_mb": values, "total_mb": {}}
 
 
