@@ -484,7 +484,7 @@ def _fingerprint(model: torch.nn.Module) -> tuple[str, float, float] | None:
     if weight.device.type == "meta":
         return None
     w = weight.detach().double()
-    return str(weight.dtype).removeprefix("torch."), float(w.sum()), float(w.square().sum())
+    return _as_json(weight.dtype), float(w.sum()), float(w.square().sum())
 
 
 def _check_fingerprint(got, expect, cluster: RayCluster) -> None:
