@@ -16,9 +16,9 @@ mostly untouched virtual memory, so their ratio means nothing).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import time
+from unittest import mock
 
 import torch
 from bench_cases import build_model
@@ -131,16 +131,12 @@ def batches_of(generator, model, device, n: int, rows: int, length: int) -> list
 COPY_PATHS = ("side stream", "stream order")
 
 
-@contextlib.contextmanager
 def _copy_path(path: str):
     """Copy this check's chunks (0.3 MB in stream order always; 2.4 and 4.7 MB by ``path``) one way,
     whatever ``SIDE_STREAM_BYTES`` is by default."""
-    default = capture_module.SIDE_STREAM_BYTES
-    capture_module.SIDE_STREAM_BYTES = 1 << 20 if path == "side stream" else 1 << 62
-    try:
-        yield
-    finally:
-        capture_module.SIDE_STREAM_BYTES = default
+    return mock.patch.object(
+        capture_module, "SIDE_STREAM_BYTES", 1 << 20 if path == "side stream" else 1 << 62
+    )
 
 
 def _in_flight_and_in_place(model, paths, generator, n_batches: int, copy_path: str) -> list[str]:
@@ -177,7 +173,7 @@ def _in_flight_and_in_place(model, paths, generator, n_batches: int, copy_path: 
 
     # 3. a later hook that edits the output in place does not reach what was copied to the host
     for rows, length in ((4, 33), (16, 64)):  # chunks of 0.3 and 2.4 MB
-        batch = torch.randint(3, model.config.vocab_size, (rows, length), generator=generator).to(device)
+        (batch,) = batches_of(generator, model, device, n=1, rows=rows, length=length)
         capture, clean = ActivationCapture(), ActivationCapture()
         with torch.no_grad():
             with HookManager(model) as hooks:

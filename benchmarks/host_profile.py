@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 from bench_cases import CASE_BY_KEY, _traitlens, _with_raw_hooks, make_workload
@@ -92,22 +93,12 @@ def time_in_passes(w, rounds: int) -> None:
     all (what the gather costs), and capture during ``generate`` with ``get`` joining into pinned memory
     (the default) or into new memory."""
 
-    def with_side_bytes(key: str, side_bytes: int):
+    def patched(key: str, **settings):  # the case with module-level settings of traitlens.capture changed
         def run(workload):
-            default, capture.SIDE_STREAM_BYTES = capture.SIDE_STREAM_BYTES, side_bytes
-            try:
+            with mock.patch.multiple(capture, **settings):
                 return CASE_BY_KEY[key].run(workload)
-            finally:
-                capture.SIDE_STREAM_BYTES = default
 
         return run
-
-    def joined_into_new_memory(workload):  # get as before 2026-11-27: every join allocates new host memory
-        joined, capture._pinned_join = capture._pinned_join, lambda shape, chunks: None
-        try:
-            return CASE_BY_KEY["gen_tl"].run(workload)
-        finally:
-            capture._pinned_join = joined
 
     def noop_hooks(run):
         return lambda workload: _with_raw_hooks(workload, lambda x: None, lambda kept: run(workload))
@@ -116,11 +107,11 @@ def time_in_passes(w, rounds: int) -> None:
         "bare": CASE_BY_KEY["bare"].run,
         "no-op hooks on every layer": noop_hooks(CASE_BY_KEY["bare"].run),
         "pinned (raw hooks, stream order)": CASE_BY_KEY["pinned"].run,
-        "tl_cpu, side stream from 1 MiB": with_side_bytes("tl_cpu", 1 << 20),
+        "tl_cpu, side stream from 1 MiB": patched("tl_cpu", SIDE_STREAM_BYTES=1 << 20),
         "tl_cpu (default: side stream from 16 MiB)": CASE_BY_KEY["tl_cpu"].run,
-        "tl_cpu, all in stream order": with_side_bytes("tl_cpu", 1 << 62),
+        "tl_cpu, all in stream order": patched("tl_cpu", SIDE_STREAM_BYTES=1 << 62),
         "tl_last": CASE_BY_KEY["tl_last"].run,
-        "tl_last, copies on the side stream": with_side_bytes("tl_last", 0),
+        "tl_last, copies on the side stream": patched("tl_last", SIDE_STREAM_BYTES=0),
         "tl_last, kept on the GPU (no copy)": lambda workload: _traitlens(
             workload, ActivationCapture(device=None), last_token=True
         ),
@@ -129,7 +120,7 @@ def time_in_passes(w, rounds: int) -> None:
         "gen_plain": CASE_BY_KEY["gen_plain"].run,
         "generate, no-op hooks on every layer": noop_hooks(CASE_BY_KEY["gen_plain"].run),
         "gen_tl": CASE_BY_KEY["gen_tl"].run,
-        "gen_tl, joined into new memory": joined_into_new_memory,
+        "gen_tl, joined into new memory": patched("gen_tl", _pinned_join=lambda shape, chunks: None),
     }
     # generate first: its comparison is the one no GPU run has finished yet
     for title, runs in ((f"generate ({w.new_tokens} new tokens)", generate), ("forward", forward)):
