@@ -467,7 +467,7 @@ def default_position(dataset: ContrastiveDataset) -> str:
     ``"response_mean"`` needs answers in every row: for a file that mixes rows with answers and rows without,
     ``extract_trait`` refuses it up front and names the rows without (see ``dataset.check_position``).
     """
-    answers = any(not p.is_plain and (p.pos or p.neg) for p in dataset.pairs)
+    answers = any(p.has_answers for p in dataset.pairs)
     return "response_mean" if answers else "prompt_last"
 
 
