@@ -4,7 +4,7 @@ On a CUDA device, ``ActivationCapture()`` copies each output into pinned host me
 of ``SIDE_STREAM_BYTES`` or more from a snapshot on a side stream, smaller ones in stream order), without host
 syncs. This checks, on both copy paths whatever the default threshold, that what comes back is exactly
 what the model computed, under many copies in flight, after later in-place edits, during ``generate`` and in
-joins along batch; how much pinned memory the slabs take per captured byte; and, with CUDA's sync debug
+joins along batch; that ``get`` waits for the copies and not for GPU work queued after them; how much pinned memory the slabs take per captured byte; and, with CUDA's sync debug
 mode set to raise, that no capture or steering hook makes the host wait for the GPU. It runs on a CPU too
 (``--device cpu``, without the last check), where the copies are plain ones (and CPU slabs are 256 MiB of
 mostly untouched virtual memory, so their ratio means nothing).
@@ -161,6 +161,8 @@ def _in_flight_and_in_place(model, paths, generator, n_batches: int, copy_path: 
         raise AssertionError(f"{copy_path}: the side stream was {'not ' if not capture._side else ''}used")
     for i in range(n_layers):
         _exact(capture.get(str(i)), torch.cat(kept[i]).cpu(), f"{n_batches} batches, layer {i}")
+    if device.type == "cuda":
+        report.append(_get_waits_for_copies_only(model, paths, generator, copy_path))
     chunks = [c for i in range(n_layers) for c in capture.get(str(i), concat=False)]
     captured = sum(c.numel() * c.element_size() for c in chunks)
     slabs = {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for c in chunks}
@@ -193,6 +195,25 @@ def _in_flight_and_in_place(model, paths, generator, n_batches: int, copy_path: 
     )
 
     return report
+
+
+def _get_waits_for_copies_only(model, paths, generator, copy_path: str) -> str:
+    """2b. ``get`` returns once the copies have landed, while GPU work queued after them still runs."""
+    device = model.device
+    (batch,) = batches_of(generator, model, device, n=1, rows=16, length=64)  # 2.4 MB chunks
+    capture, kept = ActivationCapture(), ActivationCapture(device=None)
+    with torch.no_grad(), HookManager(model) as hooks:
+        hooks.add_forward_hook(paths[-1], capture.make_hook("last"))
+        hooks.add_forward_hook(paths[-1], kept.make_hook("last"))
+        model(input_ids=batch)
+    torch.cuda._sleep(1 << 29)  # about 0.3 s of GPU time, queued after the pass
+    got = capture.get("last")
+    busy = not torch.cuda.current_stream(device).query()
+    torch.cuda.synchronize(device)
+    _exact(got, kept.get("last").cpu(), f"{copy_path}, get before later GPU work ends")
+    if not busy:
+        raise AssertionError(f"{copy_path}: get waited for GPU work queued after the copies")
+    return f"{copy_path}: get returns the copies (bit for bit) while GPU work queued after them still runs"
 
 
 def _strict_hooks(model: torch.nn.Module) -> None:

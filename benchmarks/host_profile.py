@@ -90,15 +90,21 @@ def time_in_passes(w, rounds: int) -> None:
     ``generate`` in the same rounds: hooks that do nothing (the cost of having a hook at all on this host),
     capture to CPU with chunks from 1 MiB or from 16 MiB (the default) on the side stream, or every chunk in
     stream order (``SIDE_STREAM_BYTES``), the last token copied in stream order, on the side stream or not at
-    all (what the gather costs), and capture during ``generate`` with ``get`` joining into pinned memory
+    all (what the gather costs), ``get`` waiting for the copies (the default) or for the whole device (the
+    final norm and LM head queued after the last layer too), and capture during ``generate`` with ``get`` joining into pinned memory
     (the default) or into new memory."""
 
-    def patched(key: str, **settings):  # the case with module-level settings of traitlens.capture changed
+    def patched(key: str, target=capture, **settings):  # the case with settings of traitlens.capture changed
         def run(workload):
-            with mock.patch.multiple(capture, **settings):
+            with mock.patch.multiple(target, **settings):
                 return CASE_BY_KEY[key].run(workload)
 
         return run
+
+    def whole_device(self):  # how get waited until 2026-11-27: for all work queued on the device
+        for stream in self._pending:
+            torch.cuda.synchronize(stream.device)
+        self._pending.clear()
 
     def noop_hooks(run):
         return lambda workload: _with_raw_hooks(workload, lambda x: None, lambda kept: run(workload))
@@ -110,7 +116,9 @@ def time_in_passes(w, rounds: int) -> None:
         "tl_cpu, side stream from 1 MiB": patched("tl_cpu", SIDE_STREAM_BYTES=1 << 20),
         "tl_cpu (default: side stream from 16 MiB)": CASE_BY_KEY["tl_cpu"].run,
         "tl_cpu, all in stream order": patched("tl_cpu", SIDE_STREAM_BYTES=1 << 62),
+        "tl_cpu, get waits for the whole device": patched("tl_cpu", ActivationCapture, _sync=whole_device),
         "tl_last": CASE_BY_KEY["tl_last"].run,
+        "tl_last, get waits for the whole device": patched("tl_last", ActivationCapture, _sync=whole_device),
         "tl_last, copies on the side stream": patched("tl_last", SIDE_STREAM_BYTES=0),
         "tl_last, kept on the GPU (no copy)": lambda workload: _traitlens(
             workload, ActivationCapture(device=None), last_token=True

@@ -22,8 +22,9 @@ host memory is a copy the capture owns (mostly pieces of larger slabs; see ``_Ho
 that edits the module's output in place does not change it. From a GPU, hooks never wait for the host: a
 chunk is copied into pinned memory with ``non_blocking=True``, chunks of 16 MiB or more on a side CUDA stream
 (after a snapshot on the GPU) so that the copy overlaps the rest of the forward pass, smaller ones (decode
-steps, last tokens, a small model's outputs) in stream order, which costs the host less; ``get`` waits for
-the copies once. With ``device=None`` on a GPU, the stored chunk is the module's output tensor itself, as
+steps, last tokens, a small model's outputs) in stream order, which costs the host less; ``get`` waits once, for
+those copies only (an event after the last one on each stream), not for the rest of the pass (the LM
+head) or other streams. With ``device=None`` on a GPU, the stored chunk is the module's output tensor itself, as
 with ``output_hidden_states``.
 """
 
@@ -90,7 +91,8 @@ class ActivationCapture:
         # per chunk: the length of its pass before selection (0: not [batch, seq, hidden])
         self._lengths: dict[str, list[int]] = {}
         self._side: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
-        self._pending: set[torch.device] = set()
+        # per CUDA stream that copies were queued on: an event recorded after the latest one
+        self._pending: dict[torch.cuda.Stream, torch.cuda.Event] = {}
         self._pinned = _HostSlabs(pin_memory=True, first=1 << 20, smallest=0)
         self._host = _HostSlabs(pin_memory=False, first=_HostSlabs.LARGEST)
 
@@ -161,16 +163,16 @@ class ActivationCapture:
         forward pass.
         """
         buffer = self._pinned.empty(x.shape, x.dtype)
+        compute = torch.cuda.current_stream(x.device)
         if x.numel() * x.element_size() < SIDE_STREAM_BYTES:
             buffer.copy_(x, non_blocking=True)
-            self._pending.add(x.device)
+            self._queued(compute)
             return buffer
         if _shares_memory(x, source):  # the module's own output: copy it now, before anything edits it
             x = x.clone()
         if x.device not in self._side:
             self._side[x.device] = (torch.cuda.Stream(x.device), torch.cuda.Event())
         side, ready = self._side[x.device]
-        compute = torch.cuda.current_stream(x.device)
         ready.record(compute)
         side.wait_event(ready)
         torch.cuda.set_stream(side)
@@ -179,12 +181,20 @@ class ActivationCapture:
         finally:
             torch.cuda.set_stream(compute)
         x.record_stream(side)  # the allocator must not hand x's memory out before the copy has read it
-        self._pending.add(x.device)
+        self._queued(side)
         return buffer
 
+    def _queued(self, stream: torch.cuda.Stream) -> None:
+        """Note that a copy was just queued on ``stream``: ``get`` waits for the point after it."""
+        if stream not in self._pending:
+            self._pending[stream] = torch.cuda.Event()
+        self._pending[stream].record(stream)
+
     def _sync(self) -> None:
-        for device in self._pending:
-            torch.cuda.synchronize(device)
+        """Wait for the copies queued so far, and for nothing queued after them: not for the rest of the
+        forward pass (the final norm and LM head run after the last hooked layer) nor for other streams."""
+        for event in self._pending.values():
+            event.synchronize()
         self._pending.clear()
 
     def get(self, name: str, concat: bool = True) -> torch.Tensor | list[torch.Tensor]:
