@@ -4,10 +4,11 @@ On a CUDA device, ``ActivationCapture()`` copies each output into pinned host me
 of ``SIDE_STREAM_BYTES`` or more from a snapshot on a side stream, smaller ones in stream order), without host
 syncs. This checks, on both copy paths whatever the default threshold, that what comes back is exactly
 what the model computed, under many copies in flight, after later in-place edits, during ``generate`` and in
-joins along batch; that ``get`` waits for the copies and not for GPU work queued after them; how much pinned memory the slabs take per captured byte; and, with CUDA's sync debug
-mode set to raise, that no capture or steering hook makes the host wait for the GPU. It runs on a CPU too
-(``--device cpu``, without the last check), where the copies are plain ones (and CPU slabs are 256 MiB of
-mostly untouched virtual memory, so their ratio means nothing).
+joins along batch; that ``get`` waits for the copies and not for GPU work queued after them; how much
+pinned memory the slabs take per captured byte; and, with CUDA's sync debug mode set to raise, that no
+capture or steering hook makes the host wait for the GPU. It runs on a CPU too (``--device cpu``, without
+the GPU-only checks), where the copies are plain ones (and CPU slabs are 256 MiB of mostly untouched
+virtual memory, so their ratio means nothing).
 
     python benchmarks/gpu_check.py                 # cuda
     python benchmarks/gpu_check.py --device cpu

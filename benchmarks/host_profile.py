@@ -91,8 +91,8 @@ def time_in_passes(w, rounds: int) -> None:
     capture to CPU with chunks from 1 MiB or from 16 MiB (the default) on the side stream, or every chunk in
     stream order (``SIDE_STREAM_BYTES``), the last token copied in stream order, on the side stream or not at
     all (what the gather costs), ``get`` waiting for the copies (the default) or for the whole device (the
-    final norm and LM head queued after the last layer too), and capture during ``generate`` with ``get`` joining into pinned memory
-    (the default) or into new memory."""
+    final norm and LM head queued after the last layer too), and capture during ``generate`` with ``get``
+    joining into pinned memory (the default) or into new memory."""
 
     def patched(key: str, target=capture, **settings):  # the case with settings of traitlens.capture changed
         def run(workload):

@@ -22,10 +22,10 @@ host memory is a copy the capture owns (mostly pieces of larger slabs; see ``_Ho
 that edits the module's output in place does not change it. From a GPU, hooks never wait for the host: a
 chunk is copied into pinned memory with ``non_blocking=True``, chunks of 16 MiB or more on a side CUDA stream
 (after a snapshot on the GPU) so that the copy overlaps the rest of the forward pass, smaller ones (decode
-steps, last tokens, a small model's outputs) in stream order, which costs the host less; ``get`` waits once, for
-those copies only (an event after the last one on each stream), not for the rest of the pass (the LM
-head) or other streams. With ``device=None`` on a GPU, the stored chunk is the module's output tensor itself, as
-with ``output_hidden_states``.
+steps, last tokens, a small model's outputs) in stream order, which costs the host less; ``get`` waits
+once, for those copies only (an event after the last one on each stream), not for the rest of the pass
+(the LM head) or other streams. With ``device=None`` on a GPU, the stored chunk is the module's output
+tensor itself, as with ``output_hidden_states``.
 """
 
 from __future__ import annotations
