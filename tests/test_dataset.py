@@ -515,6 +515,21 @@ def test_prompt_positions_read_every_row_and_warn_about_answer_only_rows(tmp_pat
             check_position(ds, position)
 
 
+def test_prompt_positions_refuse_data_whose_sides_all_share_the_prompt(
+    tmp_path, toy_tokenizer, watched_model
+):
+    ds = load_dataset(_write(tmp_path, [{**ANSWERS, "split": s, "prompt": f"Q{s}?"} for s in SPLITS]))
+    for position in ("prompt_last", "prompt_mean"):
+        with pytest.raises(
+            ValueError, match=rf"position '{position}' .* every row .* position='response_mean'"
+        ):
+            check_position(ds, position)
+        with pytest.raises(ValueError, match="every row"):
+            extract_trait(watched_model, toy_tokenizer, ds, layers=[1], position=position, progress=False)
+    assert watched_model.calls == 0
+    check_position(ds, "response_mean")
+
+
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_datasets_are_readable_at_their_default_position(name):
     ds = load_dataset(name)

@@ -219,8 +219,9 @@ def check_position(dataset: ContrastiveDataset, position: str, *, default: bool 
     plain pairs and prompt-style rows with system prompts only have none, so a ``ValueError`` names them by
     file line and says how to fix it (split the file, or pass another ``position``). ``"prompt_last"`` and
     ``"prompt_mean"`` read every row, but rows whose sides differ only in their answers read the same tokens
-    on both sides there and carry no signal: a warning names them when they are only part of the data (when
-    they are all of it, ``extract_trait`` refuses the identical activations). ``"all"`` reads every row.
+    on both sides there and carry no signal: a warning names them when they are only part of the data, a
+    ``ValueError`` says so when they are all of it (an extraction or evaluation there would read identical
+    activations and measure chance). ``"all"`` reads every row.
     ``default=True`` says in the message that the rule came from ``default_position``.
     """
     check_choice(position, "position", POSITION_RULES)
@@ -256,7 +257,13 @@ def check_position(dataset: ContrastiveDataset, position: str, *, default: bool 
         )
     if position in ("prompt_last", "prompt_mean"):
         same = [p for p in pairs if not p.prompts_differ]
-        if 0 < len(same) < len(pairs):
+        if same and len(same) == len(pairs):
+            raise ValueError(
+                f"at position {position!r} the two sides of every row of {where} read the same tokens (they "
+                "differ only in their answers), so there is no signal to read there: use "
+                "position='response_mean' (a vector read at a prompt position cannot be scored on this data)"
+            )
+        if same:
             warnings.warn(
                 f"at position {position!r} the two sides of {len(same)} of {len(pairs)} rows of {where} read "
                 f"the same tokens (they differ only in their answers), so those rows carry no signal: lines "

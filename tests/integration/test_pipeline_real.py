@@ -218,7 +218,7 @@ def test_prompt_style_data_reads_the_answers_and_refuses_a_shared_prompt(real_mo
     )
     result = extract_trait(model, tokenizer, data, layers=[3, 12], progress=False)
     assert result.position == "response_mean" and result.test["accuracy"] >= 0.8
-    with pytest.raises(ValueError, match=r"identical at position 'prompt_last'.*response_mean"):
+    with pytest.raises(ValueError, match=r"position 'prompt_last' .* every row .*response_mean"):
         extract_trait(model, tokenizer, data, layers=[3], position="prompt_last", progress=False)
 
 
