@@ -457,6 +457,10 @@ def test_dose_response_scores_with_the_unsteered_model(tiny):
     )
     assert [(r["prompt"], r["coeff"]) for r in rows] == [(p, c) for p in prompts for c in (None, 0.0, 30.0)]
     assert all(rows[i]["text"] == rows[i + 1]["text"] for i in (0, 3))  # adding 0 * v changes nothing
+    ablated = compare_generations(  # ablation takes no coefficient: one steered row per prompt
+        model, tokenizer, prompts, v, [-0.3, 0.3], layer=LAYER, op="ablate", max_new_tokens=5, chat=False
+    )
+    assert [(r["prompt"], r["coeff"]) for r in ablated] == [(p, c) for p in prompts for c in (None, 0.0)]
     table = dose_response(
         model, tokenizer, prompts, v, [-30.0, 0.0, 30.0], layer=LAYER, max_new_tokens=5, chat=False
     )

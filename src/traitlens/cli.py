@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--absolute", action="store_true", help="add coeff * vector as saved, not scaled to the layer's norm"
     )
-    p.add_argument("--op", default="add", choices=("add", "ablate", "clamp"))
+    p.add_argument(
+        "--op", default="add", choices=("add", "ablate", "clamp"),
+        help="add coeff x vector, remove the component along the vector (ablate: one setting, no --coeff), or "
+        "set that component to coeff (clamp); default: add",
+    )  # fmt: skip
     p.add_argument("--positions", default="all", choices=("all", "prompt", "generated"))
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument(
@@ -325,12 +329,13 @@ def cmd_steer(args) -> None:
     model, tokenizer = _load(args)
     vector = load_vector(args.vector, model=model)
     prompts = _prompts(args)
-    if vector.layer is None and not args.absolute:
+    relative = not args.absolute and args.op != "ablate"  # ablation takes no coefficient
+    if vector.layer is None and relative:
         raise ValueError(
             f"{args.vector} was read at {vector.module!r}, which is in no decoder layer, so there is no "
             "residual norm to make --coeff relative to; pass --absolute"
         )
-    norm = None if args.absolute else residual_norms(model, tokenizer, prompts, vector.layer)[vector.layer]
+    norm = residual_norms(model, tokenizer, prompts, vector.layer)[vector.layer] if relative else None
     settings = {"positions": args.positions, "norm": norm, "max_new_tokens": args.max_new_tokens}
     if args.dose_response:
         coeffs = sorted(set(args.coeff) | {0.0})
@@ -347,7 +352,13 @@ def cmd_steer(args) -> None:
     for prompt in prompts:
         print(f"=== {prompt}")
         for row in (r for r in rows if r["prompt"] == prompt):
-            label = "baseline" if row["coeff"] is None else f"{args.op} {row['coeff']:+g}"
+            label = (
+                "baseline"
+                if row["coeff"] is None
+                else args.op
+                if args.op == "ablate"
+                else f"{args.op} {row['coeff']:+g}"
+            )
             print(f"--- {label}\n{row['text']}")
 
 

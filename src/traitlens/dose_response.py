@@ -50,10 +50,11 @@ def compare_generations(
     the raw text).
 
     Returns one row per prompt and setting, prompts in order, the baseline first:
-    ``{"prompt": str, "coeff": float | None (baseline), "text": str}``.
+    ``{"prompt": str, "coeff": float | None (baseline), "text": str}``. ``op="ablate"`` takes no coefficient,
+    so it gives one steered row per prompt, with ``coeff`` 0.0, whatever ``coeffs`` holds.
     """
     prompts = _check_prompts(prompts)
-    coeffs = _check_coeffs(coeffs)
+    coeffs = [0.0] if op == "ablate" else _check_coeffs(coeffs)
     settings: list[float | None] = [None, *coeffs]
     texts: dict[float | None, list[str]] = {}
     for coeff in settings:
