@@ -154,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         "model.layers.i) is written as direction.i; layer 0 has no slot in that format and is left out.",
     )
     p.add_argument("run", type=Path, help="an output folder of 'traitlens extract'")
-    p.add_argument("--method", default="mean_diff", choices=list(METHODS))
+    p.add_argument(
+        "--method", default=None, choices=list(METHODS),
+        help="whose vectors to write (default: the method the run chose, from its summary.json)",
+    )  # fmt: skip
     p.add_argument("--scale", type=float, default=1.0, help="multiply every vector by this")
     p.add_argument("--model-hint", default="llama", help="model family for llama.cpp (default: llama)")
     p.add_argument("--out", type=Path, default=None, help="GGUF file (default: RUN/<method>.gguf)")
@@ -372,6 +375,14 @@ def cmd_export(args) -> None:
     source = args.run / "all_layers.safetensors"
     if not source.is_file():
         raise FileNotFoundError(f"{source} not found; give an output folder of 'traitlens extract'")
+    if args.method is None:
+        summary = args.run / "summary.json"
+        if not summary.is_file():
+            raise FileNotFoundError(
+                f"{summary} not found, so the run's chosen method is unknown; pass --method"
+            )
+        args.method = json.loads(summary.read_text())["chosen"]["method"]
+        _info(f"method: {args.method} (the run's choice)")
     with safe_open(source, framework="pt") as f:
         if args.method not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
             raise ValueError(f"{source} has no {args.method!r} vectors; it has {sorted(f.keys())}")

@@ -186,7 +186,7 @@ def test_cli_steer_refuses_an_op_that_dose_response_cannot_apply(tmp_path, capsy
 def test_cli_steer_dose_response_and_export(run, tmp_path, capsys):
     from traitlens.controlvector import load_control_vector
 
-    out, _ = run
+    out, summary = run
     vector = str(out / "trait_vector.safetensors")
     args = ["steer", vector, "--prompt", "Tell me about your weekend.", "--max-new-tokens", "6"]
     assert main(args) == 0
@@ -205,6 +205,10 @@ def test_cli_steer_dose_response_and_export(run, tmp_path, capsys):
     assert control.layers == list(range(1, 30))
     all_layers = load_file(out / "all_layers.safetensors")["mean_diff"]
     assert torch.equal(control.directions[12], all_layers[12])
+    assert main(["export", str(out)]) == 0  # by default the method the run chose
+    chosen = summary["chosen"]["method"]
+    control = load_control_vector(out / f"{chosen}.gguf")
+    assert torch.equal(control.directions[12], load_file(out / "all_layers.safetensors")[chosen][12])
 
 
 def test_prompt_style_data_reads_the_answers_and_refuses_a_shared_prompt(real_model):
