@@ -65,3 +65,19 @@ def test_heatmap_default_scale_is_not_washed_out_by_a_massive_first_token(n):
     # one token: its own deviation is the scale
     alone = TokenScores(["t"], torch.tensor([7.0]), torch.zeros(1, dtype=torch.bool), center=3.0)
     assert _alphas(token_heatmap_html(alone)) == [1.0] and "&plusmn;4.00" in token_heatmap_html(alone)
+
+
+def test_token_scores_mean_leaves_out_the_first_token():
+    scores = TokenScores(
+        tokens=["a", "b", "c", "d"],
+        scores=torch.tensor([-900.0, 1.0, 2.0, 6.0]),
+        response=torch.tensor([False, False, True, True]),
+    )
+    assert scores.mean() == pytest.approx(3.0)
+    assert scores.mean("prompt") == pytest.approx(1.0) and scores.mean("response") == pytest.approx(4.0)
+    plain = TokenScores(["a", "b"], torch.tensor([-900.0, 5.0]), torch.zeros(2, dtype=torch.bool))
+    assert plain.mean() == 5.0 and np.isnan(plain.mean("response"))
+    alone = TokenScores(["a"], torch.tensor([7.0]), torch.zeros(1, dtype=torch.bool))
+    assert alone.mean() == 7.0
+    with pytest.raises(ValueError, match="part must be one of"):
+        scores.mean("answer")

@@ -302,8 +302,12 @@ def cmd_monitor(args) -> None:
     args.out.write_text(
         "<!doctype html><meta charset='utf-8'>" + token_heatmap_html(scores, title=str(args.vector))
     )
+    parts = [
+        f"{part} {scores.mean(part):.3f}" for part in ("prompt", "response") if bool(scores.response.any())
+    ]
     print(
-        f"mean projection: {scores.mean():.3f} (prompt {scores.mean('prompt'):.3f}, response {scores.mean('response'):.3f})"
+        f"mean projection (the first token left out): {scores.mean():.3f}"
+        + (f" ({', '.join(parts)})" if parts else "")
     )
     _info(f"heatmap: {args.out}")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from traitlens._validation import check_choice
 from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import projection
 from traitlens.dataset import Example, encode_examples
@@ -34,10 +35,16 @@ class TokenScores:
     center: float = 0.0
 
     def mean(self, part: str = "all") -> float:
-        """Mean score over ``"all"`` tokens, the ``"prompt"`` or the ``"response"``."""
+        """Mean score over ``"all"`` tokens, the ``"prompt"`` or the ``"response"`` (``nan`` where there are
+        none), the first token of the text left out when there are others: its activation is an outlier of
+        hundreds or thousands in most models, as in ``token_heatmap_html``'s scale."""
+        check_choice(part, "part", ("all", "prompt", "response"))
         mask = {"all": torch.ones_like(self.response), "prompt": ~self.response, "response": self.response}[
             part
         ]
+        if len(mask) > 1:
+            mask = mask.clone()
+            mask[0] = False
         return float(self.scores[mask].mean()) if bool(mask.any()) else float("nan")
 
     def to_dict(self) -> dict:
