@@ -133,6 +133,8 @@ def test_sidecar_json_matches_header_and_is_ignored_on_load(tmp_path):
     assert TraitVector.load(path) == v
     with pytest.raises(ValueError, match=r"ends in \.json"):
         v.save(tmp_path / "v.json", sidecar=True)
+    # the vector file has the permissions of any new file (safetensors 0.8 alone leaves 0600)
+    assert path.stat().st_mode & 0o777 == side.stat().st_mode & 0o777
 
 
 def test_numpy_and_tensor_metadata_are_converted_and_round_trip(tmp_path):

@@ -231,9 +231,8 @@ class _ShardWorker:
 
 def _run_shard(model, tokenizer, shard, pairs, settings, batch_size, out_dir: Path) -> ShardDone:
     """Compute one shard into a temporary folder and rename it into place; idempotent."""
-    from safetensors.torch import save_file
-
     from traitlens.pipeline import stream_statistics
+    from traitlens.vector import save_tensors
 
     start = time.perf_counter()
     shards = out_dir / "shards"
@@ -246,7 +245,7 @@ def _run_shard(model, tokenizer, shard, pairs, settings, batch_size, out_dir: Pa
                 model, tokenizer, pairs, layers=settings["layers"], position=settings["position"],
                 batch_size=batch_size, outer=settings["outer"], spill_to=tmp if settings["spill"] else None,
             )  # fmt: skip
-            save_file(stats.state_dict(), tmp / "stats.safetensors")
+            save_tensors(stats.state_dict(), tmp / "stats.safetensors")
             tmp.rename(final)  # atomic; fails if another run of this shard got there first
         except OSError:
             if not final.is_dir():

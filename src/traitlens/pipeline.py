@@ -40,7 +40,7 @@ from traitlens.methods import get_method
 from traitlens.metrics import _accuracy, _auroc, _midpoint, evaluate_vector, midpoint_threshold
 from traitlens.positions import POSITION_RULES, select_positions
 from traitlens.stats import ContrastiveStats
-from traitlens.vector import TraitVector
+from traitlens.vector import TraitVector, save_tensors
 
 METHODS = tuple(METHOD_CLASSES)
 CONTROL = "random_baseline"
@@ -130,8 +130,6 @@ def stream_statistics(
     if position == "all":
         raise ValueError("stream_statistics needs one row per example; use a position other than 'all'")
     if spill_to is not None:
-        from safetensors.torch import save_file
-
         spill_to = Path(spill_to)
         spill_to.mkdir(parents=True, exist_ok=True)
         earlier = sorted(spill_to.glob("batch_*.safetensors"))
@@ -148,7 +146,7 @@ def stream_statistics(
     for k, (pos_acts, neg_acts) in enumerate(_progress(batches, progress, unit="batch")):
         stats.update(pos_acts, neg_acts)
         if spill_to is not None:
-            save_file({"pos": pos_acts, "neg": neg_acts}, spill_to / f"batch_{k:06d}.safetensors")
+            save_tensors({"pos": pos_acts, "neg": neg_acts}, spill_to / f"batch_{k:06d}.safetensors")
     return stats
 
 
@@ -270,15 +268,13 @@ class ExtractionResult:
         ``summary.json`` into ``folder``."""
         import json
 
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         (folder / "vectors").mkdir(parents=True, exist_ok=True)
         self.trait_vector().save(folder / "trait_vector.safetensors")
         for method in self.methods:
             layer = self.best_layer_of(method)
             self.trait_vector(method, layer).save(folder / "vectors" / f"{method}_layer{layer}.safetensors")
-        save_file(
+        save_tensors(
             {m: v.contiguous() for m, v in self.vectors.items()},
             folder / "all_layers.safetensors",
             metadata={"layers": json.dumps(self.layers), "model": self.model_name, "trait": self.trait},

@@ -412,13 +412,12 @@ class TraitVector:
         Returns the path written. Raises ``TypeError`` naming the key if a metadata value cannot be written
         as JSON.
         """
-        save_file = _safetensors().torch.save_file
         self.__post_init__()  # fields may have been reassigned since construction
         path = Path(path)
         meta = self.metadata()
         text = json.dumps(meta, ensure_ascii=False)
         tensor = self.vector.detach().to("cpu").contiguous()
-        save_file({TENSOR_NAME: tensor}, str(path), metadata={HEADER_KEY: text})
+        save_tensors({TENSOR_NAME: tensor}, path, metadata={HEADER_KEY: text})
         if sidecar:
             side = path.with_suffix(".json")
             if side == path:
@@ -495,6 +494,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
+    """``safetensors.torch.save_file``, leaving the file with the permissions the umask gives a new file.
+
+    safetensors 0.8 writes through a temporary file created with mode 0600 and renames it into place, so
+    its files were readable by their owner only, unlike the rest of a run's folder (safetensors issue #782).
+    """
+    _safetensors().torch.save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _safetensors():
