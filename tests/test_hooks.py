@@ -92,6 +92,8 @@ def test_list_modules_with_pattern(tiny):
     assert layers == [layer_path(family, i) for i in range(TINY_LAYERS)]
     assert all(name for name in list_modules(model))
     assert HookManager(model).list_modules("mlp") == list_modules(model, "mlp")
+    with pytest.raises(ValueError, match=r"pattern '\(' is not a regular expression: missing \)"):
+        list_modules(model, "(")
 
 
 def test_stop_after_ends_the_pass_and_skips_later_modules(tiny):

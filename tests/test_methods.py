@@ -526,6 +526,8 @@ def test_bad_input_raises_an_error_naming_the_argument_and_its_shape(name, param
         method.extract(bad, neg)
     with pytest.raises(TypeError, match=r"pos_acts must be a torch\.Tensor, got ndarray"):
         method.extract(pos.numpy(), neg)
+    with pytest.raises(ValueError, match="neg_acts is on the 'meta' device and holds no data"):
+        method.extract(pos, neg.to("meta"))
     if method.min_per_class > 1:
         with pytest.raises(
             ValueError, match=rf"pos_acts has 1 rows.*{type(method).__name__} needs at least 2"

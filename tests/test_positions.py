@@ -61,6 +61,28 @@ def test_selector_shapes_and_errors():
         apply_selector(HIDDEN[0], 0)
 
 
+def test_capture_refuses_a_bad_selector_when_it_is_set():
+    from traitlens.capture import ActivationCapture
+
+    for bad, error, match in (
+        ("last", TypeError, "got str"),
+        ([0, 1], TypeError, r"got list; give a tensor"),
+        (True, TypeError, "got bool"),
+        (MASK.bool(), TypeError, "cannot be a bool mask"),
+        (torch.ones(2, 3, 4), ValueError, r"weights must have shape \[batch, seq\], got \(2, 3, 4\)"),
+        (torch.zeros(2, 3, 4, dtype=torch.long), ValueError, r"index must have shape \[batch\] or"),
+    ):
+        with pytest.raises(error, match=match):
+            ActivationCapture(positions=bad)
+        capture = ActivationCapture()
+        with pytest.raises(error, match=match):
+            capture.positions = bad
+    for good in (None, -1, slice(0, 2), torch.tensor([1, 2]), MASK.float()):
+        ActivationCapture(positions=good)
+    with pytest.raises(TypeError, match=r"activations must be a torch\.Tensor, got list"):
+        ActivationCapture().store("x", [1, 2])
+
+
 def test_to_device_leaves_a_tensor_already_there_alone():
     index = torch.tensor([1, 2])
     assert to_device(index, "cpu") is index

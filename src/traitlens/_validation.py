@@ -59,6 +59,11 @@ def check_tensor(
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_meta:
+        raise ValueError(
+            f"{name} is on the 'meta' device and holds no data (a model built without its weights?); "
+            "load the weights, or move it to a real device"
+        )
     if ndim is not None and x.ndim != ndim:
         expected = shape_doc or f"{ndim}-D"
         hint = ""

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from traitlens._validation import did_you_mean, short_list
-from traitlens.positions import apply_selector, to_device
+from traitlens.positions import apply_selector, check_selector, to_device
 
 
 def output_tensor(output: object) -> torch.Tensor:
@@ -102,6 +102,7 @@ class ActivationCapture:
 
     @positions.setter
     def positions(self, selector) -> None:
+        check_selector(selector)
         self._positions = selector
         self._selector_on: dict[torch.device, torch.Tensor] = {}
         # the pass length a tensor selector is for: weights say it, an index is taken from its first pass
@@ -138,6 +139,8 @@ class ActivationCapture:
 
     def store(self, name: str, activations: torch.Tensor) -> None:
         """Store one chunk under ``name`` (what the hooks call; also usable by hand)."""
+        if not isinstance(activations, torch.Tensor):
+            raise TypeError(f"activations must be a torch.Tensor, got {type(activations).__name__}")
         selector = self._selector(activations)
         x = apply_selector(activations.detach(), selector)
         target = x.device if self.device is None else self.device

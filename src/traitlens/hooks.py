@@ -71,7 +71,10 @@ def list_modules(model: torch.nn.Module, pattern: str | None = None) -> list[str
     names = [name for name, _ in model.named_modules() if name]
     if pattern is None:
         return names
-    regex = re.compile(pattern)
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"pattern {pattern!r} is not a regular expression: {err}") from None
     return [name for name in names if regex.search(name)]
 
 

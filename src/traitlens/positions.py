@@ -88,7 +88,7 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
     if isinstance(selector, (int, slice)):
         return hidden[:, selector]
     if not isinstance(selector, torch.Tensor):
-        raise TypeError(f"positions must be None, an int, a slice or a tensor, got {type(selector).__name__}")
+        check_selector(selector)  # raises
     batch, seq, width = hidden.shape
     selector = to_device(selector, hidden.device)
     if selector.is_floating_point():
@@ -105,6 +105,26 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
     index = selector.view(batch, -1, 1).expand(-1, -1, width)
     picked = hidden.gather(1, index)  # [batch, k, hidden]
     return picked.squeeze(1) if selector.ndim == 1 else picked
+
+
+def check_selector(selector) -> None:
+    """Raise for what cannot be a selector, before any forward pass (shapes are checked against each pass)."""
+    if selector is None or isinstance(selector, slice) or type(selector) is int:
+        return
+    if not isinstance(selector, torch.Tensor):
+        hint = "; give a tensor, e.g. torch.tensor(positions)" if isinstance(selector, (list, tuple)) else ""
+        raise TypeError(
+            f"positions must be None, an int, a slice or a tensor, got {type(selector).__name__}{hint}"
+        )
+    if selector.dtype == torch.bool:
+        raise TypeError(
+            "positions cannot be a bool mask; give weights (mask.float() / mask.sum(-1, keepdim=True) for a "
+            "mean, or select_positions), or indices (last_token_index(mask))"
+        )
+    if selector.is_floating_point() and selector.ndim != 2:
+        raise ValueError(f"position weights must have shape [batch, seq], got {shape_of(selector)}")
+    if not selector.is_floating_point() and selector.ndim not in (1, 2):
+        raise ValueError(f"position index must have shape [batch] or [batch, k], got {shape_of(selector)}")
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
