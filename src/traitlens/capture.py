@@ -13,8 +13,10 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
   A decode step is recognised by its shape (a pass of one position, same batch, after a longer pass), so a
   prompt of a single token cannot be told apart from separate one-token passes: use
   ``get(name, concat=False)`` there. A selector applies to each pass: with ``positions=-1`` the last
-  prompt token and then each decode step's token come back as ``[batch, 1 + decode_steps, hidden]``; an
-  index or weights tensor is made for the prompt's passes and raises on a decode step;
+  prompt token and then each decode step's token come back as ``[batch, 1 + decode_steps, hidden]`` (a
+  slice keeps its positions of the prompt, then each step's one token); an index or weights tensor is made
+  for the prompt's passes and raises on a decode step. Beam search (``num_beams > 1``) reorders the beams
+  between steps, so captured rows do not follow the returned sequences: capture a forward pass over them;
 - anything else raises a ``ValueError`` that says what to do instead.
 
 Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). Every chunk stored in
@@ -205,7 +207,8 @@ class ActivationCapture:
         the list of chunks in the order the hooks saw them.
 
         A single chunk under 256 KiB is copied out of the slab it shares (``_HostSlabs``); a larger one is
-        returned as stored, a piece of a slab that it keeps alive. Chunks are joined into new host memory;
+        returned as stored, a piece of a slab that it keeps alive (``torch.save`` and pickle write the whole
+        slab: ``.clone()`` what you save). Chunks are joined into new host memory;
         chunks copied from a GPU into pinned memory of their own when the result is 256 KiB to 64 MiB,
         where blocks freed by earlier results are reused, while new ordinary memory has every page faulted
         in on first write (for a 1B model's every-token ``generate`` capture, half a gigabyte per batch: ~3x
