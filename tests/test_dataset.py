@@ -530,6 +530,25 @@ def test_prompt_positions_refuse_data_whose_sides_all_share_the_prompt(
     check_position(ds, "response_mean")
 
 
+def test_extract_refuses_a_split_too_small_before_any_model_work(tmp_path, toy_tokenizer, watched_model):
+    def rows(*splits):
+        return [{"pos": f"good {i}", "neg": f"bad {i}", "split": s} for i, s in enumerate(splits)]
+
+    ds = load_dataset(_write(tmp_path, rows("train", "train", "val", "test", "test")))
+    with pytest.raises(
+        ValueError, match=r"has 1 'val' pair; every split is needed, with at least 2 pairs in 'val'"
+    ):
+        extract_trait(watched_model, toy_tokenizer, ds, layers=[1], progress=False)
+    ds = load_dataset(_write(tmp_path, rows("train", "val", "val", "test", "test"), "b.jsonl"))
+    with pytest.raises(
+        ValueError, match=r"has 1 'train' pair; .* at least 2 pairs in 'train' \(for the methods"
+    ):
+        extract_trait(
+            watched_model, toy_tokenizer, ds, layers=[1], methods=["mean_diff", "probe"], progress=False
+        )
+    assert watched_model.calls == 0
+
+
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_datasets_are_readable_at_their_default_position(name):
     ds = load_dataset(name)

@@ -323,9 +323,18 @@ def extract_trait(
         methods.append(CONTROL)
     paths = decoder_layer_paths(model)
     layers = _check_layers(layers, len(paths))
+    # the fits need min_per_class pairs (2 for most methods); scoring needs 2 of each class
+    needs = {"train": max(get_method(m).min_per_class for m in methods), "val": 2, "test": 2}
     for split in SPLITS:
-        if not dataset.split(split):
-            raise ValueError(f"dataset {dataset.name!r} has no {split!r} examples; every split is needed")
+        have = len(dataset.split(split))
+        if have < needs[split]:
+            what = (
+                f"has no {split!r} examples" if not have else f"has {have} {split!r} pair{'s' * (have > 1)}"
+            )
+            raise ValueError(
+                f"dataset {dataset.name!r} {what}; every split is needed, with at least {needs[split]} pairs "
+                f"in {split!r}" + (" (for the methods' fits)" if split == "train" else " (to score on)")
+            )
 
     acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if backend == "ray":
