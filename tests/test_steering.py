@@ -416,6 +416,17 @@ def test_argument_errors(tiny):
         model(input_ids=_ids(), attention_mask=torch.ones(2, 1, 6, 6))
     with pytest.raises(ValueError, match="already given"):
         steer(model, v, layer=[1, -2])
+    # a TraitVector of another model: its module is missing here, and the message says whose vector it is
+    from traitlens.monitor import token_projections
+    from traitlens.vector import TraitVector
+
+    other = TraitVector(v, model="HuggingFaceTB/SmolLM2-135M-Instruct", module="model.layers.18",
+                        position="prompt_last", method="mean_diff")  # fmt: skip
+    made_for = r"model\.layers\.18', which .* it was made for model 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+    with pytest.raises(ValueError, match=made_for):
+        steer(model, other)
+    with pytest.raises(ValueError, match=made_for):
+        token_projections(model, _FakeTokenizer(), other, "a b c")
     assert _hook_count(model) == 0
 
 

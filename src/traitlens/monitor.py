@@ -70,6 +70,7 @@ def token_projections(
 ) -> TokenScores:
     """Projection of every token of ``text`` (a plain string or a prompt-style ``Example``) onto
     ``vector`` at ``vector.module``."""
+    vector.check_model(model)
     enc = encode_examples(tokenizer, [text], chat=chat)
     capture = ActivationCapture(dtype=torch.float32)
     device = input_device(model)
@@ -103,6 +104,7 @@ def generate_with_projections(
     A prompt-style ``Example`` is rendered with the chat template and the generation prompt, so the model
     answers as the assistant.
     """
+    vector.check_model(model)
     enc = encode_examples(tokenizer, [prompt], chat=chat)
     device = input_device(model)
     unit = vector.vector.float().to(device)

@@ -466,6 +466,8 @@ def _targets(model, vector, layer, module) -> dict[str, tuple[torch.Tensor, int 
         return out
     tensor = _as_tensor(vector)
     if layer is None and module is None:
+        if hasattr(vector, "check_model"):  # a TraitVector steers where it was read, on a model it fits
+            vector.check_model(model)
         module = getattr(vector, "module", None)
         if module is None:
             layer = getattr(vector, "layer", None)

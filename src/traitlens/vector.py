@@ -397,6 +397,18 @@ class TraitVector:
         unit = (v32 / norm).to(self.vector.dtype)
         return self._derive(unit, {"op": "normalize", "norm_before": float(norm)}, scale=1 / float(norm))
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise a ``ValueError`` naming the model this vector was made for if ``model`` has no module where
+        the vector was read (its width is checked where the vector is used: a module's output need not be
+        ``config.hidden_size`` wide)."""
+        modules = [n for n, _ in model.named_modules() if n]
+        if self.module not in modules:
+            raise ValueError(
+                f"vector was read at module {self.module!r}, which {type(model).__name__} does not have"
+                f"{did_you_mean(self.module, modules)} (modules: {short_list(modules)}); it was made for "
+                f"model {self.model!r}"
+            )
+
     # ----------------------------------------------------------------------------------------------------------
     # Files
 
@@ -725,9 +737,7 @@ def _check_fits(vec: TraitVector, path: Path, *, hidden_size: int | None, model:
             f"the vector was made for model {vec.model!r} at {vec.module!r}"
         )
     if isinstance(model, torch.nn.Module):
-        modules = [n for n, _ in model.named_modules() if n]
-        if vec.module not in modules:
-            raise ValueError(
-                f"{path}: vector was read at module {vec.module!r}, which {name} does not have"
-                f"{did_you_mean(vec.module, modules)} (modules: {short_list(modules)})"
-            )
+        try:
+            vec.check_model(model)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
