@@ -21,7 +21,10 @@ def _parse_layers(text: str) -> list[int]:
     try:
         for part in text.split(","):
             start, _, end = part.partition("-")
-            layers.extend(range(int(start), int(end or start) + 1))
+            first, last = int(start), int(end or start)
+            if last < first:
+                raise argparse.ArgumentTypeError(f"layer range {part!r} is empty: give it as {last}-{first}")
+            layers.extend(range(first, last + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"layers must look like '12' or '5,10-20', got {text!r}") from None
     return layers
