@@ -305,13 +305,10 @@ def cmd_monitor(args) -> None:
     args.out.write_text(
         "<!doctype html><meta charset='utf-8'>" + token_heatmap_html(scores, title=str(args.vector))
     )
-    parts = [
-        f"{part} {scores.mean(part):.3f}" for part in ("prompt", "response") if bool(scores.response.any())
-    ]
-    print(
-        f"mean projection (the first token left out): {scores.mean():.3f}"
-        + (f" ({', '.join(parts)})" if parts else "")
-    )
+    means = f"mean projection (the first token left out): {scores.mean():.3f}"
+    if bool(scores.response.any()):
+        means += f" (prompt {scores.mean('prompt'):.3f}, response {scores.mean('response'):.3f})"
+    print(means)
     _info(f"heatmap: {args.out}")
 
 
@@ -362,13 +359,10 @@ def cmd_steer(args) -> None:
     for prompt in prompts:
         print(f"=== {prompt}")
         for row in (r for r in rows if r["prompt"] == prompt):
-            label = (
-                "baseline"
-                if row["coeff"] is None
-                else args.op
-                if args.op == "ablate"
-                else f"{args.op} {row['coeff']:+g}"
-            )
+            if row["coeff"] is None:
+                label = "baseline"
+            else:  # ablation takes no coefficient
+                label = args.op if args.op == "ablate" else f"{args.op} {row['coeff']:+g}"
             print(f"--- {label}\n{row['text']}")
 
 

@@ -329,7 +329,9 @@ def extract_trait(
         have = len(dataset.split(split))
         if have < needs[split]:
             what = (
-                f"has no {split!r} examples" if not have else f"has {have} {split!r} pair{'s' * (have > 1)}"
+                f"has {have} {split!r} pair{'s' if have > 1 else ''}"
+                if have
+                else f"has no {split!r} examples"
             )
             raise ValueError(
                 f"dataset {dataset.name!r} {what}; every split is needed, with at least {needs[split]} pairs "
