@@ -168,7 +168,7 @@ class ActivationCapture:
         forward pass.
         """
         buffer = self._pinned.empty(x.shape, x.dtype)
-        compute = torch.cuda.current_stream(x.device)
+        compute = torch.cuda.current_stream(x.device.index)  # an int: the shortest path of this call
         if x.numel() * x.element_size() < SIDE_STREAM_BYTES:
             buffer.copy_(x, non_blocking=True)
             self._queued(compute)
