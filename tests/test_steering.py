@@ -398,7 +398,7 @@ def test_relative_strength_uses_the_measured_norm(tiny):
 
 
 def test_argument_errors(tiny):
-    _, model = tiny
+    family, model = tiny
     v = _vector()
     with pytest.raises(ValueError, match="did you mean 'generated'"):
         steer(model, v, layer=LAYER, positions="generate")
@@ -427,6 +427,15 @@ def test_argument_errors(tiny):
         steer(model, other)
     with pytest.raises(ValueError, match=made_for):
         token_projections(model, _FakeTokenizer(), other, "a b c")
+    from traitlens.monitor import generate_with_projections
+
+    here = TraitVector(v, model="tiny", module=layer_path(family, LAYER), position="prompt_last",
+                       method="mean_diff")  # fmt: skip
+    for option in ({"use_cache": False}, {"num_beams": 3}, {"num_return_sequences": 2}):
+        with pytest.raises(
+            ValueError, match=rf"one sequence fed token by token .* take {next(iter(option))}="
+        ):
+            generate_with_projections(model, _FakeTokenizer(), here, "a b c", **option)
     assert _hook_count(model) == 0
 
 

@@ -102,8 +102,22 @@ def generate_with_projections(
     generated token; ``on_token(token, score)`` is called for each as soon as its activation exists.
 
     A prompt-style ``Example`` is rendered with the chat template and the generation prompt, so the model
-    answers as the assistant.
+    answers as the assistant. It scores one sequence, fed token by token with the KV cache:
+    ``use_cache=False``, ``num_beams`` and ``num_return_sequences`` other than 1 are refused
+    (``token_projections`` scores any finished text).
     """
+    unsupported = {
+        key: value
+        for key, value in generate_kwargs.items()
+        if (key == "use_cache" and value is not True)
+        or (key in ("num_beams", "num_return_sequences") and value != 1)
+    }
+    if unsupported:
+        raise ValueError(
+            "generate_with_projections scores one sequence fed token by token with the KV cache, so it does "
+            f"not take {', '.join(f'{k}={v!r}' for k, v in unsupported.items())}; generate the text yourself "
+            "and score it with token_projections"
+        )
     vector.check_model(model)
     enc = encode_examples(tokenizer, [prompt], chat=chat)
     device = input_device(model)
