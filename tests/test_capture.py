@@ -436,3 +436,17 @@ def test_stored_chunks_are_copies_that_later_in_place_edits_do_not_reach(device)
     torch.testing.assert_close(capture.get("h"), clean.get("h"), rtol=0, atol=0)
     assert cast.get("h").dtype == torch.float64
     torch.testing.assert_close(cast.get("h"), clean.get("h").double(), rtol=0, atol=0)
+
+
+def test_a_capture_first_used_under_inference_mode_serves_later_passes():
+    """The capture's host slabs outlive a pass: opened under ``torch.inference_mode`` they must still take
+    chunks stored outside it (an inference tensor refuses in-place writes there)."""
+    capture = ActivationCapture()
+    first, second = torch.randn(4, 300, 64), torch.randn(4, 300, 64)  # 300 KiB chunks: pieces of a slab
+    with torch.inference_mode():
+        capture.store("x", first)
+        capture.store("h", first.half())  # a second dtype view of the same slab
+    capture.store("x", second)
+    capture.store("h", second.half())
+    assert torch.equal(capture.get("x"), torch.cat([first, second]))
+    assert torch.equal(capture.get("h"), torch.cat([first, second]).half())

@@ -503,3 +503,15 @@ def test_dose_response_scores_with_the_unsteered_model(tiny):
     assert count == 7
     assert nll == pytest.approx(expected_nll, rel=1e-5)
     assert projection == pytest.approx(expected_projection, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("op", ["add", "ablate", "clamp"])
+def test_a_first_pass_under_inference_mode_does_not_break_a_later_backward(tiny, op):
+    _, model = tiny
+    v, ids = _vector(), _ids()
+    with steer(model, v, layer=LAYER, op=op, coeff=2.0):
+        with torch.inference_mode():
+            model(input_ids=ids)
+        model(input_ids=ids).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)

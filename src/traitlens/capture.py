@@ -369,14 +369,18 @@ class _HostSlabs:
             # large chunk can take)
             chunks = self.CHUNKS_PER_SLAB if nbytes <= self.LARGEST // self.CHUNKS_PER_SLAB else 2
             size = max(self._next, 1 << (chunks * nbytes - 1).bit_length())
-            self._slab = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            with torch.inference_mode(
+                False
+            ):  # a slab opened under inference mode must serve passes outside it
+                self._slab = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
             self._typed = {}
             self._next = min(2 * self._next, self.LARGEST)
             start = 0
         self._used = start + nbytes
         typed = self._typed.get(dtype)
         if typed is None:  # slab sizes are powers of two and starts multiples of 64: every dtype divides them
-            typed = self._typed[dtype] = self._slab.view(dtype)
+            with torch.inference_mode(False):  # a view made under inference mode is an inference tensor
+                typed = self._typed[dtype] = self._slab.view(dtype)
         # one as_strided instead of slice + view + view: this runs in every hook call
         return typed.as_strided(shape, _contiguous_strides(shape), start // dtype.itemsize)
 

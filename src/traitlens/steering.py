@@ -286,7 +286,8 @@ class Intervention:
         """``scale * vector`` on ``device`` in ``dtype``, made once per (device, dtype, scale)."""
         key = (device, dtype, scale)
         if key not in self._cast:
-            self._cast[key] = to_device(scale * self.vector, device).to(dtype)
+            with torch.inference_mode(False):  # made under inference mode, it could not serve autograd later
+                self._cast[key] = to_device(scale * self.vector, device).to(dtype)
         return self._cast[key]
 
     def _positions_on(self, device: torch.device) -> torch.Tensor:
@@ -296,7 +297,12 @@ class Intervention:
         positions = self.positions
         cached = self._index_on.get(device)
         if cached is None or cached[0] is not positions or cached[1] != positions._version:
-            cached = self._index_on[device] = (positions, positions._version, to_device(positions, device))
+            with torch.inference_mode(False):
+                cached = self._index_on[device] = (
+                    positions,
+                    positions._version,
+                    to_device(positions, device),
+                )
         return cached[2]
 
     def __repr__(self) -> str:
