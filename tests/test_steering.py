@@ -515,3 +515,44 @@ def test_a_first_pass_under_inference_mode_does_not_break_a_later_backward(tiny,
         model(input_ids=ids).logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("op", ["add", "ablate"])
+def test_a_vector_that_requires_grad_gets_the_gradient_of_a_manual_hook(tiny, op):
+    family, model = tiny
+    ids, start = _ids(), _vector()
+    path = layer_path(family, LAYER)
+
+    def manual(module, args, output):
+        h, unit = output[0] if isinstance(output, tuple) else output, w / w.norm()
+        new = h + 2.0 * w if op == "add" else h - (h @ unit).unsqueeze(-1) * unit
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    w = start.clone().requires_grad_()
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook(path, manual)
+        model(input_ids=ids).logits.square().mean().backward()
+    v = start.clone().requires_grad_()
+    with steer(model, v, layer=LAYER, op=op, coeff=2.0):
+        model(input_ids=ids).logits.square().mean().backward()
+        model(input_ids=ids).logits.square().mean().backward()  # a second pass builds its own graph
+    torch.testing.assert_close(v.grad, 2 * w.grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="norm=None"):
+        steer(model, v, layer=LAYER, coeff=0.5, norm=10.0)
+    model.zero_grad(set_to_none=True)
+
+
+def test_a_new_or_edited_vector_applies_from_the_next_call(tiny):
+    _, model = tiny
+    ids, v, w = _ids(), _vector(1), _vector(2)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with steer(model, w, layer=LAYER, coeff=3.0):
+            want = model(input_ids=ids).logits
+        with steer(model, v, layer=LAYER, coeff=3.0) as handle:
+            model(input_ids=ids)
+            (intervention,) = handle.interventions.values()
+            intervention.vector = w
+            torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+            intervention.vector.mul_(0.0)  # in place: adds zeros from now on
+            torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=0)

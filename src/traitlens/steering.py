@@ -37,6 +37,15 @@ for ``positions="all"`` and raises otherwise. ``steer`` sets all of this up for 
 vectors make absolute coefficients depend on the layer, because the residual norm grows with depth; pass
 ``norm=residual_norms(...)[layer]`` (or the whole dict) and ``coeff`` becomes relative: the vector is
 scaled to unit length and then to ``coeff`` times that typical norm.
+
+**Trainable vectors.** A vector that requires grad is used as given (not copied), so a loss through the
+steered model reaches it: optimise it with the absolute ``coeff`` (``norm=None``).
+
+**Reading the steered activations.** Hooks on a module run in the order they were added: a capture added
+before ``steer`` on the steered module sees its unsteered output, one added after (or on ``Steering.hooks``)
+the steered one; later modules see the steering either way. Do not read it with ``output_hidden_states``:
+transformers 5 collects hidden states with hooks of its own, added at the first call that asks for them,
+so whether they include the steering depends on which came first.
 """
 
 from __future__ import annotations
@@ -216,19 +225,15 @@ def _body_path(model: torch.nn.Module) -> str:
 class Intervention:
     """A forward hook ``(module, args, output) -> new output`` that steers ``[batch, seq, hidden]`` outputs.
 
-    Made by ``add_vector``, ``ablate_direction`` and ``clamp_direction``; ``op``, ``vector`` ``[hidden]``
-    (float32 copy), ``value`` (the coefficient or the clamp value) and ``positions`` are attributes.
+    Made by ``add_vector``, ``ablate_direction`` and ``clamp_direction``; ``op``, ``vector`` (see the
+    property), ``value`` (the coefficient or the clamp value) and ``positions`` are attributes. A new
+    ``vector`` (set, or edited in place), ``value`` or ``positions`` applies from the next call; ``op`` is
+    fixed.
     """
 
     def __init__(self, op: str, vector: object, value: float, positions, tracker: SequenceTracker | None):
         self.op = check_choice(op, "op", OPERATIONS)
-        vector = check_vector(vector, "vector")
-        self.vector = vector.detach().to(torch.float32).clone()  # [hidden]
-        if op != "add":
-            norm = self.vector.norm()
-            if float(norm) == 0.0:
-                raise ValueError(f"{op} needs a non-zero vector, got one of norm 0")
-            self.vector = self.vector / norm
+        self.vector = vector
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError(f"coeff/value must be a number, got {type(value).__name__}")
         self.value = float(value)
@@ -241,8 +246,28 @@ class Intervention:
         if tracker is not None and not isinstance(tracker, SequenceTracker):
             raise TypeError(f"tracker must be a SequenceTracker, got {type(tracker).__name__}")
         self.tracker = tracker
-        self._cast: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
         self._index_on: dict[torch.device, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    @property
+    def vector(self) -> torch.Tensor:
+        """``[hidden]``: a float32 copy of the vector given (scaled to unit length for ablate and clamp), or,
+        when the vector given requires grad, that tensor itself, so that gradients reach it (trainable
+        steering vectors; it is then cast and, for ablate and clamp, normalised in every call)."""
+        return self._vector
+
+    @vector.setter
+    def vector(self, vector: object) -> None:
+        vector = check_vector(vector, "vector")
+        if self.op != "add" and float(vector.detach().norm()) == 0.0:
+            raise ValueError(f"{self.op} needs a non-zero vector, got one of norm 0")
+        if not vector.requires_grad:
+            vector = vector.detach().to(torch.float32).clone()
+            if self.op != "add":
+                vector = vector / vector.norm()
+        self._vector = vector
+        # scale * vector per (device, dtype, scale), made for this vector at this version (in-place edits)
+        self._cast: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
+        self._cast_version = vector._version
 
     def __call__(self, module: torch.nn.Module, args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else output
@@ -283,7 +308,14 @@ class Intervention:
         return (h + (target - along).unsqueeze(-1) * unit).to(hidden.dtype)
 
     def _on(self, device: torch.device, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-        """``scale * vector`` on ``device`` in ``dtype``, made once per (device, dtype, scale)."""
+        """``scale * vector`` on ``device`` in ``dtype``, made once per (device, dtype, scale), or in every
+        call for a vector that requires grad."""
+        vector = self._vector
+        if vector.requires_grad:
+            unit = vector if self.op == "add" else vector / vector.norm()
+            return (scale * unit).to(device=device, dtype=dtype)
+        if vector._version != self._cast_version:  # edited in place since the casts were made
+            self._cast, self._cast_version = {}, vector._version
         key = (device, dtype, scale)
         if key not in self._cast:
             with torch.inference_mode(False):  # made under inference mode, it could not serve autograd later
@@ -435,6 +467,11 @@ def steer(
             if norm is not None:
                 scale = _norm_for(norm, layer_index, path)
                 if op == "add":
+                    if vec.requires_grad:
+                        raise ValueError(
+                            "a relative coeff (norm=...) rescales the vector, which would cut it off from "
+                            "its gradients; steer a vector that requires grad with norm=None"
+                        )
                     vec = vec.detach().to(torch.float32)
                     if float(vec.norm()) == 0.0:
                         raise ValueError(
