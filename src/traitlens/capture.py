@@ -16,7 +16,10 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
   prompt token and then each decode step's token come back as ``[batch, 1 + decode_steps, hidden]`` (a
   slice keeps its positions of the prompt, then each step's one token); an index or weights tensor is made
   for the prompt's passes and raises on a decode step. Beam search (``num_beams > 1``) reorders the beams
-  between steps, so captured rows do not follow the returned sequences: capture a forward pass over them;
+  between steps, so captured rows do not follow the returned sequences: capture a forward pass over them.
+  ``generate(use_cache=False)`` runs a whole pass per step, one position longer each time: passes like any
+  other, so with a selector that leaves one shape they are joined along batch (step after step); read
+  them with ``concat=False``;
 - anything else raises a ``ValueError`` that says what to do instead.
 
 Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). Every chunk stored in
