@@ -209,8 +209,9 @@ class ActivationCapture:
         """The activations stored under ``name``: joined (see the module docs) or, with ``concat=False``,
         the list of chunks in the order the hooks saw them.
 
-        A single chunk under 256 KiB is copied out of the slab it shares (``_HostSlabs``); a larger one is
-        returned as stored, a piece of a slab that it keeps alive (``torch.save`` and pickle write the whole
+        A single chunk is returned as stored, not copied (an in-place edit of it changes what ``get``
+        returns next), except one under 256 KiB that shares a slab (``_HostSlabs``), which is copied out of
+        it; a larger one is a piece of a slab that it keeps alive (``torch.save`` and pickle write the whole
         slab: ``.clone()`` what you save). Chunks are joined into new host memory;
         chunks copied from a GPU into pinned memory of their own when the result is 256 KiB to 64 MiB,
         where blocks freed by earlier results are reused, while new ordinary memory has every page faulted
