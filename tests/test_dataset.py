@@ -241,6 +241,29 @@ def test_blank_lines_are_allowed_and_lines_counted(tmp_path):
     assert [p.line for p in ds.pairs] == [2, 4]
 
 
+def test_line_separators_inside_strings_and_crlf_files(tmp_path):
+    rows = [
+        {"pos": f"Great{c}{s}", "neg": f"Bad{c}{s}", "split": s}
+        for c, s in zip("\u2028\u2029\x85", SPLITS, strict=True)
+    ]
+    path = (
+        tmp_path / "sep.jsonl"
+    )  # json.dumps writes these characters raw; JSON Lines ends lines with \n only
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
+    ds = load_dataset(path)
+    assert [(p.line, p.pos) for p in ds.pairs] == [(i + 1, r["pos"]) for i, r in enumerate(rows)]
+
+
+def test_duplicates_are_found_across_unicode_forms(tmp_path):
+    composed, decomposed = "Caf\u00e9 is nice.", "Cafe\u0301 is nice."
+    rows = [
+        {"pos": composed, "neg": "It is bad.", "split": "train"},
+        {"pos": decomposed, "neg": "Awful.", "split": "test"},
+    ]
+    with pytest.raises(DatasetError, match=r":2: the pos side \(split 'test'\) repeats line 1"):
+        load_dataset(_write(tmp_path, rows))
+
+
 # ---------------------------------------------------------------------------------------- encoding
 
 CHATML = (

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -295,7 +296,9 @@ def _parse(path: Path, data: bytes) -> tuple[Pair, ...]:
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DatasetError(path, [Problem(path, line, f"not valid UTF-8 ({err.reason})")]) from None
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends lines with "\n" only: str.splitlines would also break inside strings at U+2028,
+    # U+2029, U+0085 and other characters that json.dumps(ensure_ascii=False) writes raw
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue  # blank lines are allowed (e.g. a trailing newline); they hold no row
         try:
@@ -384,8 +387,9 @@ def _check_row(row: object, line: int) -> tuple[Pair | None, list[str]]:
 
 
 def _norm(text: str | None) -> str | None:
-    """Whitespace-collapsed, case-folded text: the identity used to find duplicates."""
-    return None if text is None else " ".join(text.split()).casefold()
+    """Unicode-normalised (NFKC: composed and decomposed accents alike), whitespace-collapsed, case-folded
+    text: the identity used to find duplicates."""
+    return None if text is None else " ".join(unicodedata.normalize("NFKC", text).split()).casefold()
 
 
 def _key(side: str | Example) -> tuple:
