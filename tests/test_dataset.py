@@ -553,6 +553,12 @@ def test_prompt_positions_refuse_data_whose_sides_all_share_the_prompt(
     check_position(ds, "response_mean")
 
 
+def test_extract_refuses_position_all_before_any_model_work(toy_tokenizer, watched_model):
+    with pytest.raises(ValueError, match=r"one row per example, and position='all' gives one per token"):
+        extract_trait(watched_model, toy_tokenizer, load_dataset("sentiment"), layers=[1], position="all")
+    assert watched_model.calls == 0
+
+
 def test_extract_refuses_a_split_too_small_before_any_model_work(tmp_path, toy_tokenizer, watched_model):
     def rows(*splits):
         return [{"pos": f"good {i}", "neg": f"bad {i}", "split": s} for i, s in enumerate(splits)]

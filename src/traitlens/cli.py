@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--position",
         default=None,
-        choices=POSITION_RULES,
+        choices=[rule for rule in POSITION_RULES if rule != "all"],  # one row per example
         help="where activations are read (default: response_mean when the pairs differ in their answers, "
         "else prompt_last)",
     )

@@ -264,7 +264,7 @@ class ExtractionResult:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``trait_vector.safetensors`` (the chosen one), ``vectors/<method>_layer<L>.safetensors`` (the
-        best layer of each method), ``all_layers.safetensors`` (``[layer, hidden]`` per method) and
+        best layer of each method, see ``best_layer_of``), ``all_layers.safetensors`` (``[layer, hidden]`` per method) and
         ``summary.json`` into ``folder``."""
         import json
 
@@ -283,7 +283,10 @@ class ExtractionResult:
         return folder
 
     def best_layer_of(self, method: str) -> int:
-        """The layer where ``method`` scores best on validation (same rule as the overall choice)."""
+        """The layer where ``method`` scores best on validation (same rule as the overall choice); for the
+        random baseline, the chosen layer: picking its best layer would pick its luckiest direction."""
+        if method == CONTROL:
+            return self.best_layer
         scores = [_rank_key(v) for v in self.val[method]]
         return self.layers[max(range(len(scores)), key=lambda i: (scores[i], -i))]
 
@@ -314,6 +317,13 @@ def extract_trait(
     default = position is None
     position = default_position(dataset) if default else position
     check_position(dataset, position, default=default)  # every row readable there, before any model work
+    if position == "all":
+        raise ValueError(
+            "extract_trait reads one row per example, and position='all' gives one per token (a different "
+            "number on each side, which paired methods and per-example scores cannot take); use "
+            "'prompt_mean' or 'response_mean' for a mean over tokens, or collect_activations(..., "
+            "position='all') and call the methods yourself"
+        )
     methods = list(methods)
     for method in methods:
         check_choice(method, "method", METHODS)

@@ -159,14 +159,12 @@ def _summary_table(result: ExtractionResult) -> str:
     )
     rows = []
     for m in result.methods:
-        if m == CONTROL:  # at the chosen layer, the mean over its random directions (no best layer to pick)
-            layer = result.best_layer
-            scores = result.val[m][result.index(layer)]
+        layer = result.best_layer_of(m)  # the chosen layer for the control
+        scores = result.val[m][result.index(layer)]
+        if m == CONTROL:  # the mean over its random directions
             name = f"{m} (mean of {scores['draws']} draws)"
             accuracy, auroc = scores["draws_accuracy_mean"], scores["draws_auroc_mean"]
         else:
-            layer = result.best_layer_of(m)
-            scores = result.val[m][result.index(layer)]
             name, accuracy, auroc = m, scores["accuracy"], scores["auroc"]
         rows.append(f"<tr><td>{name}</td><td>{layer}</td><td>{accuracy:.3f}</td><td>{auroc:.3f}</td></tr>")
     best = "".join(rows)

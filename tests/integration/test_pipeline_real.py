@@ -45,6 +45,8 @@ def test_saved_vectors_reload_bit_identically(run, real_model):
     for path in (out / "vectors").glob("*.safetensors"):
         again = load_vector(path)
         assert again == load_vector(path)
+    # the control is saved at the chosen layer: its "best" layer would be its luckiest random direction
+    assert (out / "vectors" / f"random_baseline_layer{vector.layer}.safetensors").is_file()
     assert (out / "report.html").stat().st_size > 10_000
     assert all((out / name).is_file() for name in ("layers.png", "histogram.png", "cosines.png"))
 
