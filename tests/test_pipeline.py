@@ -10,7 +10,7 @@ import torch
 
 from traitlens.methods import RandomBaselineMethod
 from traitlens.metrics import accuracy, auroc, midpoint_threshold
-from traitlens.monitor import TokenScores, token_heatmap_html
+from traitlens.monitor import TokenScores, heatmap_scale, token_heatmap_html
 from traitlens.pipeline import _random_draws
 
 
@@ -81,3 +81,14 @@ def test_token_scores_mean_leaves_out_the_first_token():
     assert alone.mean() == 7.0
     with pytest.raises(ValueError, match="part must be one of"):
         scores.mean("answer")
+
+
+def test_one_heatmap_scale_for_several_texts():
+    g = torch.Generator().manual_seed(4)
+    a = TokenScores(["t"] * 6, torch.randn(6, generator=g) * 3, torch.zeros(6, dtype=torch.bool), center=1.0)
+    b = TokenScores(["t"] * 9, torch.randn(9, generator=g) * 9, torch.zeros(9, dtype=torch.bool), center=1.0)
+    rest = np.concatenate([(a.scores - 1.0)[1:].numpy(), (b.scores - 1.0)[1:].numpy()])
+    assert heatmap_scale(a, b) == pytest.approx(float(np.quantile(np.abs(rest), 0.9)), rel=1e-6)
+    assert heatmap_scale(a) == pytest.approx(float(np.quantile(np.abs((a.scores - 1.0)[1:].numpy()), 0.9)))
+    shared = heatmap_scale(a, b)
+    assert f"&plusmn;{shared:.2f}" in token_heatmap_html(a, scale=shared)

@@ -164,15 +164,21 @@ def generate_with_projections(
     )
 
 
+def heatmap_scale(*scores: TokenScores) -> float:
+    """The deviation from the center that ``token_heatmap_html`` colours fully by default: the 90th
+    percentile of the absolute deviations of all tokens but each text's first (the first alone when it is
+    the only one), so that the first token, whose activation is an outlier of hundreds or thousands in most
+    models, does not wash out the rest of a short text. Give several texts to draw them on one scale."""
+    deviations = [(s.scores - s.center)[1 if len(s.scores) > 1 else 0 :] for s in scores]
+    return float(torch.cat(deviations).abs().quantile(0.9).clamp_min(1e-6))
+
+
 def token_heatmap_html(scores: TokenScores, title: str | None = None, scale: float | None = None) -> str:
     """A self-contained HTML fragment: each token on a background from blue (below the center) through
     white to red (above), with its score in a tooltip. ``scale`` is the deviation that gets full colour
-    (default: the 90th percentile of the absolute deviations of all tokens but the first, so that the first
-    token, whose activation is an outlier of hundreds or thousands in most models, does not wash out the
-    rest of a short text; the first token alone when it is the only one)."""
+    (default: ``heatmap_scale(scores)``; give one scale to heatmaps that are compared)."""
     deviation = scores.scores - scores.center
-    rest = deviation[1:] if len(deviation) > 1 else deviation  # the first token is a massive activation
-    scale = scale or float(rest.abs().quantile(0.9).clamp_min(1e-6))
+    scale = scale or heatmap_scale(scores)
     spans = []
     for token, dev, value, is_response in zip(
         scores.tokens, deviation.tolist(), scores.scores.tolist(), scores.response.tolist(), strict=True

@@ -17,13 +17,15 @@ import torch
 from traitlens._plot import figure
 from traitlens.compute import cosine_similarity, projection
 from traitlens.dataset import ContrastiveDataset
-from traitlens.monitor import token_heatmap_html, token_projections
+from traitlens.monitor import heatmap_scale, token_heatmap_html, token_projections
 from traitlens.pipeline import CHANCE_BAND, CONTROL, ExtractionResult
 
 
 def plot_layers(result: ExtractionResult, path: Path) -> Path:
     """Validation accuracy and AUROC by layer, one line per method; the random baseline's line is the mean
     over its random directions (one unoriented direction scatters far from 0.5)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = figure((12, 4))
     axes = fig.subplots(1, 2, sharex=True)
     for ax, key in zip(axes, ("accuracy", "auroc"), strict=True):
@@ -36,6 +38,7 @@ def plot_layers(result: ExtractionResult, path: Path) -> Path:
         ax.axhline(0.5, color="black", linewidth=0.5)
         ax.axvline(result.best_layer, color="red", linewidth=0.8, linestyle="--")
         ax.set(xlabel="layer", ylabel=f"validation {key}", ylim=(0, 1.02), title=f"validation {key} by layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{result.trait}: {result.model_name}, position {result.position}")
     fig.savefig(path, dpi=110)
@@ -113,12 +116,15 @@ def write_report(
             f'<h2>{title}</h2><img alt="{title}" src="data:image/png;base64,{data}" style="max-width:100%">'
         )
     if model is not None and tokenizer is not None and dataset is not None:
-        parts.append("<h2>Per-token projections (test examples)</h2>")
         vector = result.trait_vector()
-        for pair in dataset.test[:n_examples]:
-            for label, example in (("positive", pair.pos_example), ("negative", pair.neg_example)):
-                scores = token_projections(model, tokenizer, vector, example)
-                parts.append(token_heatmap_html(scores, title=f"{label} (line {pair.line})"))
+        examples = [
+            (f"{label} (line {pair.line})", token_projections(model, tokenizer, vector, example))
+            for pair in dataset.test[:n_examples]
+            for label, example in (("positive", pair.pos_example), ("negative", pair.neg_example))
+        ]
+        scale = heatmap_scale(*(scores for _, scores in examples))  # one colour scale, so they compare
+        parts.append("<h2>Per-token projections (test examples, one colour scale)</h2>")
+        parts += [token_heatmap_html(scores, title=title, scale=scale) for title, scores in examples]
     page = folder / "report.html"
     page.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>traitlens report</title>"
