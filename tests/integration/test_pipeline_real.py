@@ -246,3 +246,4 @@ def test_report_shows_the_random_baseline_as_the_mean_over_its_draws(run):
     for heatmap in heatmaps:
         alphas = [float(a) for a in re.findall(r"rgba\([0-9,]+,([0-9.]+)\)", heatmap)]
         assert len(alphas) < 20 and max(alphas[1:]) >= 0.9
+    assert len(set(re.findall(r"&plusmn;([0-9.]+)", text))) == 1  # one colour scale: they compare
