@@ -243,7 +243,13 @@ def cmd_evaluate(args) -> None:
 
     saved = load_vector(args.vector)  # a bad file or dataset fails here, before the slow model load
     dataset = _dataset(args)
-    check_position(dataset, saved.position)  # rows that cannot be read there, named by file line
+    try:  # rows that cannot be read there, named by file line
+        check_position(dataset, saved.position)
+    except ValueError as err:
+        raise ValueError(
+            f"{args.vector} was read at position {saved.position!r}, so it can only be scored on data read "
+            f"there: {err}"
+        ) from None
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, tokenizer = _load(args)
