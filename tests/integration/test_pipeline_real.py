@@ -96,10 +96,15 @@ def test_cli_evaluate_monitor_modules(run, tmp_path, capsys):
     assert capsys.readouterr().out.split() == [f"model.layers.{i}" for i in range(30)]
 
 
-def test_cli_bad_arguments_get_one_line(tmp_path, capsys):
+def test_cli_bad_arguments_get_one_line(run, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing.safetensors"), "--trait", "sentiment"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("traitlens evaluate: error:") and "\n" not in err
+    # a prompt_last vector on data whose sides share every prompt would score chance: refused, no model load
+    out, _ = run
+    assert main(["evaluate", str(out / "trait_vector.safetensors"), "--trait", "formality"]) == 2
+    err = capsys.readouterr().err
+    assert "was read at position 'prompt_last'" in err and "every row" in err and "loaded" not in err
     assert main(["extract", "--trait", "sentimnt"]) == 2
     assert "did you mean 'sentiment'" in capsys.readouterr().err
 
