@@ -515,6 +515,11 @@ def test_a_first_pass_under_inference_mode_does_not_break_a_later_backward(tiny,
         model(input_ids=ids).logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     model.zero_grad(set_to_none=True)
+    with torch.inference_mode():  # made under inference mode (its vector copy and position indices too)
+        handle = steer(model, v, layer=LAYER, op=op, coeff=2.0, positions=[0, 2])
+    with handle:
+        model(input_ids=ids).logits.sum().backward()
+    model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("op", ["add", "ablate"])

@@ -261,13 +261,14 @@ class Intervention:
         if self.op != "add" and float(vector.detach().norm()) == 0.0:
             raise ValueError(f"{self.op} needs a non-zero vector, got one of norm 0")
         if not vector.requires_grad:
-            vector = vector.detach().to(torch.float32).clone()
-            if self.op != "add":
-                vector = vector / vector.norm()
+            with torch.inference_mode(False):  # a copy that passes outside inference mode can use
+                vector = vector.detach().to(torch.float32).clone()
+                if self.op != "add":
+                    vector = vector / vector.norm()
         self._vector = vector
         # scale * vector per (device, dtype, scale), made for this vector at this version (in-place edits)
         self._cast: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
-        self._cast_version = vector._version
+        self._cast_version = _version(vector)
 
     def __call__(self, module: torch.nn.Module, args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else output
@@ -314,8 +315,8 @@ class Intervention:
         if vector.requires_grad:
             unit = vector if self.op == "add" else vector / vector.norm()
             return (scale * unit).to(device=device, dtype=dtype)
-        if vector._version != self._cast_version:  # edited in place since the casts were made
-            self._cast, self._cast_version = {}, vector._version
+        if _version(vector) != self._cast_version:  # edited in place since the casts were made
+            self._cast, self._cast_version = {}, _version(vector)
         key = (device, dtype, scale)
         if key not in self._cast:
             with torch.inference_mode(False):  # made under inference mode, it could not serve autograd later
@@ -328,11 +329,11 @@ class Intervention:
         each call wait for the GPU."""
         positions = self.positions
         cached = self._index_on.get(device)
-        if cached is None or cached[0] is not positions or cached[1] != positions._version:
+        if cached is None or cached[0] is not positions or cached[1] != _version(positions):
             with torch.inference_mode(False):
                 cached = self._index_on[device] = (
                     positions,
-                    positions._version,
+                    _version(positions),
                     to_device(positions, device),
                 )
         return cached[2]
@@ -343,6 +344,12 @@ class Intervention:
             f"Intervention({self.op}, vector [{self.vector.shape[0]}] norm {float(self.vector.norm()):.4g}"
             f"{value}, positions={self.positions!r})"
         )
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place edit counter of ``tensor``; an inference tensor has none (and cannot be edited outside
+    inference mode), so it counts as never edited."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 def add_vector(
