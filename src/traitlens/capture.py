@@ -373,9 +373,8 @@ class _HostSlabs:
             # large chunk can take)
             chunks = self.CHUNKS_PER_SLAB if nbytes <= self.LARGEST // self.CHUNKS_PER_SLAB else 2
             size = max(self._next, 1 << (chunks * nbytes - 1).bit_length())
-            with torch.inference_mode(
-                False
-            ):  # a slab opened under inference mode must serve passes outside it
+            # a slab opened under inference mode must also serve passes outside it
+            with torch.inference_mode(False):
                 self._slab = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
             self._typed = {}
             self._next = min(2 * self._next, self.LARGEST)
