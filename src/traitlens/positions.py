@@ -85,10 +85,9 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
         return hidden
     if hidden.ndim != 3:
         raise ValueError(f"positions need activations of shape [batch, seq, hidden], got {shape_of(hidden)}")
-    if isinstance(selector, (int, slice)):
-        return hidden[:, selector]
     if not isinstance(selector, torch.Tensor):
-        check_selector(selector)  # raises
+        check_selector(selector)  # an int or a slice passes (not a bool); anything else raises
+        return hidden[:, selector]
     batch, seq, width = hidden.shape
     selector = to_device(selector, hidden.device)
     if selector.is_floating_point():
