@@ -34,17 +34,21 @@ class TokenScores:
     response: torch.Tensor
     center: float = 0.0
 
+    @property
+    def counted(self) -> torch.Tensor:
+        """``[seq]`` bool: the tokens that means and the heatmap scale count, all but the first when there are
+        others (its activation is an outlier of hundreds or thousands in most models)."""
+        counted = torch.ones_like(self.response)
+        if len(counted) > 1:
+            counted[0] = False
+        return counted
+
     def mean(self, part: str = "all") -> float:
-        """Mean score over ``"all"`` tokens, the ``"prompt"`` or the ``"response"`` (``nan`` where there are
-        none), the first token of the text left out when there are others: its activation is an outlier of
-        hundreds or thousands in most models, as in ``token_heatmap_html``'s scale."""
+        """Mean score over the ``counted`` tokens: ``"all"`` of them, the ``"prompt"``'s or the
+        ``"response"``'s (``nan`` where there are none)."""
         check_choice(part, "part", ("all", "prompt", "response"))
-        mask = {"all": torch.ones_like(self.response), "prompt": ~self.response, "response": self.response}[
-            part
-        ]
-        if len(mask) > 1:
-            mask = mask.clone()
-            mask[0] = False
+        counted = self.counted
+        mask = {"all": counted, "prompt": counted & ~self.response, "response": counted & self.response}[part]
         return float(self.scores[mask].mean()) if bool(mask.any()) else float("nan")
 
     def to_dict(self) -> dict:
@@ -166,10 +170,9 @@ def generate_with_projections(
 
 def heatmap_scale(*scores: TokenScores) -> float:
     """The deviation from the center that ``token_heatmap_html`` colours fully by default: the 90th
-    percentile of the absolute deviations of all tokens but each text's first (the first alone when it is
-    the only one), so that the first token, whose activation is an outlier of hundreds or thousands in most
-    models, does not wash out the rest of a short text. Give several texts to draw them on one scale."""
-    deviations = [(s.scores - s.center)[1 if len(s.scores) > 1 else 0 :] for s in scores]
+    percentile of the absolute deviations of the ``counted`` tokens, so that the first token does not wash
+    out the rest of a short text. Give several texts to draw them on one scale."""
+    deviations = [(s.scores - s.center)[s.counted] for s in scores]
     return float(torch.cat(deviations).abs().quantile(0.9).clamp_min(1e-6))
 
 
