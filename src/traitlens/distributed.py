@@ -271,8 +271,9 @@ def _run(
     """Run every shard not done yet on the cluster, then merge each split's shard files in order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if settings["position"] == "all":
-        raise ValueError("sharded extraction needs one row per example; use a position other than 'all'")
+    from traitlens.pipeline import check_one_row_per_example
+
+    check_one_row_per_example(settings["position"], "sharded extraction")
     if cluster.out_dir is None:
         with _out_dir(cluster) as temporary:
             return _run(pairs, temporary, settings, batch_size, progress, on_shard, expect)

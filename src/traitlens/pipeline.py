@@ -106,6 +106,17 @@ def _activation_batches(
         yield torch.stack([a[real] if position == "all" else a for a in acts])
 
 
+def check_one_row_per_example(position: str, who: str) -> None:
+    """Refuse ``position="all"`` for ``who``, which reads one row per example."""
+    if position == "all":
+        raise ValueError(
+            f"{who} reads one row per example, and position='all' gives one per token (a different number "
+            "on each side, which paired methods and per-example scores cannot take); use 'prompt_mean' or "
+            "'response_mean' for a mean over tokens, or collect_activations(..., position='all') and call "
+            "the methods yourself"
+        )
+
+
 def stream_statistics(
     model: torch.nn.Module,
     tokenizer,
@@ -127,8 +138,7 @@ def stream_statistics(
     that already holds spilled batches is refused (they would be read as part of this run).
     ``position="all"`` is refused: its positive and negative rows do not pair up.
     """
-    if position == "all":
-        raise ValueError("stream_statistics needs one row per example; use a position other than 'all'")
+    check_one_row_per_example(position, "stream_statistics")
     if spill_to is not None:
         spill_to = Path(spill_to)
         spill_to.mkdir(parents=True, exist_ok=True)
@@ -264,8 +274,8 @@ class ExtractionResult:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``trait_vector.safetensors`` (the chosen one), ``vectors/<method>_layer<L>.safetensors`` (the
-        best layer of each method, see ``best_layer_of``), ``all_layers.safetensors`` (``[layer, hidden]`` per method) and
-        ``summary.json`` into ``folder``."""
+        best layer of each method, see ``best_layer_of``), ``all_layers.safetensors`` (``[layer, hidden]`` per
+        method) and ``summary.json`` into ``folder``."""
         import json
 
         folder = Path(folder)
@@ -317,13 +327,7 @@ def extract_trait(
     default = position is None
     position = default_position(dataset) if default else position
     check_position(dataset, position, default=default)  # every row readable there, before any model work
-    if position == "all":
-        raise ValueError(
-            "extract_trait reads one row per example, and position='all' gives one per token (a different "
-            "number on each side, which paired methods and per-example scores cannot take); use "
-            "'prompt_mean' or 'response_mean' for a mean over tokens, or collect_activations(..., "
-            "position='all') and call the methods yourself"
-        )
+    check_one_row_per_example(position, "extract_trait")
     methods = list(methods)
     for method in methods:
         check_choice(method, "method", METHODS)
