@@ -382,23 +382,22 @@ def cmd_export(args) -> None:
     source = args.run / "all_layers.safetensors"
     if not source.is_file():
         raise FileNotFoundError(f"{source} not found; give an output folder of 'traitlens extract'")
-    if args.method is None:
+    method = args.method
+    if method is None:
         summary = args.run / "summary.json"
         if not summary.is_file():
             raise FileNotFoundError(
                 f"{summary} not found, so the run's chosen method is unknown; pass --method"
             )
-        args.method = json.loads(summary.read_text())["chosen"]["method"]
-        _info(f"method: {args.method} (the run's choice)")
+        method = json.loads(summary.read_text())["chosen"]["method"]
+        _info(f"method: {method} (the run's choice)")
     with safe_open(source, framework="pt") as f:
-        if args.method not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
-            raise ValueError(f"{source} has no {args.method!r} vectors; it has {sorted(f.keys())}")
+        if method not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+            raise ValueError(f"{source} has no {method!r} vectors; it has {sorted(f.keys())}")
         layers = json.loads(f.metadata()["layers"])
-        vectors = f.get_tensor(args.method)
+        vectors = f.get_tensor(method)
     directions = {layer: args.scale * vectors[i] for i, layer in enumerate(layers) if layer > 0}
-    out = save_control_vector(
-        args.out or args.run / f"{args.method}.gguf", directions, model_hint=args.model_hint
-    )
+    out = save_control_vector(args.out or args.run / f"{method}.gguf", directions, model_hint=args.model_hint)
     print(f"wrote {len(directions)} layers ({min(directions)}-{max(directions)}) to {out}")
 
 
