@@ -6,8 +6,8 @@ pass. This runs one batch of each chosen case of the suite's workload under ``to
 next to the bare case, the operations and CUDA runtime calls with the most host time, and how often each
 case calls the CUDA runtime functions that can cost the host most (synchronisations, pinned allocations,
 event queries). Counts are exact; times include the profiler's own overhead. Before that, without the
-profiler, it times no-op hooks (what a hook costs at all), capture to CPU by each copy path, and capture during
-``generate`` with two ways of joining the chunks.
+profiler, it times no-op hooks (what a hook costs at all), capture to CPU by each copy path and each way
+of waiting in ``get``, and capture during ``generate`` with two ways of joining the chunks.
 
     python benchmarks/host_profile.py                       # cuda, SmolLM2-135M shape, bf16
     python benchmarks/host_profile.py --device cpu --model tiny
