@@ -60,9 +60,8 @@ def test_quick_run_writes_every_row(tmp_path):
     times = results["models"][0]["times"]
     bare = times["bare"]
     assert len(bare) == 2 and all(t > 0 for t in bare)
-    row = next(
-        r for r in rows if r.startswith(f"| {CASES[2].label} |")
-    )  # ratio of minima, from the raw times
+    # the ratio of minima, from the raw times
+    row = next(r for r in rows if r.startswith(f"| {CASES[2].label} |"))
     assert row.split("|")[4].strip() == f"{min(times[CASES[2].key]) / min(bare):.3f}"
 
 
