@@ -35,6 +35,20 @@ def make_tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def make_word_tokenizer():
+    """A word-level fast tokenizer for the tiny models: ``"w0"`` .. ``"w123"`` are ids 4..127, split on
+    whitespace; ``<pad>``, ``<s>``, ``</s>``, ``<unk>`` are 0..3. No chat template, no added BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(TINY_VOCAB - 4)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
 def layer_path(family: str, i: int) -> str:
     """Dotted path of decoder layer ``i`` in a tiny model of ``family``."""
     return f"transformer.h.{i}" if family == "gpt2" else f"model.layers.{i}"

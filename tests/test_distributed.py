@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, make_tiny_model
+from conftest import make_tiny_model, make_word_tokenizer
 from traitlens import load_dataset, load_model
 from traitlens.cli import main
 from traitlens.dataset import SPLITS
@@ -132,18 +132,9 @@ def ray(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     """A tiny random Llama (float32) with a word-level tokenizer, saved where ``load_model`` reads it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(TINY_VOCAB - 4)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
     folder = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
     return folder
 
 

@@ -1,5 +1,5 @@
-"""Pipeline internals and the report's heatmaps on random tensors (the whole pipeline runs on the real model
-in tests/integration)."""
+"""Pipeline internals and the report's heatmaps on random tensors, batching on a tiny model (the whole
+pipeline runs on the real model in tests/integration)."""
 
 import re
 import statistics
@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_tiny_model, make_word_tokenizer
+from traitlens.dataset import Pair
 from traitlens.methods import RandomBaselineMethod
 from traitlens.metrics import accuracy, auroc, midpoint_threshold
 from traitlens.monitor import TokenScores, heatmap_scale, token_heatmap_html
-from traitlens.pipeline import _random_draws
+from traitlens.pipeline import _random_draws, collect_activations, read_spilled, stream_statistics
 
 
 def test_random_draws_equal_one_direction_at_a_time_through_the_public_metrics():
@@ -92,3 +94,79 @@ def test_one_heatmap_scale_for_several_texts():
     assert heatmap_scale(a) == pytest.approx(float(np.quantile(np.abs((a.scores - 1.0)[1:].numpy()), 0.9)))
     shared = heatmap_scale(a, b)
     assert f"&plusmn;{shared:.2f}" in token_heatmap_html(a, scale=shared)
+
+
+LENGTHS = [3, 40, 2, 17, 5, 40, 1, 9, 30]  # one long row in each batch of 4, if batched in this order
+
+
+def _texts(lengths, offset=0):
+    return [" ".join(f"w{(7 * i + j + offset) % 120}" for j in range(n)) for i, n in enumerate(lengths)]
+
+
+def _batch_shapes(model):
+    """Record the ``[batch, seq]`` shape of every forward pass of ``model``."""
+    shapes = []
+    model.model.embed_tokens.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+@pytest.mark.parametrize("position", ["prompt_last", "prompt_mean", "all"])
+def test_rows_come_back_in_input_order_from_batches_of_similar_length(position):
+    model, tokenizer = make_tiny_model("llama"), make_word_tokenizer()
+    texts = _texts(LENGTHS)
+    shapes = _batch_shapes(model)
+    got = collect_activations(model, tokenizer, texts, layers=[0, 1], position=position, batch_size=4)
+    assert shapes == [(4, 40), (4, 9), (1, 1)]  # longest first: 40 40 30 17 | 9 5 3 2 | 1
+    expected = []
+    with torch.no_grad():
+        for text in texts:  # one at a time, read from the model's own hidden states
+            ids = tokenizer(text, return_tensors="pt").input_ids
+            states = model(ids, output_hidden_states=True).hidden_states
+            rows = {"prompt_last": lambda h: h[:, -1:], "prompt_mean": lambda h: h.mean(1, keepdim=True)}
+            pick = rows.get(position, lambda h: h)
+            expected.append(torch.cat([pick(states[layer + 1][0][None]) for layer in (0, 1)]))
+    expected = torch.cat(expected, dim=1)
+    assert got.shape == expected.shape == (2, sum(LENGTHS) if position == "all" else len(texts), 32)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_streamed_pairs_share_one_order_and_spilled_rows_read_back_in_pair_order(tmp_path):
+    model, tokenizer = make_tiny_model("llama"), make_word_tokenizer()
+    # each pair's longer side decides its place: here sometimes the positive, sometimes the negative
+    pos, neg = _texts(LENGTHS), _texts(LENGTHS[::-1], offset=60)
+    pairs = [Pair(a, b, "train") for a, b in zip(pos, neg, strict=True)]
+    shapes = _batch_shapes(model)
+    stats = stream_statistics(model, tokenizer, pairs, layers=[0, 1], batch_size=4, spill_to=tmp_path / "a")
+    longest = sorted((max(a, b) for a, b in zip(LENGTHS, LENGTHS[::-1], strict=True)), reverse=True)
+    batch_lengths = [max(p[1], n[1]) for p, n in zip(shapes[::2], shapes[1::2], strict=True)]
+    assert batch_lengths == [longest[0], longest[4], longest[8]] == [40, 30, 2]  # one order for both sides
+    expected_pos = collect_activations(model, tokenizer, pos, layers=[0, 1])
+    expected_neg = collect_activations(model, tokenizer, neg, layers=[0, 1])
+    spilled_pos, spilled_neg = read_spilled(tmp_path / "a")
+    torch.testing.assert_close(spilled_pos, expected_pos, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(spilled_neg, expected_neg, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(read_spilled(tmp_path / "a", 1)[1], expected_neg[1], rtol=1e-4, atol=1e-5)
+    diff = (expected_pos - expected_neg).mean(1)
+    torch.testing.assert_close(stats.mean_difference(), diff, rtol=1e-5, atol=1e-6)
+
+    # two folders (the shards of a distributed run) read as one, each in its own pair order
+    stream_statistics(model, tokenizer, pairs[:4], layers=[0, 1], batch_size=3, spill_to=tmp_path / "b")
+    stream_statistics(model, tokenizer, pairs[4:], layers=[0, 1], batch_size=3, spill_to=tmp_path / "c")
+    torch.testing.assert_close(read_spilled([tmp_path / "b", tmp_path / "c"])[0], expected_pos)
+
+
+def test_spilled_batches_without_an_index_are_read_in_file_order_and_mixed_runs_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    acts = torch.randn(2, 7, 5)
+    for k, rows in enumerate([slice(0, 4), slice(4, 7)]):  # as written before batches were sorted
+        part = acts[:, rows].contiguous()
+        save_file({"pos": part, "neg": -part}, tmp_path / f"batch_{k:06d}.safetensors")
+    pos, neg = read_spilled(tmp_path)
+    assert torch.equal(pos, acts) and torch.equal(neg, -acts)
+    for k in range(2):  # give both files the same rows
+        path = tmp_path / f"batch_{k:06d}.safetensors"
+        tensors = load_file(path)
+        save_file({**tensors, "index": torch.arange(tensors["pos"].shape[1])}, path)
+    with pytest.raises(ValueError, match="do not hold each of their 7 rows once"):
+        read_spilled(tmp_path)

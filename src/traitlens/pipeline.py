@@ -67,16 +67,47 @@ def collect_activations(
     ``module`` reads the output of that module (a dotted path, e.g. ``"model.layers.12.mlp"``; its output
     must be ``[batch, seq, hidden]``) instead of decoder layers: ``[1, n, hidden]``.
     """
+    counts = _token_counts(tokenizer, examples, chat)
+    order = _longest_first(counts)
+    rows = counts if position == "all" else torch.ones_like(counts)  # rows of each example in the result
+    ends = rows.cumsum(0)
+    out = None
     batches = _activation_batches(
-        model, tokenizer, examples, layers, position, batch_size, chat, progress, module
+        model, tokenizer, examples, order, layers, position, batch_size, chat, progress, module
     )
-    return torch.cat(list(batches), dim=1)
+    for start, acts in zip(range(0, len(order), batch_size), batches, strict=True):
+        if out is None:
+            out = acts.new_empty(acts.shape[0], int(ends[-1]), acts.shape[-1])
+        index = order[start : start + batch_size]
+        out[:, torch.cat([torch.arange(ends[i] - rows[i], ends[i]) for i in index])] = acts
+    return out
+
+
+def _token_counts(tokenizer, examples: Sequence[str | Example], chat: bool | None) -> torch.Tensor:
+    """``[n]`` int64: the number of tokens of each example as the model sees it (tokenized in chunks, the
+    ids dropped, so memory stays flat); tokenizing costs well under 1% of the forward pass."""
+    if len(examples) == 0:
+        raise ValueError("examples is empty; give at least one text or Example")
+    return torch.cat([
+        encode_examples(tokenizer, list(examples[start : start + 256]), chat=chat).attention_mask.sum(1)
+        for start in range(0, len(examples), 256)
+    ])  # fmt: skip
+
+
+def _longest_first(*counts: torch.Tensor) -> list[int]:
+    """Example indices, longest first (by the longest of ``counts``: both sides of a pair go in one order),
+    ties in their given order. Batches of similar lengths pad little, where one long row in a batch of
+    short ones would pad them all; and the first batch shows the peak memory, as in Hugging Face's
+    ``group_by_length``."""
+    longest = torch.stack(counts).amax(0)
+    return torch.sort(longest, descending=True, stable=True).indices.tolist()
 
 
 def _activation_batches(
-    model, tokenizer, examples, layers, position, batch_size, chat, progress, module=None
+    model, tokenizer, examples, order, layers, position, batch_size, chat, progress, module=None
 ):
-    """Yield ``[layer, batch, hidden]`` float32 CPU activations, one batch of ``examples`` at a time."""
+    """``[layer, batch, hidden]`` float32 CPU activations of ``examples``, ``batch_size`` at a time in the
+    order of the indices ``order``: a generator, returned after the arguments are checked."""
     check_choice(position, "position", POSITION_RULES)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -88,10 +119,16 @@ def _activation_batches(
     else:
         resolve_module(model, module)  # a wrong path fails here, with suggestions
         paths, layers = [module], [0]
+    return _forward_batches(
+        model, tokenizer, examples, order, paths, layers, position, batch_size, chat, progress
+    )
+
+
+def _forward_batches(model, tokenizer, examples, order, paths, layers, position, batch_size, chat, progress):
     device = input_device(model)
     capture = ActivationCapture(device="cpu", dtype=torch.float32)
-    for start in _progress(range(0, len(examples), batch_size), progress, unit="batch"):
-        enc = encode_examples(tokenizer, list(examples[start : start + batch_size]), chat=chat)
+    for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
+        enc = encode_examples(tokenizer, [examples[i] for i in order[start : start + batch_size]], chat=chat)
         capture.positions = select_positions(position, enc.attention_mask, enc.response_mask)
         with torch.no_grad(), HookManager(model) as hooks:
             for layer in layers:
@@ -133,10 +170,13 @@ def stream_statistics(
 
     Memory does not grow with ``len(pairs)``: each batch's activations are folded into float64 sums and
     dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also written to
-    ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``), so that
-    methods that need every row can read one layer at a time from disk with ``read_spilled``; a folder
-    that already holds spilled batches is refused (they would be read as part of this run).
-    ``position="all"`` is refused: its positive and negative rows do not pair up.
+    ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``, and ``index``,
+    ``[n]``: which pairs its rows are), so that methods that need every row can read one layer at a time
+    from disk with ``read_spilled``, in the order of ``pairs``; a folder that already holds spilled batches
+    is refused (they would be read as part of this run). ``position="all"`` is refused: its positive and
+    negative rows do not pair up.
+
+    Pairs are batched longest first (as in ``collect_activations``), both sides in one order.
     """
     check_one_row_per_example(position, "stream_statistics")
     if spill_to is not None:
@@ -149,41 +189,64 @@ def stream_statistics(
                 f"{earlier[0].name}) from an earlier run; give an empty or new folder, or delete them"
             )
     stats = ContrastiveStats(outer=outer)
-    args = (layers, position, batch_size, None, False)
-    pos = _activation_batches(model, tokenizer, [p.pos_example for p in pairs], *args)
-    neg = _activation_batches(model, tokenizer, [p.neg_example for p in pairs], *args)
+    sides = [p.pos_example for p in pairs], [p.neg_example for p in pairs]
+    order = _longest_first(*(_token_counts(tokenizer, side, None) for side in sides))
+    args = (order, layers, position, batch_size, None, False)
+    pos, neg = (_activation_batches(model, tokenizer, side, *args) for side in sides)
     batches = zip(pos, neg, strict=True)
     for k, (pos_acts, neg_acts) in enumerate(_progress(batches, progress, unit="batch")):
         stats.update(pos_acts, neg_acts)
         if spill_to is not None:
-            save_tensors({"pos": pos_acts, "neg": neg_acts}, spill_to / f"batch_{k:06d}.safetensors")
+            index = torch.tensor(order[k * batch_size : (k + 1) * batch_size])
+            spilled = {"pos": pos_acts, "neg": neg_acts, "index": index}
+            save_tensors(spilled, spill_to / f"batch_{k:06d}.safetensors")
     return stats
 
 
 def read_spilled(
     folder: str | Path | Sequence[str | Path], layer_index: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pos, neg)`` from the files that ``stream_statistics(spill_to=folder)`` wrote, each file read once:
-    ``[layer, n, hidden]``, or ``[n, hidden]`` of one layer (its index among the spilled layers), in which
-    case only that layer's slices are read from disk. ``folder`` may also be several such folders, read in
-    order as one (the shards of a distributed run), joined in one concatenation per side."""
+    """``(pos, neg)`` from the files that ``stream_statistics(spill_to=folder)`` wrote, each file read once,
+    rows in the order of the pairs: ``[layer, n, hidden]``, or ``[n, hidden]`` of one layer (its index
+    among the spilled layers), in which case only that layer's slices are read from disk. ``folder`` may
+    also be several such folders, read in order as one (the shards of a distributed run)."""
     from safetensors import safe_open
 
-    files = []
+    folders = []  # the batch files of each folder
     for one in [folder] if isinstance(folder, (str, Path)) else folder:
         batches = sorted(Path(one).glob("batch_*.safetensors"))
         if not batches:
             raise FileNotFoundError(
                 f"no batch_*.safetensors files in {one}; run stream_statistics(spill_to=...)"
             )
-        files += batches
+        folders.append(batches)
     parts: dict[str, list[torch.Tensor]] = {"pos": [], "neg": []}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in parts:
-                whole = layer_index is None
-                parts[name].append(f.get_tensor(name) if whole else f.get_slice(name)[layer_index])
-    return torch.cat(parts["pos"], dim=-2), torch.cat(parts["neg"], dim=-2)
+    rows: list[torch.Tensor] = []  # where each file's rows go in the result
+    for batches in folders:
+        start = sum(len(index) for index in rows)  # this folder's first row
+        for path in batches:
+            with safe_open(path, framework="pt") as f:
+                for name in parts:
+                    whole = layer_index is None
+                    parts[name].append(f.get_tensor(name) if whole else f.get_slice(name)[layer_index])
+                if "index" in set(f.keys()):
+                    rows.append(start + f.get_tensor("index"))
+                else:  # written before batches were sorted by length: rows in pair order
+                    seen = sum(len(index) for index in rows)
+                    rows.append(torch.arange(seen, seen + parts["pos"][-1].shape[-2]))
+    total = sum(len(index) for index in rows)
+    if not torch.equal(torch.cat(rows).sort().values, torch.arange(total)):  # else rows would be left unset
+        raise ValueError(
+            f"the spilled batches in {folder} do not hold each of their {total} rows once (their 'index' "
+            "tensors overlap or leave gaps): are files from different runs mixed there?"
+        )
+    joined = []
+    for name in ("pos", "neg"):
+        out = parts[name][0].new_empty(*parts[name][0].shape[:-2], total, parts[name][0].shape[-1])
+        for part, index in zip(parts[name], rows, strict=True):
+            out.index_copy_(-2, index, part)
+        joined.append(out)
+    return joined[0], joined[1]
 
 
 @dataclass
