@@ -16,3 +16,30 @@ def test_layer_lists_and_ranges():
         _parse_layers("5-3")
     with pytest.raises(argparse.ArgumentTypeError, match=r"layers must look like '12' or '5,10-20', got 'a'"):
         _parse_layers("a")
+
+
+def test_export_says_why_layer_0_is_left_out_and_prints_the_norms(tmp_path, capsys):
+    import torch
+
+    from traitlens.cli import main
+    from traitlens.controlvector import load_control_vector
+    from traitlens.vector import save_tensors
+
+    def run_with(layers):
+        vectors = torch.arange(1.0, len(layers) + 1)[:, None] * torch.ones(len(layers), 4)  # norms 2, 4, ...
+        meta = {"layers": str(layers), "model": "m", "trait": "t"}
+        save_tensors(
+            {"mean_diff": vectors, "probe": vectors.clone()},
+            tmp_path / "all_layers.safetensors",
+            metadata=meta,
+        )
+
+    run_with([0])
+    assert main(["export", str(tmp_path), "--method", "mean_diff"]) == 2
+    assert "extracted layer 0 only" in capsys.readouterr().err
+    run_with([0, 3, 5])
+    assert main(["export", str(tmp_path), "--method", "probe"]) == 0
+    out, err = capsys.readouterr()
+    assert "layer 0 left out" in err and "classifier weights" in err
+    assert "wrote 2 layers (3-5, norms 4-6) to" in out
+    assert load_control_vector(tmp_path / "probe.gguf").layers == [3, 5]

@@ -561,3 +561,74 @@ def test_a_new_or_edited_vector_applies_from_the_next_call(tiny):
             torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
             intervention.vector.mul_(0.0)  # in place: adds zeros from now on
             torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("positions", ["generated", "prompt"])
+def test_a_next_turn_fed_onto_the_cache_and_a_chunked_prefill_are_prompt(positions):
+    """Several positions on a filled cache are more prompt, not generated tokens: the second turn of a
+    chat that reuses the first turn's cache, and the chunks of generate(prefill_chunk_size=...)."""
+    family, model = "llama", make_tiny_model("llama")
+    v, first = _vector(), _ids(1, 5)
+    generate = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+
+    def run():
+        turn = model.generate(input_ids=first, max_new_tokens=3, **generate)  # prompt, then 2 steps
+        second = torch.cat([turn.sequences, _ids(1, 4, seed=7)], dim=1)  # [1, 12]; the cache holds 7
+        model.generate(input_ids=second, cache=turn.past_key_values, max_new_tokens=2, **generate)
+        model.generate(input_ids=_ids(1, 6, seed=8), prefill_chunk_size=2, max_new_tokens=2, **generate)
+
+    raw, out, _ = _steered_run(model, family, run, v, coeff=COEFF, positions=positions)
+    assert [c.shape[1] for c in out] == [5, 1, 1, 5, 1, 2, 2, 2, 1]
+    prompt_passes = {0, 3, 5, 6, 7}  # turn 1's prompt, turn 2's new columns, the three chunks
+    for i, (before, after) in enumerate(zip(raw, out, strict=True)):
+        steered = (i in prompt_passes) == (positions == "prompt")
+        assert torch.equal(after, before + COEFF * v if steered else before), f"pass {i}"
+
+
+def test_growing_prefixes_of_your_own_are_each_a_new_prompt(tiny):
+    """Only a pass with use_cache=False (as generate(use_cache=False) makes) that extends the last one by a
+    token counts as a generation step; scoring prefixes one after the other reads each as a prompt."""
+    family, model = tiny
+    v, ids = _vector(), _ids(1, 6)
+
+    def run():
+        model(input_ids=ids[:, :5])
+        model(input_ids=ids)
+        model(input_ids=ids[:, :5], use_cache=False)
+        model(input_ids=ids, use_cache=False)
+
+    raw, out, _ = _steered_run(model, family, run, v, coeff=COEFF, positions="prompt")
+    for i in range(3):
+        assert torch.equal(out[i], raw[i] + COEFF * v), f"pass {i}"
+    assert torch.equal(out[3][:, :5], raw[3][:, :5] + COEFF * v)  # a step of generate(use_cache=False)
+    assert torch.equal(out[3][:, 5:], raw[3][:, 5:])
+
+
+def test_positions_set_on_an_intervention_are_checked_as_in_the_constructor(tiny):
+    family, model = tiny
+    v, ids, path = _vector(), _ids(), layer_path(family, LAYER)
+    before, after = ActivationCapture(device=None), ActivationCapture(device=None)
+    with HookManager(model) as first:
+        first.add_forward_hook(path, before.make_hook("h"))
+        with steer(model, v, layer=LAYER, coeff=COEFF, positions="prompt") as handle:
+            handle.hooks.add_forward_hook(path, after.make_hook("h"))
+            (intervention,) = handle.interventions.values()
+            with pytest.raises(ValueError, match="did you mean 'generated'"):
+                intervention.positions = "generate"
+            assert intervention.positions == "prompt"
+            intervention.positions = [0, 2]  # a list, as steer(positions=[0, 2]) takes
+            model(input_ids=ids)
+    moved = (after.get("h") - before.get("h")).abs().amax(dim=(0, 2))  # [seq]
+    assert moved.nonzero().flatten().tolist() == [0, 2]
+    lone = add_vector(v, COEFF)  # no tracker: only "all"
+    with pytest.raises(ValueError, match="needs a SequenceTracker"):
+        lone.positions = "prompt"
+
+
+def test_a_vector_of_another_width_is_refused_before_any_hook_is_added(tiny):
+    _, model = tiny
+    with pytest.raises(ValueError, match=r"model\.layers\.2'|transformer\.h\.2'.*hidden size 100.*output 32"):
+        steer(model, {1: _vector(), 2: torch.randn(100)})
+    assert _hook_count(model) == 0
+    with pytest.raises(ValueError, match="static cache"), steer(model, _vector(), layer=LAYER):
+        model(input_ids=_ids(), attention_mask=torch.ones(2, 1, 6, 6))

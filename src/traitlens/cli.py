@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "steer",
-        help="baseline vs steered generations side by side, or a dose-response table and plot",
+        help="baseline and steered generations, one after the other, or a dose-response table and plot",
         description="Generate from prompts without and with the vector added at its layer (greedy), for each "
         "coefficient. With --dose-response, report for each coefficient the mean projection of the generated "
         "tokens onto the vector and their perplexity under the unsteered model, as a table and a PNG plot.",
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write a run's per-layer vectors as a llama.cpp control-vector GGUF file",
         description="Write one method's vectors at every extracted layer (from all_layers.safetensors of an "
-        "'extract' run) as a llama.cpp control vector (--control-vector). traitlens layer i (the output of "
+        "'extract' run) as a control vector for llama.cpp's --control-vector option. traitlens layer i (the output of "
         "model.layers.i) is written as direction.i; layer 0 has no slot in that format and is left out.",
     )
     p.add_argument("run", type=Path, help="an output folder of 'traitlens extract'")
@@ -397,8 +397,25 @@ def cmd_export(args) -> None:
         layers = json.loads(f.metadata()["layers"])
         vectors = f.get_tensor(method)
     directions = {layer: args.scale * vectors[i] for i, layer in enumerate(layers) if layer > 0}
+    if not directions:
+        raise ValueError(
+            "the run extracted layer 0 only, and llama.cpp's control-vector format has no slot for layer 0 "
+            "(direction.N is added to the output of layer N, N >= 1); extract layers from 1 on"
+        )
+    if 0 in layers:
+        _info("layer 0 left out: llama.cpp's format has no slot for it")
+    if method == "probe":
+        _info(
+            "probe vectors are classifier weights, whose norms follow the inverse of each layer's activation "
+            "scale: as a control vector their strength per layer is arbitrary. --method mean_diff writes "
+            "differences of class means, in activation units"
+        )
     out = save_control_vector(args.out or args.run / f"{method}.gguf", directions, model_hint=args.model_hint)
-    print(f"wrote {len(directions)} layers ({min(directions)}-{max(directions)}) to {out}")
+    norms = [float(v.norm()) for v in directions.values()]
+    print(
+        f"wrote {len(directions)} layers ({min(directions)}-{max(directions)}, norms {min(norms):.3g}-"
+        f"{max(norms):.3g}) to {out}"
+    )
 
 
 def cmd_modules(args) -> None:

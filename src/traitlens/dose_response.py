@@ -134,6 +134,8 @@ def plot_dose_response(rows: Sequence[dict], path: str | os.PathLike, *, title: 
     """
     if not rows:
         raise ValueError("rows is empty; pass the result of dose_response(...)")
+    from matplotlib.ticker import FormatStrFormatter
+
     rows = sorted(rows, key=lambda row: row["coeff"])
     coeffs = [row["coeff"] for row in rows]
     fig = figure((9, 3.6), layout="constrained")
@@ -142,6 +144,8 @@ def plot_dose_response(rows: Sequence[dict], path: str | os.PathLike, *, title: 
     left.set(xlabel="coefficient", ylabel="mean projection of generated tokens", title="trait expression")
     right.plot(coeffs, [row["perplexity"] for row in rows], marker="o", color="tab:red")
     right.set(xlabel="coefficient", ylabel="perplexity (unsteered model)", title="coherence", yscale="log")
+    for axis in (right.yaxis.set_major_formatter, right.yaxis.set_minor_formatter):  # 2.2, not 2.2x10^0
+        axis(FormatStrFormatter("%g"))
     for axes in (left, right):
         axes.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
         axes.grid(alpha=0.3)

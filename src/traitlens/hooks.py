@@ -98,6 +98,17 @@ def decoder_layer_paths(model: torch.nn.Module) -> list[str]:
     return [f"{name}.{i}" for i in range(len(layers))]
 
 
+def residual_width(model) -> int | None:
+    """The width of the residual stream (decoder layers' outputs): ``config.hidden_size`` of ``model`` (of
+    its text config for multimodal models), or of ``model`` itself when it is a config; ``None`` when it has
+    none."""
+    config = getattr(model, "config", model)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    size = getattr(config, "hidden_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 def input_device(model: torch.nn.Module) -> torch.device:
     """The device a forward pass's inputs go to: where the input embeddings run.
 

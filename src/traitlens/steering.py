@@ -23,11 +23,16 @@ every forward pass and every ``generate`` step goes) and records, for that pass:
   step), or all-real when none is given;
 - how many positions the cache already holds (``cache.get_seq_length()``; transformers 5 no longer
   passes ``cache_position``), so that the positions of this pass are ``past .. past + seq - 1``;
-- the prompt length: the width of the first pass of a sequence (empty cache). ``generate(use_cache=False)``
-  re-feeds the whole sequence at each step, one token more each time; a pass with an empty cache whose
-  input is the previous pass's input plus one token is recognised as such a step, so "generated" means
-  the same with and without the cache. Any other pass with an empty cache starts a new sequence, even
-  when it begins with the previous prompt (the second turn of a chat run in the same ``steer`` block).
+- where the prompt ends. A pass with an empty cache starts a sequence: all of it is prompt. A pass of one
+  position on a filled cache is a generated token; a pass of several positions on a filled cache is more
+  prompt (a chunk of a chunked prefill, or a chat's next turn fed onto the cache of the last one; the
+  last token generated before it counts as prompt too, as it first goes through the model there).
+  ``generate(use_cache=False)`` re-feeds the whole sequence at each step with ``use_cache=False``, one
+  token more each time: a pass with ``use_cache=False`` whose input is the previous pass's input plus one
+  token is recognised as such a step, so "generated" means the same with and without the cache. Calls of
+  your own, such as scoring growing prefixes, therefore count as new sequences unless they pass
+  ``use_cache=False``. Assisted (speculative) decoding checks several drafted tokens in one pass, which
+  counts as prompt: ``positions="generated"`` does not follow it.
 
 The interventions read that record. A forward hook on the same module clears it after each pass, so an
 intervention used outside a forward pass of the model (a layer called by hand) steers every position
@@ -57,7 +62,7 @@ import torch
 
 from traitlens._validation import check_choice, check_vector, shape_of, short_list
 from traitlens.capture import output_tensor
-from traitlens.hooks import HookManager, decoder_layer_paths, input_device, resolve_module
+from traitlens.hooks import HookManager, decoder_layer_paths, input_device, residual_width, resolve_module
 from traitlens.positions import to_device
 
 POSITIONS = ("all", "prompt", "generated")
@@ -129,10 +134,17 @@ class SequenceTracker:
             or mask.shape[1] < seq
         ):
             got = shape_of(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            four_d = isinstance(mask, torch.Tensor) and mask.ndim == 4
             raise ValueError(
                 f"steering needs the 2-D attention_mask [batch, past + seq] to tell pads apart; got "
                 f"{got} for inputs of shape {shape_of(given)}. "
-                "Pass the tokenizer's attention_mask (and use the default dynamic cache with generate)"
+                + (
+                    "A 4-D mask comes from generate with a static cache (cache_implementation='static') or "
+                    "from a caller that builds its own mask: use the default dynamic cache, or pass the "
+                    "tokenizer's 2-D attention_mask"
+                    if four_d
+                    else "Pass the tokenizer's attention_mask"
+                )
             )
         past = _cache_length(cache)
         if past is None:
@@ -144,12 +156,13 @@ class SequenceTracker:
             mask = mask.to(device).bool()
             real = mask[:, -seq:]
             index = (mask.long().cumsum(dim=1) - 1)[:, -seq:]
+        no_cache = kwargs.get("use_cache") is False  # as generate(use_cache=False) passes it
         if past == 0:
-            if not self._continues(given):
+            if not (no_cache and self._continues(given)):
                 self._prompt_len = seq
-            self._last_input = given.detach()
-        else:  # no tensor to compare on the decode path, and none kept alive
-            self._last_input = None
+        elif seq > 1:  # more prompt on a filled cache: a chunked prefill, or a chat's next turn
+            self._prompt_len = past + seq
+        self._last_input = given.detach() if no_cache else None  # kept only to compare the next pass with
         if self._prompt_len is None:  # the cache was filled before the tracker came: this pass is prompt too
             self._prompt_len = past + seq
         column = torch.arange(past, past + seq, device=device)
@@ -237,16 +250,27 @@ class Intervention:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError(f"coeff/value must be a number, got {type(value).__name__}")
         self.value = float(value)
-        self.positions = _check_positions(positions)
-        if tracker is None and self.positions != "all":
-            raise ValueError(
-                f"positions={positions!r} needs a SequenceTracker attached to the same HookManager "
-                "(tracker=...); steer() sets one up for you"
-            )
         if tracker is not None and not isinstance(tracker, SequenceTracker):
             raise TypeError(f"tracker must be a SequenceTracker, got {type(tracker).__name__}")
         self.tracker = tracker
         self._index_on: dict[torch.device, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self.positions = positions
+
+    @property
+    def positions(self) -> str | torch.Tensor:
+        """``"all"``, ``"prompt"``, ``"generated"``, or ``[n]`` int64 token indices (see the module docs);
+        checked when set, as in the constructor."""
+        return self._positions
+
+    @positions.setter
+    def positions(self, positions) -> None:
+        checked = _check_positions(positions)
+        if self.tracker is None and not (isinstance(checked, str) and checked == "all"):
+            raise ValueError(
+                f"positions={positions!r} needs a SequenceTracker attached to the same HookManager "
+                "(tracker=...); steer() sets one up for you"
+            )
+        self._positions = checked
 
     @property
     def vector(self) -> torch.Tensor:
@@ -464,6 +488,13 @@ def steer(
     """
     targets = _targets(model, vector, layer, module)
     check_choice(op, "op", OPERATIONS)
+    width = residual_width(model)
+    for path, (vec, layer_index) in targets.items():  # other modules' widths show in the first pass
+        if layer_index is not None and width is not None and vec.shape[0] != width:
+            raise ValueError(
+                f"the vector for {path!r} has hidden size {vec.shape[0]}, but {type(model).__name__}'s "
+                f"decoder layers output {width}; use a vector made for this model"
+            )
     tracker = SequenceTracker()
     hooks = HookManager(model)
     interventions: dict[str, Intervention] = {}
@@ -588,8 +619,10 @@ def residual_norms(
 ) -> dict[int, float]:
     """The typical residual norm at each decoder layer's output, measured on ``texts``.
 
-    Returns ``{layer: median L2 norm over every real (non-pad) token}``. The median, because a few
-    positions (often the first token) carry norms orders of magnitude above the rest.
+    Returns ``{layer: median L2 norm over every real (non-pad) token}``, keyed by layer indices counted
+    from 0 (a negative layer given comes back as its index from the front: -1 as 29 on a 30-layer model,
+    as ``steer`` looks it up). The median, because a few positions (often the first token) carry norms
+    orders of magnitude above the rest.
     """
     if isinstance(texts, str) or not texts:
         raise ValueError("texts must be a non-empty list of strings")

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from traitlens._validation import check_vector, did_you_mean, shape_of, short_list
+from traitlens.hooks import residual_width
 
 TENSOR_NAME = "vector"
 """Name of the one tensor in a traitlens vector file."""
@@ -705,19 +706,6 @@ def _parse_meta(text: str, path: Path) -> dict[str, Any]:
     return meta
 
 
-def _config_hidden_size(model: Any) -> int:
-    config = getattr(model, "config", model)
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    size = getattr(config, "hidden_size", None)
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise TypeError(
-            f"model must be a transformers model or config with an int config.hidden_size, got "
-            f"{type(model).__name__}; pass hidden_size= instead"
-        )
-    return size
-
-
 def _check_fits(vec: TraitVector, path: Path, *, hidden_size: int | None, model: Any) -> None:
     if hidden_size is not None:
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int):
@@ -729,7 +717,12 @@ def _check_fits(vec: TraitVector, path: Path, *, hidden_size: int | None, model:
             )
     if model is None:
         return
-    expected = _config_hidden_size(model)
+    expected = residual_width(model)
+    if expected is None:
+        raise TypeError(
+            f"model must be a transformers model or config with an int config.hidden_size, got "
+            f"{type(model).__name__}; pass hidden_size= instead"
+        )
     name = type(model).__name__
     if vec.hidden_size != expected:
         raise ValueError(
