@@ -134,7 +134,7 @@ def plot_dose_response(rows: Sequence[dict], path: str | os.PathLike, *, title: 
     """
     if not rows:
         raise ValueError("rows is empty; pass the result of dose_response(...)")
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import LogFormatter
 
     rows = sorted(rows, key=lambda row: row["coeff"])
     coeffs = [row["coeff"] for row in rows]
@@ -144,8 +144,9 @@ def plot_dose_response(rows: Sequence[dict], path: str | os.PathLike, *, title: 
     left.set(xlabel="coefficient", ylabel="mean projection of generated tokens", title="trait expression")
     right.plot(coeffs, [row["perplexity"] for row in rows], marker="o", color="tab:red")
     right.set(xlabel="coefficient", ylabel="perplexity (unsteered model)", title="coherence", yscale="log")
-    for axis in (right.yaxis.set_major_formatter, right.yaxis.set_minor_formatter):  # 2.2, not 2.2x10^0
-        axis(FormatStrFormatter("%g"))
+    # plain numbers (2.2, not 2.2x10^0); minor ticks labelled only while the range spans few decades
+    right.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    right.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     for axes in (left, right):
         axes.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
         axes.grid(alpha=0.3)
