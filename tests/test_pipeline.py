@@ -170,3 +170,19 @@ def test_spilled_batches_without_an_index_are_read_in_file_order_and_mixed_runs_
         save_file({**tensors, "index": torch.arange(tensors["pos"].shape[1])}, path)
     with pytest.raises(ValueError, match="do not hold each of their 7 rows once"):
         read_spilled(tmp_path)
+
+
+def test_token_texts_keep_characters_split_over_byte_tokens_whole():
+    from traitlens.monitor import _token_strings
+
+    class Bytes:  # one token per UTF-8 byte, as byte-level BPE has for rare characters
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    text = "Ü a 😀!"
+    ids = list(text.encode())
+    assert [Bytes().decode([i]) for i in ids][:2] == ["\ufffd", "\ufffd"]  # what decoding one by one gives
+    labels = _token_strings(Bytes(), ids)
+    assert labels == ["", "Ü", " ", "a", " ", "", "", "", "😀", "!"]
+    assert "".join(labels) == text
+    assert _token_strings(Bytes(), [0xFF] * 5) == ["", "", "", "\ufffd" * 4, "\ufffd"]  # invalid bytes end

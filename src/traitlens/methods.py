@@ -465,9 +465,9 @@ class ICAMethod(ExtractionMethod):
     both at layers 15 and 22; 74.2% (torch) vs 75.0% (sklearn) at layer 8, where FastICA does not converge
     and single seeds of either solver range from 68% to 79%. Hence the default ``solver='torch'``.
 
-    A seed gives the same result on the same machine and thread count; when the iteration does not converge
-    within ``max_iter`` (common on real activations), rounding differences between thread counts or devices
-    can end it elsewhere.
+    A seed gives the same result on the same machine and thread count, whatever the order of the examples;
+    when the iteration does not converge within ``max_iter`` (common on real activations), rounding
+    differences between thread counts or devices can end it elsewhere.
 
     Parameters:
         n_components: number of components (default 10).
@@ -511,7 +511,12 @@ class ICAMethod(ExtractionMethod):
                 f"component_idx must be an int in [0, {k}) (n_components={k}), got {component_idx!r}"
             )
         fit = _fastica_torch if solver == "torch" else _fastica_sklearn
-        sources, mixing, n_iter, converged = fit(x, k, max_iter=max_iter, tol=tol, seed=seed)
+        # The fit sums over rows, so their order moves its rounding, and an iteration that does not converge,
+        # or data without one best unmixing, ends elsewhere. Fitting the rows in an order of their own (by
+        # row sum) makes the result independent of the order of the examples.
+        order = torch.sort(x.double().sum(1), stable=True).indices  # [n]
+        sources, mixing, n_iter, converged = fit(x[order], k, max_iter=max_iter, tol=tol, seed=seed)
+        sources = sources[torch.argsort(order)]  # [n, k], back in the rows' order
 
         pos_proj, neg_proj = sources[: len(pos)], sources[len(pos) :]  # [n_pos, k], [n_neg, k]
         pooled_var = (pos_proj.var(0) * (len(pos) - 1) + neg_proj.var(0) * (len(neg) - 1)) / (len(x) - 2)

@@ -65,8 +65,30 @@ def _center(vector: TraitVector) -> float:
     return float(threshold) if isinstance(threshold, (int, float)) else 0.0
 
 
+class _TokenText:
+    """The text each token adds, fed one token id at a time. A character split over several byte tokens
+    ("Ü" is two in SmolLM2's vocabulary, an emoji up to four) comes whole with the token that completes it;
+    the tokens before it add "" (decoded alone, each would be U+FFFD)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def __call__(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 4:  # a UTF-8 character has at most 4 bytes
+            return ""
+        self.pending = []
+        return text
+
+
 def _token_strings(tokenizer, ids: list[int]) -> list[str]:
-    return [tokenizer.decode([i]) for i in ids]
+    text = _TokenText(tokenizer)
+    strings = [text(i) for i in ids]
+    if text.pending:  # the text ends inside a character: show what its bytes decode to on the last token
+        strings[-1] = tokenizer.decode(text.pending)
+    return strings
 
 
 def token_projections(
@@ -129,6 +151,7 @@ def generate_with_projections(
     unit = unit / unit.norm().clamp_min(1e-12)
     fed: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
+    live_text = _TokenText(tokenizer)
 
     def read_ids(module, args, kwargs):
         fed.append(kwargs["input_ids"][0])
@@ -140,7 +163,7 @@ def generate_with_projections(
         if on_token is not None:
             ids, values = fed[-1].tolist(), step.tolist()
             for token_id, value in zip(ids[-len(values) :], values, strict=True):
-                on_token(tokenizer.decode([token_id]), value)
+                on_token(live_text(token_id), value)
 
     inputs = {k: v.to(device) for k, v in enc.model_inputs().items() if k != "position_ids"}
     settings = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
