@@ -43,3 +43,17 @@ def test_export_says_why_layer_0_is_left_out_and_prints_the_norms(tmp_path, caps
     assert "layer 0 left out" in err and "classifier weights" in err
     assert "wrote 2 layers (3-5, norms 4-6) to" in out
     assert load_control_vector(tmp_path / "probe.gguf").layers == [3, 5]
+
+
+def test_extract_checks_the_data_before_loading_the_model(monkeypatch, capsys):
+    import traitlens.cli
+    from traitlens.cli import main
+
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(traitlens.cli, "_load", no_load)
+    assert main(["extract", "--trait", "sentiment", "--position", "response_mean"]) == 2
+    assert "reads the mean over each row's answer" in capsys.readouterr().err
+    assert main(["extract", "--trait", "sentiment", "--methods", "random_baseline"]) == 2
+    assert "at least one method besides" in capsys.readouterr().err

@@ -186,3 +186,29 @@ def test_token_texts_keep_characters_split_over_byte_tokens_whole():
     assert labels == ["", "Ü", " ", "a", " ", "", "", "", "😀", "!"]
     assert "".join(labels) == text
     assert _token_strings(Bytes(), [0xFF] * 5) == ["", "", "", "\ufffd" * 4, "\ufffd"]  # invalid bytes end
+
+
+def test_examples_a_position_cannot_read_are_named_by_their_index_before_any_forward_pass(tmp_path):
+    from traitlens.dataset import Example
+
+    model, tokenizer = make_tiny_model("llama"), make_word_tokenizer()
+    shapes = _batch_shapes(model)
+    examples = [
+        Example("w1 w2", "w3 w4"),
+        Example("w1", "w5"),
+        Example("w1", ""),
+        Example("w6 " * 9, "w7 " * 9),
+    ]
+    with pytest.raises(
+        ValueError, match=r"'response_mean' reads response tokens, but examples \[2\] have none"
+    ):
+        collect_activations(model, tokenizer, examples, layers=[1], position="response_mean", batch_size=2)
+    with pytest.raises(ValueError, match=r"examples \[0, 1\] have none \(plain texts"):
+        collect_activations(model, tokenizer, ["w1", "w2"], position="response_mean")
+    pairs = [Pair(a, b, "train") for a, b in zip(_texts([2, 3]), _texts([3, 2], 50), strict=True)]
+    for bad in ({"position": "bogus"}, {"layers": [99]}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match=r"position|layers|batch_size"):
+            stream_statistics(model, tokenizer, pairs, spill_to=tmp_path / "spill", **bad)
+    with pytest.raises(ValueError, match="pairs is empty"):
+        stream_statistics(model, tokenizer, [], spill_to=tmp_path / "spill")
+    assert shapes == [] and not (tmp_path / "spill").exists()  # refused before any pass or folder

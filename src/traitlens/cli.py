@@ -193,9 +193,10 @@ def _dataset(args):
 
 
 def cmd_extract(args) -> None:
-    from traitlens.pipeline import extract_trait
+    from traitlens.pipeline import check_extraction, extract_trait
 
     dataset = _dataset(args)
+    check_extraction(dataset, args.position, args.methods)  # before the model loads
     out = args.out or Path("runs") / dataset.name
     cluster = None
     if args.backend == "ray":

@@ -67,7 +67,7 @@ def collect_activations(
     ``module`` reads the output of that module (a dotted path, e.g. ``"model.layers.12.mlp"``; its output
     must be ``[batch, seq, hidden]``) instead of decoder layers: ``[1, n, hidden]``.
     """
-    counts = _token_counts(tokenizer, examples, chat)
+    counts = _token_counts(tokenizer, examples, chat, position)
     order = _longest_first(counts)
     rows = counts if position == "all" else torch.ones_like(counts)  # rows of each example in the result
     ends = rows.cumsum(0)
@@ -83,16 +83,32 @@ def collect_activations(
     return out
 
 
-def _token_counts(tokenizer, examples: Sequence[str | Example], chat: bool | None) -> torch.Tensor:
+def _token_counts(
+    tokenizer, examples: Sequence[str | Example], chat: bool | None, position: str
+) -> torch.Tensor:
     """``[n]`` int64: the number of tokens of each example as the model sees it (tokenized in chunks, the
-    ids dropped, so memory stays flat). This extra tokenizer pass took 0.5-0.9% of the time of the forward
-    passes over the shipped datasets (all layers, this project's CPU machine)."""
+    ids dropped, so memory stays flat). Examples that ``position`` cannot read (no answer for
+    ``"response_mean"``) are refused here, by their index, before any forward pass. This extra tokenizer
+    pass took 0.5-0.9% of the time of the forward passes over the shipped datasets (all layers, this
+    project's CPU machine)."""
+    check_choice(position, "position", POSITION_RULES)
     if len(examples) == 0:
         raise ValueError("examples is empty; give at least one text or Example")
-    return torch.cat([
-        encode_examples(tokenizer, list(examples[start : start + 256]), chat=chat).attention_mask.sum(1)
-        for start in range(0, len(examples), 256)
-    ])  # fmt: skip
+    counts, unread = [], []
+    for start in range(0, len(examples), 256):
+        enc = encode_examples(tokenizer, list(examples[start : start + 256]), chat=chat)
+        counts.append(enc.attention_mask.sum(1))
+        if position != "all":
+            read = enc.response_mask if position == "response_mean" else enc.prompt_mask
+            unread += (start + torch.nonzero(read.sum(1) == 0).flatten()).tolist()
+    if unread:
+        part = "response" if position == "response_mean" else "prompt"
+        raise ValueError(
+            f"position {position!r} reads {part} tokens, but examples {unread[:10]}"
+            f"{f' and {len(unread) - 10} more' if len(unread) > 10 else ''} have none"
+            + (" (plain texts and Examples without an answer)" if part == "response" else "")
+        )
+    return torch.cat(counts)
 
 
 def _longest_first(*counts: torch.Tensor) -> list[int]:
@@ -108,8 +124,8 @@ def _activation_batches(
     model, tokenizer, examples, order, layers, position, batch_size, chat, progress, module=None
 ):
     """``[layer, batch, hidden]`` float32 CPU activations of ``examples``, ``batch_size`` at a time in the
-    order of the indices ``order``: a generator, returned after the arguments are checked."""
-    check_choice(position, "position", POSITION_RULES)
+    order of the indices ``order`` (from ``_token_counts``, which checks ``position``): a generator,
+    returned after the arguments are checked."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if module is None:
@@ -180,6 +196,12 @@ def stream_statistics(
     Pairs are batched longest first (as in ``collect_activations``), both sides in one order.
     """
     check_one_row_per_example(position, "stream_statistics")
+    if len(pairs) == 0:
+        raise ValueError("pairs is empty; give at least one Pair")
+    sides = [p.pos_example for p in pairs], [p.neg_example for p in pairs]
+    order = _longest_first(*(_token_counts(tokenizer, side, None, position) for side in sides))
+    args = (order, layers, position, batch_size, None, False)
+    pos, neg = (_activation_batches(model, tokenizer, side, *args) for side in sides)  # checked here
     if spill_to is not None:
         spill_to = Path(spill_to)
         spill_to.mkdir(parents=True, exist_ok=True)
@@ -190,10 +212,6 @@ def stream_statistics(
                 f"{earlier[0].name}) from an earlier run; give an empty or new folder, or delete them"
             )
     stats = ContrastiveStats(outer=outer)
-    sides = [p.pos_example for p in pairs], [p.neg_example for p in pairs]
-    order = _longest_first(*(_token_counts(tokenizer, side, None) for side in sides))
-    args = (order, layers, position, batch_size, None, False)
-    pos, neg = (_activation_batches(model, tokenizer, side, *args) for side in sides)
     batches = zip(pos, neg, strict=True)
     for k, (pos_acts, neg_acts) in enumerate(_progress(batches, progress, unit="batch")):
         stats.update(pos_acts, neg_acts)
@@ -388,33 +406,9 @@ def extract_trait(
     process; the rest is the same.
     """
     check_choice(backend, "backend", ("local", "ray"))
-    default = position is None
-    position = default_position(dataset) if default else position
-    check_position(dataset, position, default=default)  # every row readable there, before any model work
-    check_one_row_per_example(position, "extract_trait")
-    methods = list(methods)
-    for method in methods:
-        check_choice(method, "method", METHODS)
-    if not [m for m in methods if m != CONTROL]:
-        raise ValueError(f"methods must include at least one method besides {CONTROL!r}, got {methods}")
-    if CONTROL not in methods:
-        methods.append(CONTROL)
+    position, methods = check_extraction(dataset, position, methods)
     paths = decoder_layer_paths(model)
     layers = _check_layers(layers, len(paths))
-    # the fits need min_per_class pairs (2 for most methods); scoring needs 2 of each class
-    needs = {"train": max(get_method(m).min_per_class for m in methods), "val": 2, "test": 2}
-    for split in SPLITS:
-        have = len(dataset.split(split))
-        if have < needs[split]:
-            what = (
-                f"has {have} {split!r} pair{'s' if have > 1 else ''}"
-                if have
-                else f"has no {split!r} examples"
-            )
-            raise ValueError(
-                f"dataset {dataset.name!r} {what}; every split is needed, with at least {needs[split]} pairs "
-                f"in {split!r}" + (" (for the methods' fits)" if split == "train" else " (to score on)")
-            )
 
     acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if backend == "ray":
@@ -509,6 +503,43 @@ def extract_trait(
         control_ok=control_ok,
         activations=acts,
     )
+
+
+def check_extraction(
+    dataset: ContrastiveDataset, position: str | None = None, methods: Sequence[str] = METHODS
+) -> tuple[str, list[str]]:
+    """What ``extract_trait`` checks before any model work, for callers that load the model next (the CLI).
+
+    Returns the position (``default_position(dataset)`` for ``None``) and the methods, the random baseline
+    added. Raises a ``ValueError`` for a position some rows cannot be read at, an unknown method, a list of
+    the control alone, or a split too small to fit or score.
+    """
+    default = position is None
+    position = default_position(dataset) if default else position
+    check_position(dataset, position, default=default)  # every row readable there
+    check_one_row_per_example(position, "extract_trait")
+    methods = list(methods)
+    for method in methods:
+        check_choice(method, "method", METHODS)
+    if not [m for m in methods if m != CONTROL]:
+        raise ValueError(f"methods must include at least one method besides {CONTROL!r}, got {methods}")
+    if CONTROL not in methods:
+        methods.append(CONTROL)
+    # the fits need min_per_class pairs (2 for most methods); scoring needs 2 of each class
+    needs = {"train": max(get_method(m).min_per_class for m in methods), "val": 2, "test": 2}
+    for split in SPLITS:
+        have = len(dataset.split(split))
+        if have < needs[split]:
+            what = (
+                f"has {have} {split!r} pair{'s' if have > 1 else ''}"
+                if have
+                else f"has no {split!r} examples"
+            )
+            raise ValueError(
+                f"dataset {dataset.name!r} {what}; every split is needed, with at least {needs[split]} pairs "
+                f"in {split!r}" + (" (for the methods' fits)" if split == "train" else " (to score on)")
+            )
+    return position, methods
 
 
 def _random_draws(

@@ -177,6 +177,8 @@ class ContrastiveStats:
         return gap / pooled.sqrt()
 
     def merge(self, other: ContrastiveStats) -> ContrastiveStats:
+        """A new ``ContrastiveStats`` holding both (neither input changes: use the result, e.g.
+        ``total = total.merge(part)`` or ``total += part``)."""
         merged = ContrastiveStats.__new__(ContrastiveStats)
         for part in self.PARTS:
             setattr(merged, part, getattr(self, part).merge(getattr(other, part)))
