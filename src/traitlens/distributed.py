@@ -5,7 +5,8 @@ train pairs ``3 * shard_size .. 4 * shard_size - 1``). A pool of Ray actors, eac
 GPU (or CPU), runs ``stream_statistics`` on one shard at a time and writes the result into the shared output
 folder ``out_dir/shards/<split>-<k>/``: ``stats.safetensors`` (the shard's ``ContrastiveStats``, float64
 moments) and, with ``spill=True``, its activations ``batch_*.safetensors`` (``pos`` / ``neg``,
-``[layer, n, hidden]``, the format of ``stream_statistics(spill_to=...)``).
+``[layer, n, hidden]``, and the pair ``index`` of each row: the format of
+``stream_statistics(spill_to=...)``).
 
 Exactly once, whatever fails:
 
