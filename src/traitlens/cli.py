@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write a run's per-layer vectors as a llama.cpp control-vector GGUF file",
         description="Write one method's vectors at every extracted layer (from all_layers.safetensors of an "
-        "'extract' run) as a control vector for llama.cpp's --control-vector option. traitlens layer i (the output of "
-        "model.layers.i) is written as direction.i; layer 0 has no slot in that format and is left out.",
+        "'extract' run) as a control vector for llama.cpp's --control-vector option. traitlens layer i (the "
+        "output of model.layers.i) is written as direction.i; layer 0 has no slot in that format and is left "
+        "out.",
     )
     p.add_argument("run", type=Path, help="an output folder of 'traitlens extract'")
     p.add_argument(

@@ -2,7 +2,8 @@
 
 1. ``collect_activations``: one batched forward pass per batch with hooks on every chosen decoder layer at
    once; the position rule is applied inside the hooks (on the model's device), and the pass stops after
-   the last hooked layer, so the LM head is never computed.
+   the last hooked layer, so the LM head is never computed. Examples are batched longest first, so that
+   rows of similar length share a batch and pad little, and come back in the order given.
 2. ``extract_trait``: every extraction method at every layer on the train split, every (method, layer)
    scored on the validation split, the best one chosen on validation and reported once on the untouched
    test split. The random baseline is the control: it must come out near chance.
@@ -124,8 +125,8 @@ def _activation_batches(
     model, tokenizer, examples, order, layers, position, batch_size, chat, progress, module=None
 ):
     """``[layer, batch, hidden]`` float32 CPU activations of ``examples``, ``batch_size`` at a time in the
-    order of the indices ``order`` (from ``_token_counts``, which checks ``position``): a generator,
-    returned after the arguments are checked."""
+    order of the indices ``order`` (``_longest_first`` of ``_token_counts``, which has checked ``position``):
+    a generator, returned after the other arguments are checked."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if module is None:
