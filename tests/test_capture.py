@@ -450,3 +450,61 @@ def test_a_capture_first_used_under_inference_mode_serves_later_passes():
     capture.store("h", second.half())
     assert torch.equal(capture.get("x"), torch.cat([first, second]))
     assert torch.equal(capture.get("h"), torch.cat([first, second]).half())
+
+
+def test_a_slice_takes_its_positions_of_each_pass_in_generate_and_refuses_to_leave_none():
+    prompt = torch.tensor([[0, 0, 5, 17], [4, 8, 15, 16]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    capture = ActivationCapture(positions=slice(-2, None))
+    model, seq = _generate_capture(capture, prompt, mask)
+    full_mask = torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], dim=1)
+    reference, _ = _capture_layers(model, "qwen2", input_ids=seq[:, :-1], attention_mask=full_mask)
+    # the prompt's last two positions, then each decode step's token
+    torch.testing.assert_close(capture.get("l2"), reference.get("layer_2")[:, 2:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"slice\(1, 3, None\) leaves none of the 1 positions of a pass \(a decode"
+    ):
+        _generate_capture(ActivationCapture(positions=slice(1, 3)), prompt, mask)
+
+
+def test_an_index_set_per_batch_keeps_a_batch_of_one_token_texts_a_batch_of_its_own():
+    """Batches of one-token texts after longer ones, each read at its last token: four examples, not two
+    examples of two positions (a one-position pass after a longer one looks like a decode step)."""
+    capture = ActivationCapture()
+    batches = [torch.randn(2, 5, 8), torch.randn(2, 1, 8)]
+    for x in batches:
+        capture.positions = last_token_index(torch.ones(2, x.shape[1], dtype=torch.long))
+        capture.store("x", x)
+    assert torch.equal(capture.get("x"), torch.cat([batches[0][:, -1], batches[1][:, -1]]))
+
+
+def test_passes_that_cannot_be_told_from_the_steps_of_generate_are_joined_with_a_warning():
+    """The LM head sees only the last position in every pass of generate (logits_to_keep), the prompt's
+    too: its chunks look like separate one-token passes."""
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    capture = ActivationCapture()
+    with HookManager(model) as hooks, torch.no_grad():
+        hooks.add_forward_hook("lm_head", capture.make_hook("logits"))
+        out = model.generate(
+            ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+            return_dict_in_generate=True, output_logits=True,
+        )  # fmt: skip
+    with pytest.warns(
+        UserWarning, match=r"3 passes of one position each under 'logits' are joined along batch"
+    ):
+        assert capture.get("logits").shape == (6, 1, 128)
+    steps = torch.cat(capture.get("logits", concat=False), dim=1)  # what the warning says to do
+    torch.testing.assert_close(steps, torch.stack(out.logits, dim=1))
+
+
+def test_small_chunks_stored_under_inference_mode_serve_autograd_outside_it():
+    capture = ActivationCapture()
+    with torch.inference_mode():
+        capture.store("small", torch.randn(2, 6, 32))  # under 256 KiB: an allocation of its own
+        capture.store("large", torch.randn(64, 64, 32))  # a piece of a slab
+    w = torch.randn(32, requires_grad=True)
+    for name in ("small", "large"):
+        assert not capture.get(name).is_inference()
+        (capture.get(name) @ w).sigmoid().mean().backward()
+    assert w.grad is not None

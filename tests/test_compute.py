@@ -51,6 +51,11 @@ def test_mean_difference_matches_numpy_for_2d_and_3d():
     np.testing.assert_allclose(
         per_token.numpy(), pos3[:, :4].numpy().mean(0) - neg3.numpy().mean(0), rtol=1e-5
     )
+    # one example a side, [hidden]: the difference itself
+    one_pos, one_neg = randn(5, seed=5), randn(5, seed=6)
+    np.testing.assert_allclose(
+        mean_difference(one_pos, one_neg).numpy(), (one_pos - one_neg).numpy(), rtol=1e-6
+    )
 
 
 def test_mean_difference_errors():
@@ -177,6 +182,16 @@ def test_cosine_matches_scipy_and_broadcasts():
     )  # the vector dimension first
     with pytest.raises(ValueError, match="broadcastable"):
         cosine_similarity(randn(3, 4), randn(2, 4))
+    # a vector cannot be broadcast along itself: a size-1 (or missing) vector dimension is refused
+    for first, second, dim in (
+        (randn(3, 5), randn(1, 5), 0),
+        (randn(3, 5), randn(5), 0),
+        (randn(4, 3), randn(4, 1), -1),
+    ):
+        with pytest.raises(ValueError, match=f"same size along dim={dim}"):
+            cosine_similarity(first, second, dim=dim)
+    with pytest.raises(ValueError, match="dim=2 is out of range"):
+        cosine_similarity(randn(3, 5), randn(5), dim=2)
 
 
 def test_cosine_zero_vector_is_zero_and_large_values_do_not_overflow():

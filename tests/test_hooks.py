@@ -118,3 +118,21 @@ def test_decoder_layer_paths(tiny):
     assert decoder_layer_paths(model) == [layer_path(family, i) for i in range(TINY_LAYERS)]
     with pytest.raises(ValueError, match="cannot find the decoder layers"):
         decoder_layer_paths(torch.nn.Linear(2, 2))
+
+
+def test_decoder_layer_paths_of_multimodal_and_encoder_decoder_models_are_the_text_decoders():
+    """A vision tower's or an encoder's layers come first in the module tree, and may be more."""
+    import transformers as tf
+
+    from traitlens import decoder_layer_paths
+
+    text = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=128)  # fmt: skip
+    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                 num_attention_heads=4, image_size=32, patch_size=8)  # fmt: skip
+    llava = tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision, text_config=text))
+    assert decoder_layer_paths(llava) == ["model.language_model.layers.0", "model.language_model.layers.1"]
+    sizes = dict(encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    config = tf.BartConfig(vocab_size=128, d_model=32, encoder_layers=3, decoder_layers=2, **sizes)
+    bart = tf.BartForConditionalGeneration(config)
+    assert decoder_layer_paths(bart) == ["model.decoder.layers.0", "model.decoder.layers.1"]

@@ -471,6 +471,12 @@ def test_midpoint_threshold_is_the_default_threshold_of_accuracy():
     t = midpoint_threshold(vector, pos, neg)
     assert t == evaluate_vector(vector, pos, neg)["threshold"]
     assert accuracy(vector, pos, neg, threshold=t) == accuracy(vector, pos, neg)
+    assert accuracy(vector, pos, neg, threshold=torch.tensor(t)) == accuracy(vector, pos, neg)
+    for bad, error in ((float("nan"), ValueError), (float("inf"), ValueError), ("0.5", TypeError)):
+        with pytest.raises(error, match="threshold must be"):
+            accuracy(vector, pos, neg, threshold=bad)
+        with pytest.raises(error, match="threshold must be"):
+            evaluate_vector(vector, pos, neg, threshold=bad)
 
 
 def test_an_example_in_both_classes_is_a_tie_for_auroc():

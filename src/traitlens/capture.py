@@ -11,11 +11,13 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
   ``[batch, prompt_len + new_tokens - 1, hidden]`` in position order (the last sampled token is never fed
   back through the model). Several ``generate`` calls of equal shape are then concatenated along batch.
   A decode step is recognised by its shape (a pass of one position, same batch, after a longer pass), so a
-  prompt of a single token cannot be told apart from separate one-token passes: use
+  prompt of a single token, or a module after the LM head's cut to the last position (``lm_head``), cannot
+  be told apart from separate one-token passes: ``get`` joins those along batch with a warning; use
   ``get(name, concat=False)`` there. A selector applies to each pass: with ``positions=-1`` the last
-  prompt token and then each decode step's token come back as ``[batch, 1 + decode_steps, hidden]`` (a
-  slice keeps its positions of the prompt, then each step's one token); an index or weights tensor is made
-  for the prompt's passes and raises on a decode step. Beam search (``num_beams > 1``) reorders the beams
+  prompt token and then each decode step's token come back as ``[batch, 1 + decode_steps, hidden]``; a
+  slice takes its positions of each pass (``slice(-2, None)``: the prompt's last two, then each step's
+  one token) and raises where it leaves none; an index or weights tensor is made for forward passes (its
+  chunks are never joined along the sequence) and raises on a decode step. Beam search (``num_beams > 1``) reorders the beams
   between steps, so captured rows do not follow the returned sequences: capture a forward pass over them.
   ``generate(use_cache=False)`` runs a whole pass per step, one position longer each time: passes like any
   other, so with a selector that leaves one shape they are joined along batch (step after step); read
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -148,6 +151,13 @@ class ActivationCapture:
             raise TypeError(f"activations must be a torch.Tensor, got {type(activations).__name__}")
         selector = self._selector(activations)
         x = apply_selector(activations.detach(), selector)
+        if isinstance(selector, slice) and activations.ndim == 3 and x.shape[1] == 0 < activations.shape[1]:
+            step = " (a decode step of generate)" if activations.shape[1] == 1 else ""
+            raise ValueError(
+                f"positions={selector!r} leaves none of the {activations.shape[1]} positions of a pass{step}: "
+                "a slice applies to each pass's own positions. During generate keep every position "
+                "(positions=None) or the last one (-1), or capture a forward pass over the final sequence"
+            )
         target = x.device if self.device is None else self.device
         if target.type == "cpu" and x.device.type == "cuda":
             x = x if self.dtype is None else x.to(self.dtype)  # cast on the GPU: fewer bytes to move
@@ -159,7 +169,10 @@ class ActivationCapture:
             if isinstance(selector, (int, slice)) and _shares_memory(x, activations):
                 x = x.clone()  # a view would keep the whole output alive, and see later in-place edits
         self._store.setdefault(name, []).append(x)
-        self._lengths.setdefault(name, []).append(activations.shape[1] if activations.ndim == 3 else 0)
+        # a tensor selector is made for forward passes (it raises on a decode step): its chunks are never
+        # joined along the sequence, even when a batch of one-token texts follows longer ones
+        steps = activations.ndim == 3 and not isinstance(selector, torch.Tensor)
+        self._lengths.setdefault(name, []).append(activations.shape[1] if steps else 0)
 
     def _copy_to_host(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Start copying ``x`` into pinned host memory without a host sync; ``get`` waits for it.
@@ -232,6 +245,14 @@ class ActivationCapture:
         # context on a machine whose GPU the user is not using)
         joined = _pinned_join if self._pinned.opened and chunks[0].device.type == "cpu" else None
         groups = _generation_runs(chunks, self._lengths[name])
+        if len(groups) > 1 and all(length == 1 for length in self._lengths[name]):
+            warnings.warn(
+                f"{len(groups)} passes of one position each under {name!r} are joined along batch, as separate "
+                "forward passes. If they are the steps of one generate (a prompt of a single token, or a module "
+                "after the LM head's last-position cut), read them with get(..., concat=False) and join them "
+                "along the sequence yourself",
+                stacklevel=2,
+            )
         runs = [_join_steps(run, joined if len(groups) == 1 else None) for run in groups]
         if len(runs) == 1:
             return runs[0]
@@ -365,6 +386,9 @@ class _HostSlabs:
     def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < self.smallest:
+            if torch.is_inference_mode_enabled():  # as for slabs: usable outside inference mode too
+                with torch.inference_mode(False):
+                    return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
             return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         start = -(-self._used // self.ALIGN) * self.ALIGN
         if self._slab is None or start + nbytes > self._slab.numel():

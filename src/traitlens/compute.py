@@ -65,10 +65,11 @@ def mean_difference(
     neg = _at_least_1d(check_tensor(neg_acts, "neg_acts"), "neg_acts", "[n_neg, hidden]")
     means = []
     for name, x in (("pos_acts", pos), ("neg_acts", neg)):
-        dims = dim if dim is not None else tuple(range(x.ndim - 1)) or (0,)
+        dims = dim if dim is not None else tuple(range(x.ndim - 1))
         if x.numel() == 0:
             raise ValueError(f"{name} is empty (shape {shape_of(x)}); need at least one example")
-        means.append(x.to(torch.float64).mean(dim=dims))
+        x = x.to(torch.float64)
+        means.append(x.mean(dim=dims) if dims != () else x)  # [hidden]: one example, its own mean
     if means[0].shape != means[1].shape:
         raise ValueError(
             f"pos_acts and neg_acts must give means of the same shape, got pos_acts {shape_of(pos)} -> "
@@ -162,11 +163,20 @@ def cosine_similarity(vec1: torch.Tensor, vec2: torch.Tensor, dim: int = -1) -> 
     a = _at_least_1d(check_tensor(vec1, "vec1"), "vec1", "[..., hidden]")
     b = _at_least_1d(check_tensor(vec2, "vec2"), "vec2", "[..., hidden]")
     try:
-        torch.broadcast_shapes(a.shape, b.shape)
+        shape = torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:
         raise ValueError(
             f"vec1 and vec2 must have broadcastable shapes, got vec1 {shape_of(a)} and vec2 {shape_of(b)}"
         ) from None
+    if not -len(shape) <= dim < len(shape):
+        raise ValueError(f"dim={dim} is out of range for the broadcast shape {list(shape)}")
+    d = dim % len(shape)
+    sizes = [x.shape[d - (len(shape) - x.ndim)] if d >= len(shape) - x.ndim else 1 for x in (a, b)]
+    if sizes[0] != sizes[1]:  # a vector cannot be broadcast along itself
+        raise ValueError(
+            f"vec1 and vec2 must have the same size along dim={dim}, got vec1 {shape_of(a)} and vec2 "
+            f"{shape_of(b)}"
+        )
     return _cosine(a, b.to(a.device), dim)
 
 

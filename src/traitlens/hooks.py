@@ -82,11 +82,16 @@ def decoder_layer_paths(model: torch.nn.Module) -> list[str]:
     """Paths of the model's decoder layers in order (``model.layers.0``, ... or ``transformer.h.0``, ...).
 
     They are the children of the longest ``ModuleList`` in the model (the one with
-    ``config.num_hidden_layers`` entries where the config says so): the model's own names, nothing
-    invented.
+    ``num_hidden_layers`` entries where the text decoder's config says so), leaving out lists under an
+    ``encoder`` or a ``vision`` module (an encoder-decoder's encoder, a multimodal model's vision tower)
+    when there are others: the model's own names, nothing invented.
     """
-    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    expected = getattr(config, "num_hidden_layers", None)
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    lists = [(n, m) for n, m in lists if not re.search(r"encoder|vision", n)] or lists
     if expected is not None:
         lists = [(n, m) for n, m in lists if len(m) == expected] or lists
     if not lists:

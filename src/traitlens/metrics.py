@@ -22,6 +22,7 @@ relations between vectors (``orthogonality``, ``cross_trait_accuracy``), and ``e
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -156,8 +157,20 @@ def accuracy(
             ``n_pos != n_neg``).
     """
     pos_s, neg_s = _scores(vector, pos_acts, neg_acts)
-    t = float(_midpoint(pos_s, neg_s)) if threshold is None else float(threshold)
-    return float(_accuracy(pos_s, neg_s, t, balanced))
+    return float(_accuracy(pos_s, neg_s, _threshold(threshold, pos_s, neg_s), balanced))
+
+
+def _threshold(threshold, pos_s: torch.Tensor, neg_s: torch.Tensor) -> float:
+    """``threshold``, checked to be a finite number, or the midpoint of the class means for ``None``."""
+    if threshold is None:
+        return float(_midpoint(pos_s, neg_s))
+    if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:
+        threshold = threshold.item()
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a number or None, got {type(threshold).__name__} {threshold!r}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    return float(threshold)
 
 
 def auroc(vector: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Tensor) -> float:
@@ -602,7 +615,7 @@ def evaluate_vector(
         only if both classes project to constants.
     """
     pos_s, neg_s = _scores(vector, pos_acts, neg_acts, 2, "evaluate_vector")
-    t = float(_midpoint(pos_s, neg_s)) if threshold is None else float(threshold)
+    t = _threshold(threshold, pos_s, neg_s)
     pos_mean, neg_mean = float(pos_s.mean()), float(neg_s.mean())
     return {
         "accuracy": float(_accuracy(pos_s, neg_s, t, balanced=False)),

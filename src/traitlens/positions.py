@@ -2,8 +2,10 @@
 
 A *selector* is what ``ActivationCapture(positions=...)`` accepts: ``None`` (every position), an ``int`` or a
 ``slice`` (the same positions in every row), a ``[batch]`` or ``[batch, k]`` integer tensor (per-row
-positions), or a ``[batch, seq]`` floating tensor of weights (a weighted sum over positions, e.g. a mean
-over the prompt). Selection runs on the activations' device, so hooks never synchronise with the host.
+positions, in ``0 .. seq - 1``: negative values are not counted from the end, as reading them to check would
+synchronise with the host; use the int ``-1`` for the last position), or a ``[batch, seq]`` floating tensor
+of weights (a weighted sum over positions, e.g. a mean over the prompt). Selection runs on the activations'
+device, so hooks never synchronise with the host.
 
 The rules of the pipeline, one vocabulary everywhere:
 
