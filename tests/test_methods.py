@@ -575,3 +575,18 @@ def test_bad_hyper_parameters_are_named():
         ICAMethod(solver="fastica").extract(pos, neg)
     with pytest.raises(ValueError, match="max_iter must be a positive int, got 0"):
         ICAMethod(max_iter=0).extract(pos, neg)
+
+
+def test_the_gradient_methods_adam_takes_the_steps_of_torch_optim_adam():
+    from traitlens.methods import _Adam
+
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(40, generator=g)
+    ours, reference = start.clone(), start.clone().requires_grad_(True)
+    adam, optimizer = _Adam(ours, lr=0.05), torch.optim.Adam([reference], lr=0.05)
+    for _ in range(50):
+        grad = torch.randn(40, generator=g) * 10 ** float(torch.randint(-3, 3, (1,), generator=g))
+        adam.step(grad)
+        reference.grad = grad.clone()
+        optimizer.step()
+        assert torch.equal(ours, reference.detach())

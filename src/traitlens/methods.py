@@ -679,17 +679,15 @@ class GradientMethod(ExtractionMethod):
         mean_var = max(float((centered**2).sum()) / (dof * pos.shape[1]), 1e-30)  # trace(S) / hidden
 
         param = torch.randn(pos.shape[1], generator=_generator(seed)).to(pos.device)
-        param = (param / param.norm()).requires_grad_(True)
-        optimizer = torch.optim.Adam([param], lr=lr)
+        param = param / param.norm()
+        adam = _Adam(param, lr)
         history = []
         for _ in range(num_steps):
-            loss, param.grad = _separation_loss_grad(
-                param.detach(), delta, centered, dof, shrinkage, mean_var
-            )
-            optimizer.step()
+            loss, grad = _separation_loss_grad(param, delta, centered, dof, shrinkage, mean_var)
+            adam.step(grad)
             history.append(loss)  # read once at the end: no host sync per step
 
-        vector, flipped = _orient((param / param.norm()).detach(), pos, neg)
+        vector, flipped = _orient(param / param.norm(), pos, neg)
         pos_mean_proj, neg_mean_proj = float(pos.mean(0) @ vector), float(neg.mean(0) @ vector)
         return {
             "vector": vector,
@@ -725,6 +723,27 @@ def _separation_loss_grad(
     gain = delta @ v
     grad_v = -delta / q.sqrt() + gain * (1 - shrinkage) / (dof * q**1.5) * (along @ centered)
     return -gain / q.sqrt(), (grad_v - (grad_v @ v) * v) / norm
+
+
+class _Adam:
+    """Adam (Kingma & Ba 2015, Algorithm 1, with PyTorch's defaults: betas (0.9, 0.999), eps 1e-8 added to
+    the bias-corrected root of the second moment) on one tensor, updated in place. ``torch.optim.Adam`` does
+    the same steps with per-step bookkeeping that cost as much as the arithmetic at these sizes (1.2 s against
+    0.6 s for 30 layers of 200 steps on this project's CPU); the test suite checks the two agree."""
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps=1e-8):
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.first = torch.zeros_like(param)
+        self.second = torch.zeros_like(param)
+        self.steps = 0
+
+    def step(self, grad: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        self.steps += 1
+        self.first.lerp_(grad, 1 - beta1)
+        self.second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (self.second.sqrt() / (1 - beta2**self.steps) ** 0.5).add_(self.eps)
+        self.param.addcdiv_(self.first, denom, value=-self.lr / (1 - beta1**self.steps))
 
 
 class PCADiffMethod(ExtractionMethod):
@@ -797,8 +816,14 @@ class RandomBaselineMethod(ExtractionMethod):
     """
 
     def _extract(self, pos: torch.Tensor, neg: torch.Tensor, *, seed: int = 0) -> dict[str, Any]:
-        vector = torch.randn(pos.shape[1], generator=_generator(seed)).to(pos.device)
-        return {"vector": vector / vector.norm(), "is_random": True}
+        return {"vector": self.draw(pos.shape[1], seed, pos.device), "is_random": True}
+
+    @staticmethod
+    def draw(hidden: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The ``[hidden]`` unit vector that ``extract`` returns for ``seed``, without data to check (for
+        many draws at once, e.g. the pipeline's control)."""
+        vector = torch.randn(hidden, generator=_generator(seed)).to(device)
+        return vector / vector.norm()
 
 
 METHODS: dict[str, type[ExtractionMethod]] = {

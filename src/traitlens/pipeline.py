@@ -37,7 +37,7 @@ from traitlens.compute import normalize_vectors
 from traitlens.dataset import SPLITS, ContrastiveDataset, Example, Pair, check_position, encode_examples
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, resolve_module
 from traitlens.methods import METHODS as METHOD_CLASSES
-from traitlens.methods import get_method
+from traitlens.methods import RandomBaselineMethod, get_method
 from traitlens.metrics import _accuracy, _auroc, _midpoint, evaluate_vector, midpoint_threshold
 from traitlens.positions import POSITION_RULES, select_positions
 from traitlens.stats import ContrastiveStats
@@ -556,8 +556,8 @@ def _random_draws(
     ``accuracy`` and ``auroc`` give for each direction, computed for all of them in one matrix product and
     the metrics' reductions applied per column. A random direction is unoriented, so its AUROC is taken as
     it is: symmetric around 0.5 over draws."""
-    method = get_method(CONTROL)
-    vectors = [method.extract(train_pos, train_neg, seed=seed + k)["vector"] for k in range(draws)]
+    hidden, device = train_pos.shape[1], train_pos.device
+    vectors = [RandomBaselineMethod.draw(hidden, seed + k, device) for k in range(draws)]
     units = normalize_vectors(torch.stack(vectors).double())  # [draws, hidden]
 
     def scores(acts: torch.Tensor) -> torch.Tensor:
