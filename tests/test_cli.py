@@ -57,3 +57,6 @@ def test_extract_checks_the_data_before_loading_the_model(monkeypatch, capsys):
     assert "reads the mean over each row's answer" in capsys.readouterr().err
     assert main(["extract", "--trait", "sentiment", "--methods", "random_baseline"]) == 2
     assert "at least one method besides" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused by argparse
+        main(["extract", "--trait", "sentiment", "--batch-size", "0"])
+    assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err

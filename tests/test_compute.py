@@ -188,8 +188,15 @@ def test_cosine_matches_scipy_and_broadcasts():
         (randn(3, 5), randn(5), 0),
         (randn(4, 3), randn(4, 1), -1),
     ):
-        with pytest.raises(ValueError, match=f"same size along dim={dim}"):
+        with pytest.raises(ValueError, match=f"both have dim={dim} of the same size"):
             cosine_similarity(first, second, dim=dim)
+    # a positive dim means the same axis of inputs of different ranks, as torch's broadcasting aligns them
+    a3, b2 = randn(2, 3, 4, seed=13), randn(3, 4, seed=14)
+    expected3 = torch.nn.functional.cosine_similarity(a3.double(), b2.expand_as(a3).double(), dim=1)
+    for dim in (1, -2):
+        torch.testing.assert_close(
+            cosine_similarity(a3, b2, dim=dim).double(), expected3, rtol=1e-5, atol=1e-6
+        )
     with pytest.raises(ValueError, match="dim=2 is out of range"):
         cosine_similarity(randn(3, 5), randn(5), dim=2)
 

@@ -136,3 +136,9 @@ def test_decoder_layer_paths_of_multimodal_and_encoder_decoder_models_are_the_te
     config = tf.BartConfig(vocab_size=128, d_model=32, encoder_layers=3, decoder_layers=2, **sizes)
     bart = tf.BartForConditionalGeneration(config)
     assert decoder_layer_paths(bart) == ["model.decoder.layers.0", "model.decoder.layers.1"]
+    t5 = tf.T5ForConditionalGeneration(  # a deep encoder, a shallow decoder (t5-efficient-*-dl2)
+        tf.T5Config(
+            vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=4, num_decoder_layers=2
+        )
+    )
+    assert decoder_layer_paths(t5) == ["decoder.block.0", "decoder.block.1"]

@@ -205,6 +205,10 @@ def test_examples_a_position_cannot_read_are_named_by_their_index_before_any_for
         collect_activations(model, tokenizer, examples, layers=[1], position="response_mean", batch_size=2)
     with pytest.raises(ValueError, match=r"examples \[0, 1\] have none \(plain texts"):
         collect_activations(model, tokenizer, ["w1", "w2"], position="response_mean")
+    texts = ["w1 w2"] * 300
+    texts[299] = ""  # in the second chunk of the tokenizer pass
+    with pytest.raises(ValueError, match=r"examples\[299\] is an empty string"):
+        collect_activations(model, tokenizer, texts, layers=[1])
     pairs = [Pair(a, b, "train") for a, b in zip(_texts([2, 3]), _texts([3, 2], 50), strict=True)]
     for bad in ({"position": "bogus"}, {"layers": [99]}, {"batch_size": 0}):
         with pytest.raises(ValueError, match=r"position|layers|batch_size"):

@@ -30,6 +30,17 @@ def _parse_layers(text: str) -> list[int]:
     return layers
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an int >= 1, refused while the arguments are parsed (before a model loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -78,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where activations are read (default: response_mean when the pairs differ in their answers, "
         "else prompt_last)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<trait>)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report and plots")
@@ -98,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--trait", default=None, help="a shipped dataset name")
     data.add_argument("--data", type=Path, default=None, help="a JSONL dataset file")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_model(p)
 
@@ -252,8 +263,6 @@ def cmd_evaluate(args) -> None:
             f"{args.vector} was read at position {saved.position!r}, so it can only be scored on data read "
             f"there: {err}"
         ) from None
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, tokenizer = _load(args)
     vector = load_vector(args.vector, model=model)  # now also checked against the model
     pos, neg = dataset.examples(args.split)

@@ -170,14 +170,13 @@ def cosine_similarity(vec1: torch.Tensor, vec2: torch.Tensor, dim: int = -1) -> 
         ) from None
     if not -len(shape) <= dim < len(shape):
         raise ValueError(f"dim={dim} is out of range for the broadcast shape {list(shape)}")
-    d = dim % len(shape)
-    sizes = [x.shape[d - (len(shape) - x.ndim)] if d >= len(shape) - x.ndim else 1 for x in (a, b)]
-    if sizes[0] != sizes[1]:  # a vector cannot be broadcast along itself
+    axis = dim % len(shape) - len(shape)  # counted from the end: the same axis of both inputs
+    if min(a.ndim, b.ndim) < -axis or a.shape[axis] != b.shape[axis]:  # no broadcasting along the vectors
         raise ValueError(
-            f"vec1 and vec2 must have the same size along dim={dim}, got vec1 {shape_of(a)} and vec2 "
+            f"vec1 and vec2 must both have dim={dim} of the same size, got vec1 {shape_of(a)} and vec2 "
             f"{shape_of(b)}"
         )
-    return _cosine(a, b.to(a.device), dim)
+    return _cosine(a, b.to(a.device), axis)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:

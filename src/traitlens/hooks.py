@@ -89,7 +89,10 @@ def decoder_layer_paths(model: torch.nn.Module) -> list[str]:
     config = getattr(model, "config", None)
     if hasattr(config, "get_text_config"):
         config = config.get_text_config(decoder=True)
-    expected = getattr(config, "num_hidden_layers", None)
+    depths = (
+        getattr(config, key, None) for key in ("num_decoder_layers", "decoder_layers", "num_hidden_layers")
+    )
+    expected = next((depth for depth in depths if isinstance(depth, int)), None)  # T5, BART, the rest
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
     lists = [(n, m) for n, m in lists if not re.search(r"encoder|vision", n)] or lists
     if expected is not None:

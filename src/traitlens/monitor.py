@@ -68,7 +68,8 @@ def _center(vector: TraitVector) -> float:
 class _TokenText:
     """The text each token adds, fed one token id at a time. A character split over several byte tokens
     ("Ü" is two in SmolLM2's vocabulary, an emoji up to four) comes whole with the token that completes it;
-    the tokens before it add "" (decoded alone, each would be U+FFFD)."""
+    the tokens before it add "" (decoded alone, each would be U+FFFD). Told by the decoded text, so a token
+    that is itself U+FFFD shows with the token after it."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
