@@ -20,7 +20,7 @@ import hashlib
 import json
 import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -523,35 +523,9 @@ def encode_examples(
     and has no response: its ``last_prompt_index`` is its last token.
     """
     check_choice(padding_side, "padding_side", ("right", "left"))
-    check_choice(side, "side", ("pos", "neg"))
-    if isinstance(examples, (str, Example, Pair)):
-        raise TypeError("examples must be a sequence of examples; wrap a single one in a list")
-    if len(examples) == 0:
-        raise ValueError("examples is empty; give at least one text or Example")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-    use_template = _use_chat_template(tokenizer, chat)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if end_of_turn and eos is None:
-        raise ValueError("end_of_turn=True needs a tokenizer with an eos_token_id")
-
-    rows: list[tuple[list[int], list[int]]] = []
-    for i, item in enumerate(examples):
-        if isinstance(item, Pair):
-            item = item.pos_example if side == "pos" else item.neg_example
-        if isinstance(item, str):
-            if not item:
-                raise ValueError(f"examples[{i}] is an empty string")
-            rows.append((_ids(tokenizer, item, special=True), []))
-        elif isinstance(item, Example):
-            prompt_ids = _prompt_ids(tokenizer, item, use_template, i)
-            response_ids = _ids(tokenizer, item.response, special=False) if item.response else []
-            if end_of_turn and response_ids:
-                response_ids.append(eos)
-            rows.append((prompt_ids, response_ids))
-        else:
-            raise TypeError(f"examples[{i}] must be a str, an Example or a Pair, got {type(item).__name__}")
-
+    rows = list(tokenize_examples(tokenizer, examples, side=side, chat=chat, end_of_turn=end_of_turn))
     if max_length is not None:
         cut = sum(len(p) + len(r) > max_length for p, r in rows)
         if cut:
@@ -561,7 +535,83 @@ def encode_examples(
                 stacklevel=2,
             )
         rows = [(p[:max_length], r[: max(0, max_length - len(p))]) for p, r in rows]
-    return _pad(rows, _pad_id(tokenizer), padding_side)
+    return pad_rows(tokenizer, rows, padding_side=padding_side)
+
+
+def tokenize_examples(
+    tokenizer,
+    examples: Sequence[str | Example | Pair],
+    *,
+    side: str = "pos",
+    chat: bool | None = None,
+    end_of_turn: bool = False,
+) -> Iterator[tuple[list[int], list[int]]]:
+    """The ids of each example as ``encode_examples`` builds them, unpadded: ``(prompt ids, response ids)``,
+    one example at a time (the arguments are those of ``encode_examples``, checked before the first). With
+    ``pad_rows`` it is ``encode_examples`` in two steps, for callers that tokenize examples once and batch
+    them in another order (the pipeline batches them by length)."""
+    check_choice(side, "side", ("pos", "neg"))
+    if isinstance(examples, (str, Example, Pair)):
+        raise TypeError("examples must be a sequence of examples; wrap a single one in a list")
+    if len(examples) == 0:
+        raise ValueError("examples is empty; give at least one text or Example")
+    use_template = _use_chat_template(tokenizer, chat)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if end_of_turn and eos is None:
+        raise ValueError("end_of_turn=True needs a tokenizer with an eos_token_id")
+    return _token_rows(tokenizer, examples, side, use_template, eos if end_of_turn else None)
+
+
+def _token_rows(tokenizer, examples, side: str, use_template: bool, eos: int | None):
+    for i, item in enumerate(examples):
+        if isinstance(item, Pair):
+            item = item.pos_example if side == "pos" else item.neg_example
+        if isinstance(item, str):
+            if not item:
+                raise ValueError(f"examples[{i}] is an empty string")
+            yield _ids(tokenizer, item, special=True), []
+        elif isinstance(item, Example):
+            prompt_ids = _prompt_ids(tokenizer, item, use_template, i)
+            response_ids = _ids(tokenizer, item.response, special=False) if item.response else []
+            if eos is not None and response_ids:
+                response_ids.append(eos)
+            yield prompt_ids, response_ids
+        else:
+            raise TypeError(f"examples[{i}] must be a str, an Example or a Pair, got {type(item).__name__}")
+
+
+def pad_rows(
+    tokenizer, rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, padding_side: str = "right"
+) -> Encoding:
+    """One padded batch (``Encoding``) of ``(prompt ids, response ids)`` rows from ``tokenize_examples``
+    (lists, or any sequences of ints that ``+`` joins, such as ``array``s), padded with the tokenizer's pad
+    id (its EOS id when it has none)."""
+    check_choice(padding_side, "padding_side", ("right", "left"))
+    if len(rows) == 0:
+        raise ValueError("rows is empty; give at least one (prompt ids, response ids) row")
+    pad_id = _pad_id(tokenizer)
+    batch = len(rows)
+    seq = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((batch, seq), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, seq), dtype=torch.long)
+    prompt_mask = torch.zeros((batch, seq), dtype=torch.bool)
+    response_mask = torch.zeros((batch, seq), dtype=torch.bool)
+    for i, (prompt, response) in enumerate(rows):
+        n_prompt, n = len(prompt), len(prompt) + len(response)
+        start = 0 if padding_side == "right" else seq - n
+        input_ids[i, start : start + n] = torch.tensor(prompt + response, dtype=torch.long)
+        attention[i, start : start + n] = 1
+        prompt_mask[i, start : start + n_prompt] = True
+        response_mask[i, start + n_prompt : start + n] = True
+    position_ids = (attention.cumsum(dim=-1) - 1).clamp(min=0)
+    return Encoding(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=position_ids,
+        prompt_mask=prompt_mask,
+        response_mask=response_mask,
+        padding_side=padding_side,
+    )
 
 
 def _use_chat_template(tokenizer, chat: bool | None) -> bool:
@@ -606,28 +656,3 @@ def _pad_id(tokenizer) -> int:
         if value is not None:
             return int(value)
     return 0  # padded positions are masked out, so any id will do
-
-
-def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int, padding_side: str) -> Encoding:
-    batch = len(rows)
-    seq = max(len(p) + len(r) for p, r in rows)
-    input_ids = torch.full((batch, seq), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, seq), dtype=torch.long)
-    prompt_mask = torch.zeros((batch, seq), dtype=torch.bool)
-    response_mask = torch.zeros((batch, seq), dtype=torch.bool)
-    for i, (prompt, response) in enumerate(rows):
-        n_prompt, n = len(prompt), len(prompt) + len(response)
-        start = 0 if padding_side == "right" else seq - n
-        input_ids[i, start : start + n] = torch.tensor(prompt + response, dtype=torch.long)
-        attention[i, start : start + n] = 1
-        prompt_mask[i, start : start + n_prompt] = True
-        response_mask[i, start + n_prompt : start + n] = True
-    position_ids = (attention.cumsum(dim=-1) - 1).clamp(min=0)
-    return Encoding(
-        input_ids=input_ids,
-        attention_mask=attention,
-        position_ids=position_ids,
-        prompt_mask=prompt_mask,
-        response_mask=response_mask,
-        padding_side=padding_side,
-    )

@@ -23,8 +23,8 @@ is what must lie within 0.5 +/- ``CHANCE_BAND``.
 from __future__ import annotations
 
 import math
-import re
 import warnings
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,15 @@ from traitlens import __version__
 from traitlens._validation import check_choice, short_list
 from traitlens.capture import ActivationCapture
 from traitlens.compute import normalize_vectors
-from traitlens.dataset import SPLITS, ContrastiveDataset, Example, Pair, check_position, encode_examples
+from traitlens.dataset import (
+    SPLITS,
+    ContrastiveDataset,
+    Example,
+    Pair,
+    check_position,
+    pad_rows,
+    tokenize_examples,
+)
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, resolve_module
 from traitlens.methods import METHODS as METHOD_CLASSES
 from traitlens.methods import RandomBaselineMethod, get_method
@@ -69,13 +77,14 @@ def collect_activations(
     ``module`` reads the output of that module (a dotted path, e.g. ``"model.layers.12.mlp"``; its output
     must be ``[batch, seq, hidden]``) instead of decoder layers: ``[1, n, hidden]``.
     """
-    counts = _token_counts(tokenizer, examples, chat, position)
+    tokens = _tokenized(tokenizer, examples, chat, position)
+    counts = _lengths(tokens)
     order = _longest_first(counts)
     rows = counts if position == "all" else torch.ones_like(counts)  # rows of each example in the result
     ends = rows.cumsum(0)
     out = None
     batches = _activation_batches(
-        model, tokenizer, examples, order, layers, position, batch_size, chat, progress, module
+        model, tokenizer, tokens, order, layers, position, batch_size, progress, module
     )
     for start, acts in zip(range(0, len(order), batch_size), batches, strict=True):
         if out is None:
@@ -85,41 +94,30 @@ def collect_activations(
     return out
 
 
-def _token_counts(
+def _tokenized(
     tokenizer, examples: Sequence[str | Example], chat: bool | None, position: str
-) -> torch.Tensor:
-    """``[n]`` int64: the number of tokens of each example as the model sees it (tokenized in chunks, the
-    ids dropped). Examples that cannot be encoded, or that ``position`` cannot read (no answer for
-    ``"response_mean"``), are refused here, by their index, before any forward pass.
-
-    This tokenizer pass comes on top of the one that feeds the model: 0.09 ms per plain text and about
-    0.3 ms per chat-templated example on this project's CPU, 0.5-0.9% of the forward passes over the shipped
-    datasets there (all layers). On a GPU, where the forward pass is much cheaper, its share is larger
-    (unmeasured); keeping the ids from here would save it."""
+) -> list[tuple[array, array]]:
+    """The ``(prompt ids, response ids)`` of each example (``tokenize_examples``), kept compact (4 bytes a
+    token) so that the examples are tokenized once, to sort them by length and to batch them. Examples
+    that cannot be encoded, or that ``position`` cannot read (no answer for ``"response_mean"``), are
+    refused here, by their index, before any forward pass."""
     check_choice(position, "position", POSITION_RULES)
-    if len(examples) == 0:
-        raise ValueError("examples is empty; give at least one text or Example")
-    counts, unread = [], []
-    for start in range(0, len(examples), 256):
-        try:
-            enc = encode_examples(tokenizer, list(examples[start : start + 256]), chat=chat)
-        except (TypeError, ValueError) as err:  # it names examples[i] counted from the chunk's start
-            message = re.sub(
-                r"examples\[(\d+)\]", lambda m, start=start: f"examples[{int(m[1]) + start}]", str(err)
+    rows = [(array("i", p), array("i", r)) for p, r in tokenize_examples(tokenizer, examples, chat=chat)]
+    if position != "all":
+        part = 1 if position == "response_mean" else 0
+        unread = [i for i, row in enumerate(rows) if not row[part]]
+        if unread:
+            raise ValueError(
+                f"position {position!r} reads {('prompt', 'response')[part]} tokens, but examples "
+                f"{unread[:10]}{f' and {len(unread) - 10} more' if len(unread) > 10 else ''} have none"
+                + (" (plain texts and Examples without an answer)" if part else "")
             )
-            raise type(err)(message) from None
-        counts.append(enc.attention_mask.sum(1))
-        if position != "all":
-            read = enc.response_mask if position == "response_mean" else enc.prompt_mask
-            unread += (start + torch.nonzero(read.sum(1) == 0).flatten()).tolist()
-    if unread:
-        part = "response" if position == "response_mean" else "prompt"
-        raise ValueError(
-            f"position {position!r} reads {part} tokens, but examples {unread[:10]}"
-            f"{f' and {len(unread) - 10} more' if len(unread) > 10 else ''} have none"
-            + (" (plain texts and Examples without an answer)" if part == "response" else "")
-        )
-    return torch.cat(counts)
+    return rows
+
+
+def _lengths(rows: list[tuple[array, array]]) -> torch.Tensor:
+    """``[n]`` int64: the number of tokens of each row."""
+    return torch.tensor([len(p) + len(r) for p, r in rows], dtype=torch.long)
 
 
 def _longest_first(*counts: torch.Tensor) -> list[int]:
@@ -131,12 +129,10 @@ def _longest_first(*counts: torch.Tensor) -> list[int]:
     return torch.sort(longest, descending=True, stable=True).indices.tolist()
 
 
-def _activation_batches(
-    model, tokenizer, examples, order, layers, position, batch_size, chat, progress, module=None
-):
-    """``[layer, batch, hidden]`` float32 CPU activations of ``examples``, ``batch_size`` at a time in the
-    order of the indices ``order`` (``_longest_first`` of ``_token_counts``, which has checked ``position``):
-    a generator, returned after the other arguments are checked."""
+def _activation_batches(model, tokenizer, tokens, order, layers, position, batch_size, progress, module=None):
+    """``[layer, batch, hidden]`` float32 CPU activations of the ``_tokenized`` examples ``tokens`` (which has
+    checked ``position``), ``batch_size`` at a time in the order of the indices ``order``: a generator,
+    returned after the other arguments are checked."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if module is None:
@@ -147,16 +143,14 @@ def _activation_batches(
     else:
         resolve_module(model, module)  # a wrong path fails here, with suggestions
         paths, layers = [module], [0]
-    return _forward_batches(
-        model, tokenizer, examples, order, paths, layers, position, batch_size, chat, progress
-    )
+    return _forward_batches(model, tokenizer, tokens, order, paths, layers, position, batch_size, progress)
 
 
-def _forward_batches(model, tokenizer, examples, order, paths, layers, position, batch_size, chat, progress):
+def _forward_batches(model, tokenizer, tokens, order, paths, layers, position, batch_size, progress):
     device = input_device(model)
     capture = ActivationCapture(device="cpu", dtype=torch.float32)
     for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
-        enc = encode_examples(tokenizer, [examples[i] for i in order[start : start + batch_size]], chat=chat)
+        enc = pad_rows(tokenizer, [tokens[i] for i in order[start : start + batch_size]])
         capture.positions = select_positions(position, enc.attention_mask, enc.response_mask)
         with torch.no_grad(), HookManager(model) as hooks:
             for layer in layers:
@@ -209,9 +203,10 @@ def stream_statistics(
     check_one_row_per_example(position, "stream_statistics")
     if len(pairs) == 0:
         raise ValueError("pairs is empty; give at least one Pair")
-    sides = [p.pos_example for p in pairs], [p.neg_example for p in pairs]
-    order = _longest_first(*(_token_counts(tokenizer, side, None, position) for side in sides))
-    args = (order, layers, position, batch_size, None, False)
+    examples = [p.pos_example for p in pairs], [p.neg_example for p in pairs]
+    sides = [_tokenized(tokenizer, side, None, position) for side in examples]
+    order = _longest_first(*map(_lengths, sides))
+    args = (order, layers, position, batch_size, False)
     pos, neg = (_activation_batches(model, tokenizer, side, *args) for side in sides)  # checked here
     if spill_to is not None:
         spill_to = Path(spill_to)
