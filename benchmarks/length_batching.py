@@ -11,7 +11,8 @@
 "in order" is the same code fed the identity order, i.e. what ``collect_activations`` did before it sorted;
 both include tokenizing. The two alternate within each round; the table gives the median of each and the
 ratio of medians, plus the largest difference between the two results relative to their largest value
-(rows in input order; padding changes float32 rounding only). Ratios from one run on one machine, named in the output.
+(rows in input order; padding changes float32 rounding only). Ratios from one run on one machine, named
+in the output.
 """
 
 from __future__ import annotations
