@@ -75,7 +75,8 @@ def collect_activations(
     ``position`` is one of ``POSITION_RULES``; with ``"all"`` every real token is a row, so ``n`` is the
     total number of real tokens. ``progress`` shows a progress bar (a string is used as its label).
     ``module`` reads the output of that module (a dotted path, e.g. ``"model.layers.12.mlp"``; its output
-    must be ``[batch, seq, hidden]``) instead of decoder layers: ``[1, n, hidden]``.
+    must be ``[batch, seq, hidden]``) instead of decoder layers: ``[1, n, hidden]``. Examples are batched
+    longest first; rows come in the order of ``examples``.
     """
     tokens = _tokenized(tokenizer, examples, chat, position)
     counts = _lengths(tokens)
@@ -190,8 +191,8 @@ def stream_statistics(
 ) -> ContrastiveStats:
     """Per-layer running moments of the positives, negatives and their paired differences, batch by batch.
 
-    Memory does not grow with ``len(pairs)``: each batch's activations are folded into float64 sums and
-    dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also written to
+    Memory grows with ``len(pairs)`` by the token ids alone (4 bytes a token): each batch's activations are
+    folded into float64 sums and dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also written to
     ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``, and ``index``,
     ``[n]``: which pairs its rows are), so that methods that need every row can read one layer at a time
     from disk with ``read_spilled``, in the order of ``pairs``; a folder that already holds spilled batches
