@@ -17,8 +17,9 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
   prompt token and then each decode step's token come back as ``[batch, 1 + decode_steps, hidden]``; a
   slice takes its positions of each pass (``slice(-2, None)``: the prompt's last two, then each step's
   one token) and raises where it leaves none; an index or weights tensor is made for forward passes (its
-  chunks are never joined along the sequence) and raises on a decode step. Beam search (``num_beams > 1``) reorders the beams
-  between steps, so captured rows do not follow the returned sequences: capture a forward pass over them.
+  chunks are never joined along the sequence) and raises on a decode step. Beam search (``num_beams >
+  1``) reorders the beams between steps, so captured rows do not follow the returned sequences: capture a
+  forward pass over them.
   ``generate(use_cache=False)`` runs a whole pass per step, one position longer each time: passes like any
   other, so with a selector that leaves one shape they are joined along batch (step after step); read
   them with ``concat=False``;
@@ -154,9 +155,10 @@ class ActivationCapture:
         if isinstance(selector, slice) and activations.ndim == 3 and x.shape[1] == 0 < activations.shape[1]:
             step = " (a decode step of generate)" if activations.shape[1] == 1 else ""
             raise ValueError(
-                f"positions={selector!r} leaves none of the {activations.shape[1]} positions of a pass{step}: "
-                "a slice applies to each pass's own positions. During generate keep every position "
-                "(positions=None) or the last one (-1), or capture a forward pass over the final sequence"
+                f"positions={selector!r} leaves none of the {activations.shape[1]} positions of a "
+                f"pass{step}: a slice applies to each pass's own positions. During generate keep every "
+                "position (positions=None) or the last one (-1), or capture a forward pass over the final "
+                "sequence"
             )
         target = x.device if self.device is None else self.device
         if target.type == "cpu" and x.device.type == "cuda":
@@ -247,10 +249,10 @@ class ActivationCapture:
         groups = _generation_runs(chunks, self._lengths[name])
         if len(groups) > 1 and all(length == 1 for length in self._lengths[name]):
             warnings.warn(
-                f"{len(groups)} passes of one position each under {name!r} are joined along batch, as separate "
-                "forward passes. If they are the steps of one generate (a prompt of a single token, or a module "
-                "after the LM head's last-position cut), read them with get(..., concat=False) and join them "
-                "along the sequence yourself",
+                f"{len(groups)} passes of one position each under {name!r} are joined along batch, as "
+                "separate forward passes. If they are the steps of one generate (a prompt of a single token, "
+                "or a module after the LM head's last-position cut), read them with get(..., concat=False) "
+                "and join them along the sequence yourself",
                 stacklevel=2,
             )
         runs = [_join_steps(run, joined if len(groups) == 1 else None) for run in groups]

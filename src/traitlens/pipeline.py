@@ -192,11 +192,11 @@ def stream_statistics(
     """Per-layer running moments of the positives, negatives and their paired differences, batch by batch.
 
     Memory grows with ``len(pairs)`` by the token ids alone (4 bytes a token): each batch's activations are
-    folded into float64 sums and dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also written to
-    ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``, and ``index``,
-    ``[n]``: which pairs its rows are), so that methods that need every row can read one layer at a time
-    from disk with ``read_spilled``, in the order of ``pairs``; a folder that already holds spilled batches
-    is refused (they would be read as part of this run). ``position="all"`` is refused: its positive and
+    folded into float64 sums and dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also
+    written to ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``, and
+    ``index``, ``[n]``: which pairs its rows are), so that methods that need every row can read one layer
+    at a time from disk with ``read_spilled``, in the order of ``pairs``; a folder that already holds
+    spilled batches is refused (they would be read as part of this run). ``position="all"`` is refused: its positive and
     negative rows do not pair up.
 
     Pairs are batched longest first (as in ``collect_activations``), both sides in one order.
