@@ -433,6 +433,36 @@ def test_model_check_hidden_size_and_module(tmp_path, tiny):
     with pytest.raises(TypeError, match=r"pass hidden_size= instead"):
         load_vector(good, model=object())
 
+    # a submodule's output need not be the residual width: an MLP's inner activation is 2x here
+    inner = "model.layers.1.mlp.act_fn" if family != "gpt2" else "transformer.h.1.mlp.act"
+    wide = make(hidden=TINY_HIDDEN * 2 if family != "gpt2" else TINY_HIDDEN * 4, module=inner)
+    assert load_vector(wide.save(tmp_path / "inner.safetensors"), model=model).module == inner
+
+
+def test_layer_given_as_numpy_or_tensor_integers_and_read_from_an_experts_path():
+    assert make(layer=np.int64(3)).layer == 3 and type(make(layer=np.int64(3)).layer) is int
+    assert make(layer=torch.tensor(4)).layer == 4
+    with pytest.raises(TypeError, match="layer must be an int or None, got float"):
+        make(layer=2.0)
+    assert make(module="model.layers.3.mlp.experts.7", layer=None).layer == 3  # the 7 is an expert
+
+
+def test_save_checks_the_sidecar_name_and_folder_before_writing_anything(tmp_path):
+    mine = tmp_path / "config.json"
+    mine.write_text('{"important": true}')
+    with pytest.raises(ValueError, match=r"ends in \.json"):
+        make().save(mine, sidecar=True)
+    assert mine.read_text() == '{"important": true}'
+    with pytest.raises(FileNotFoundError, match=r"its folder .*no_such_dir does not exist"):
+        make().save(tmp_path / "no_such_dir" / "v.safetensors")
+
+
+def test_to_is_a_copy_even_where_nothing_moves():
+    v = make()
+    w = v.to("cpu")
+    w.vector += 1
+    assert not torch.equal(v.vector, w.vector)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arithmetic

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from traitlens._validation import check_vector, did_you_mean, shape_of, short_list
-from traitlens.hooks import residual_width
+from traitlens.hooks import decoder_layer_paths, residual_width
 
 TENSOR_NAME = "vector"
 """Name of the one tensor in a traitlens vector file."""
@@ -177,10 +177,18 @@ class TraitVector:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
+        if (
+            isinstance(self.layer, torch.Tensor)
+            and self.layer.numel() == 1
+            and not self.layer.is_floating_point()
+        ):
+            self.layer = self.layer.item()  # e.g. torch.argmax(accuracies)
         if self.layer is None:
             self.layer = _layer_from_module(self.module)
-        elif isinstance(self.layer, bool) or not isinstance(self.layer, int):
+        elif isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral):
             raise TypeError(f"layer must be an int or None, got {type(self.layer).__name__}")
+        else:
+            self.layer = int(self.layer)  # numpy integers too (np.argmax)
         for name in ("method_params", "split_sizes", "metrics", "extra"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
@@ -233,8 +241,10 @@ class TraitVector:
         return float(a @ b / (na * nb))
 
     def to(self, *args: Any, **kwargs: Any) -> TraitVector:
-        """A copy with ``vector.to(*args, **kwargs)`` (device and/or dtype), metadata unchanged."""
-        return self._derive(self.vector.to(*args, **kwargs), step=None, scale=1.0)
+        """A copy with ``vector.to(*args, **kwargs)`` (device and/or dtype), metadata unchanged; its tensor is
+        a copy too, also where ``Tensor.to`` would return the same tensor."""
+        moved = self.vector.to(*args, **kwargs)
+        return self._derive(moved.clone() if moved is self.vector else moved, step=None, scale=1.0)
 
     def metadata(self) -> dict[str, Any]:
         """The metadata as a JSON-ready dict (everything but the tensor), as written to the file."""
@@ -427,16 +437,16 @@ class TraitVector:
         """
         self.__post_init__()  # fields may have been reassigned since construction
         path = Path(path)
+        side = path.with_suffix(".json")
+        if sidecar and side == path:  # checked before anything is written: the file may be the user's JSON
+            raise ValueError(f"path {str(path)!r} ends in .json; with sidecar=True use a .safetensors name")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot write {path}: its folder {path.parent} does not exist")
         meta = self.metadata()
         text = json.dumps(meta, ensure_ascii=False)
         tensor = self.vector.detach().to("cpu").contiguous()
         save_tensors({TENSOR_NAME: tensor}, path, metadata={HEADER_KEY: text})
         if sidecar:
-            side = path.with_suffix(".json")
-            if side == path:
-                raise ValueError(
-                    f"path {str(path)!r} ends in .json; with sidecar=True use a .safetensors name"
-                )
             side.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
@@ -453,8 +463,9 @@ class TraitVector:
         Args:
             path: a traitlens ``.safetensors`` vector file.
             hidden_size: if given, the vector must have this length.
-            model: if given (a transformers model, or its config), the vector's length must equal the
-                model's ``config.hidden_size`` and, for a model, the recorded ``module`` must exist in it.
+            model: if given (a transformers model, or its config): for a model, the recorded ``module`` must
+                exist in it; a vector read at a decoder layer must be ``config.hidden_size`` long (other
+                modules' outputs, such as an MLP's inner activations, can be wider or narrower).
 
         Returns the vector on CPU in its stored dtype.
 
@@ -536,8 +547,10 @@ def _safetensors():
 
 
 def _layer_from_module(module: str) -> int | None:
+    """The decoder layer of a module path: its first all-digit part (``model.layers.3.mlp.experts.7`` is in
+    layer 3; the 7 is an expert)."""
     digits = [part for part in module.split(".") if part.isdigit()]
-    return int(digits[-1]) if digits else None
+    return int(digits[0]) if digits else None
 
 
 def _is_number(value: Any) -> bool:
@@ -724,13 +737,19 @@ def _check_fits(vec: TraitVector, path: Path, *, hidden_size: int | None, model:
             f"{type(model).__name__}; pass hidden_size= instead"
         )
     name = type(model).__name__
-    if vec.hidden_size != expected:
-        raise ValueError(
-            f"{path}: vector has hidden size {vec.hidden_size} but {name} has config.hidden_size {expected}; "
-            f"the vector was made for model {vec.model!r} at {vec.module!r}"
-        )
     if isinstance(model, torch.nn.Module):
         try:
             vec.check_model(model)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+        try:
+            at_layer = vec.module in decoder_layer_paths(model)
+        except ValueError:  # no ModuleList of layers: only the module's presence can be checked
+            at_layer = False
+    else:  # a config: the path is all there is to go by
+        at_layer = vec.layer is not None and vec.module.endswith(f".{vec.layer}")
+    if at_layer and vec.hidden_size != expected:
+        raise ValueError(
+            f"{path}: vector has hidden size {vec.hidden_size} but {name} has config.hidden_size {expected}; "
+            f"the vector was made for model {vec.model!r} at {vec.module!r}"
+        )
