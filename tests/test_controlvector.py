@@ -98,6 +98,15 @@ def test_loading_refuses_other_files(tmp_path):
         load_control_vector(zero)
     with pytest.raises(FileNotFoundError):
         load_control_vector(tmp_path / "missing.gguf")
+    for name, content in (
+        ("vector.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 8),
+        ("empty.gguf", b""),
+    ):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(
+            ValueError, match=rf"{name} is not a readable GGUF file .*expected a control vector"
+        ):
+            load_control_vector(tmp_path / name)
 
 
 def test_loaded_directions_steer_the_same_layers():

@@ -102,7 +102,10 @@ def load_control_vector(path: str | os.PathLike) -> ControlVector:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no control-vector file at {path}")
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as err:  # gguf's own words ("GGUF magic invalid", an mmap error) say little
+        raise ValueError(f"{path} is not a readable GGUF file ({err}); expected a control vector") from None
     arch = _string_field(reader, "general.architecture")
     if arch != ARCHITECTURE:
         raise ValueError(
