@@ -511,7 +511,10 @@ def load_vector(path: str | os.PathLike, *, hidden_size: int | None = None, mode
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a vector file, without reading the tensor (checked like ``load_vector`` checks it)."""
+    """The metadata of a vector file, without reading the tensor. The file is checked as ``load_vector``
+    checks its layout (a traitlens vector of the known format and version, one ``[hidden]`` tensor, the
+    required keys); the fields' types and values are checked only when a ``TraitVector`` is built from them
+    (``load_vector``)."""
     meta, _ = _read(Path(path), with_tensor=False)
     return meta
 
