@@ -86,9 +86,7 @@ def decoder_layer_paths(model: torch.nn.Module) -> list[str]:
     ``encoder`` or a ``vision`` module (an encoder-decoder's encoder, a multimodal model's vision tower)
     when there are others: the model's own names, nothing invented.
     """
-    config = getattr(model, "config", None)
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
+    config = _text_config(model)
     depths = (
         getattr(config, key, None) for key in ("num_decoder_layers", "decoder_layers", "num_hidden_layers")
     )
@@ -110,11 +108,15 @@ def residual_width(model) -> int | None:
     """The width of the residual stream (decoder layers' outputs): ``config.hidden_size`` of ``model`` (of
     its text config for multimodal models), or of ``model`` itself when it is a config; ``None`` when it has
     none."""
-    config = getattr(model, "config", model)
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    size = getattr(config, "hidden_size", None)
+    size = getattr(_text_config(model), "hidden_size", None)
     return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _text_config(model):
+    """The config of ``model``'s text decoder (``model`` itself when it is a config or has none): the one
+    to read depths and widths from in encoder-decoder and multimodal models too."""
+    config = getattr(model, "config", model)
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
