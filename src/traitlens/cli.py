@@ -264,7 +264,11 @@ def cmd_evaluate(args) -> None:
             f"there: {err}"
         ) from None
     model, tokenizer = _load(args)
-    vector = load_vector(args.vector, model=model)  # now also checked against the model
+    vector = saved
+    try:  # now also checked against the model
+        vector.check_model(model)
+    except ValueError as err:
+        raise ValueError(f"{args.vector}: {err}") from None
     pos, neg = dataset.examples(args.split)
     acts = []
     for side in (pos, neg):

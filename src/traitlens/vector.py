@@ -42,6 +42,7 @@ import dataclasses
 import json
 import math
 import numbers
+import operator
 import os
 import warnings
 from collections.abc import Mapping
@@ -177,18 +178,15 @@ class TraitVector:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
-        if (
-            isinstance(self.layer, torch.Tensor)
-            and self.layer.numel() == 1
-            and not self.layer.is_floating_point()
-        ):
-            self.layer = self.layer.item()  # e.g. torch.argmax(accuracies)
         if self.layer is None:
             self.layer = _layer_from_module(self.module)
-        elif isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral):
-            raise TypeError(f"layer must be an int or None, got {type(self.layer).__name__}")
+        elif isinstance(self.layer, bool):
+            raise TypeError("layer must be an int or None, got bool")
         else:
-            self.layer = int(self.layer)  # numpy integers too (np.argmax)
+            try:  # numpy and 0-d tensor integers too (np.argmax, torch.argmax)
+                self.layer = operator.index(self.layer)
+            except TypeError:
+                raise TypeError(f"layer must be an int or None, got {type(self.layer).__name__}") from None
         for name in ("method_params", "split_sizes", "metrics", "extra"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
@@ -409,15 +407,30 @@ class TraitVector:
         return self._derive(unit, {"op": "normalize", "norm_before": float(norm)}, scale=1 / float(norm))
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Raise a ``ValueError`` naming the model this vector was made for if ``model`` has no module where
-        the vector was read (its width is checked where the vector is used: a module's output need not be
-        ``config.hidden_size`` wide)."""
+        """Raise a ``ValueError`` naming the model this vector was made for if it does not fit ``model``: no
+        module where it was read, or, read at a decoder layer, a length other than ``config.hidden_size``
+        (other modules' outputs, such as an MLP's inner activations, can be wider or narrower: their width
+        is checked where the vector is used)."""
         modules = [n for n, _ in model.named_modules() if n]
         if self.module not in modules:
             raise ValueError(
                 f"vector was read at module {self.module!r}, which {type(model).__name__} does not have"
                 f"{did_you_mean(self.module, modules)} (modules: {short_list(modules)}); it was made for "
                 f"model {self.model!r}"
+            )
+        try:
+            at_layer = self.module in decoder_layer_paths(model)
+        except ValueError:  # no ModuleList of layers: only the module's presence can be checked
+            at_layer = False
+        self._check_width(model, at_layer)
+
+    def _check_width(self, model: Any, at_layer: bool) -> None:
+        """Raise if the vector, read at a decoder layer (``at_layer``), is not ``config.hidden_size`` long."""
+        expected = residual_width(model)
+        if at_layer and expected is not None and self.hidden_size != expected:
+            raise ValueError(
+                f"vector has hidden size {self.hidden_size} but {type(model).__name__} has config.hidden_size "
+                f"{expected}; the vector was made for model {self.model!r} at {self.module!r}"
             )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -733,26 +746,15 @@ def _check_fits(vec: TraitVector, path: Path, *, hidden_size: int | None, model:
             )
     if model is None:
         return
-    expected = residual_width(model)
-    if expected is None:
+    if residual_width(model) is None:
         raise TypeError(
             f"model must be a transformers model or config with an int config.hidden_size, got "
             f"{type(model).__name__}; pass hidden_size= instead"
         )
-    name = type(model).__name__
-    if isinstance(model, torch.nn.Module):
-        try:
+    try:
+        if isinstance(model, torch.nn.Module):
             vec.check_model(model)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-        try:
-            at_layer = vec.module in decoder_layer_paths(model)
-        except ValueError:  # no ModuleList of layers: only the module's presence can be checked
-            at_layer = False
-    else:  # a config: the path is all there is to go by
-        at_layer = vec.layer is not None and vec.module.endswith(f".{vec.layer}")
-    if at_layer and vec.hidden_size != expected:
-        raise ValueError(
-            f"{path}: vector has hidden size {vec.hidden_size} but {name} has config.hidden_size {expected}; "
-            f"the vector was made for model {vec.model!r} at {vec.module!r}"
-        )
+        else:  # a config: the path is all there is to go by
+            vec._check_width(model, at_layer=vec.layer is not None and vec.module.endswith(f".{vec.layer}"))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
