@@ -6,8 +6,9 @@
 # into $OUT (default: ./gpu-out). On an H100 (2026-11-27, with nnsight and steering-vectors) the check took
 # ~25 s (it checks both copy paths since then: ~10 s more) and the suite 325 s (with 5 forward rounds; 9
 # since then: ~20 s more). The limits add up to 560 s (check 60, suite 400, profile 100) plus ~15 s of
-# setup: run it with the device tool's timeout_s=590. The suite measures the methods first and writes its results after each model, so a suite cut off by its
-# limit keeps what it measured; host_profile prints its timed comparisons (generate first) before its profiles.
+# setup: run it with the device tool's timeout_s=590. The suite measures the methods first and writes its
+# results after each model, so a suite cut off by its limit keeps what it measured; host_profile prints its
+# timed comparisons (generate first) before its profiles.
 # Expects .gpu/whl (peer wheels for Python 3.12) and .gpu/method_acts.safetensors (real activations for
 # the methods, saved on the CPU with `run.py --method-activations`), both optional. To prepare them here
 # (`.gpu/` is ignored; carry it with the run):

@@ -196,8 +196,8 @@ def stream_statistics(
     written to ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``, and
     ``index``, ``[n]``: which pairs its rows are), so that methods that need every row can read one layer
     at a time from disk with ``read_spilled``, in the order of ``pairs``; a folder that already holds
-    spilled batches is refused (they would be read as part of this run). ``position="all"`` is refused: its positive and
-    negative rows do not pair up.
+    spilled batches is refused (they would be read as part of this run). ``position="all"`` is refused: its
+    positive and negative rows do not pair up.
 
     Pairs are batched longest first (as in ``collect_activations``), both sides in one order.
     """
@@ -248,19 +248,20 @@ def read_spilled(
         folders.append(batches)
     parts: dict[str, list[torch.Tensor]] = {"pos": [], "neg": []}
     rows: list[torch.Tensor] = []  # where each file's rows go in the result
+    total = 0  # rows read so far
     for batches in folders:
-        start = sum(len(index) for index in rows)  # this folder's first row
+        start = total  # this folder's first row
         for path in batches:
             with safe_open(path, framework="pt") as f:
                 for name in parts:
                     whole = layer_index is None
                     parts[name].append(f.get_tensor(name) if whole else f.get_slice(name)[layer_index])
+                n = parts["pos"][-1].shape[-2]
                 if "index" in set(f.keys()):
                     rows.append(start + f.get_tensor("index"))
                 else:  # written before batches were sorted by length: rows in pair order
-                    seen = sum(len(index) for index in rows)
-                    rows.append(torch.arange(seen, seen + parts["pos"][-1].shape[-2]))
-    total = sum(len(index) for index in rows)
+                    rows.append(torch.arange(total, total + n))
+                total += n
     if not torch.equal(torch.cat(rows).sort().values, torch.arange(total)):  # else rows would be left unset
         raise ValueError(
             f"the spilled batches in {folder} do not hold each of their {total} rows once (their 'index' "
@@ -410,8 +411,7 @@ def extract_trait(
     ``position`` is one of ``POSITION_RULES``; ``None`` picks ``default_position(dataset)``.
     ``control_draws`` random directions make the random-baseline control. ``backend="ray"`` computes the
     activations on a Ray cluster (``cluster``: a ``traitlens.distributed.RayCluster``, default a local
-    instance with 2 workers) instead of in this
-    process; the rest is the same.
+    instance with 2 workers) instead of in this process; the rest is the same.
     """
     check_choice(backend, "backend", ("local", "ray"))
     position, methods = check_extraction(dataset, position, methods)
