@@ -12,9 +12,10 @@ same ratio of the fastest rounds, and the spread (max - min) / median over round
 extra peak resident memory of a fresh process per case (``VmHWM`` after a reset via
 ``/proc/self/clear_refs``, minus the resident memory before the case, the model loaded and warmed up, and
 memory freed by the warm-up given back with ``malloc_trim``); on a GPU ``torch.cuda.max_memory_allocated``
-above the memory allocated before the case. Peers run in their own process (``benchmarks/peers.py``, any Python given with ``--peer-python``) against a bare forward pass:
-the Hugging Face model's, or for TransformerLens its own. Results are written into the CPU or GPU section of
-the markdown file (``--out``, default docs/benchmarks.md) and a PNG plot next to it.
+above the memory allocated before the case. Peers run in their own process (``benchmarks/peers.py``, any
+Python given with ``--peer-python``) against a bare forward pass: the Hugging Face model's, or for
+TransformerLens its own. Results are written into the CPU or GPU section of the markdown file (``--out``,
+default docs/benchmarks.md) and a PNG plot next to it.
 """
 
 from __future__ import annotations
