@@ -155,6 +155,50 @@ def test_streamed_pairs_share_one_order_and_spilled_rows_read_back_in_pair_order
     torch.testing.assert_close(read_spilled([tmp_path / "b", tmp_path / "c"])[0], expected_pos)
 
 
+def _sliding_mistral():
+    """A tiny Mistral whose attention window (3) is shorter than the prompts."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=3, max_position_embeddings=128, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "mistral-sliding"])
+def test_pairs_that_share_a_prompt_run_it_once_and_read_what_the_model_computes_for_each_text(family):
+    from traitlens.dataset import tokenize_examples
+    from traitlens.pipeline import pair_activations
+
+    model = _sliding_mistral() if family == "mistral-sliding" else make_tiny_model(family)
+    tokenizer = make_word_tokenizer()
+    prompts, answers = _texts([6, 2, 11, 4, 8]), _texts([3, 7, 1, 5, 2, 9, 4, 6, 2, 3], offset=40)
+    pairs = [Pair(answers[2 * i], answers[2 * i + 1], "train", prompt=q) for i, q in enumerate(prompts)]
+    # a pair whose sides differ in their system prompts: its batch runs one pass per side
+    pairs.append(Pair("w5 w6", "w7", "train", prompt="w8 w9 w10", system_pos="w11", system_neg="w12 w13"))
+    shapes = []
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda _, args: shapes.append(tuple(args[0].shape))
+    )
+    pos, neg = pair_activations(
+        model, tokenizer, pairs, layers=[0, 1], position="response_mean", batch_size=2
+    )
+    # longest side first: pairs 2 and 0 (prompts of 11 and 6 words, answers up to 9), 4 and 3, then 1 with
+    # the system-prompt pair, one pass per side; the word tokenizer drops the prompts' final newline
+    assert shapes == [(2, 11), (4, 9), (2, 8), (4, 6), (2, 6), (2, 7)]
+    expected = {"pos": [], "neg": []}
+    with torch.no_grad():
+        for pair in pairs:  # one text at a time, read from the model's own hidden states
+            for side in ("pos", "neg"):
+                prompt, response = next(tokenize_examples(tokenizer, [getattr(pair, f"{side}_example")]))
+                states = model(torch.tensor([prompt + response]), output_hidden_states=True).hidden_states
+                expected[side].append(torch.stack([states[k + 1][0, len(prompt) :].mean(0) for k in (0, 1)]))
+    torch.testing.assert_close(pos, torch.stack(expected["pos"], 1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(neg, torch.stack(expected["neg"], 1), rtol=1e-4, atol=1e-5)
+
+
 def test_spilled_batches_without_an_index_are_read_in_file_order_and_mixed_runs_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

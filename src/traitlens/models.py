@@ -46,6 +46,15 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+def cache_keyword(model: torch.nn.Module) -> str | None:
+    """The keyword ``model``'s forward takes its key/value cache by: ``"cache"`` (transformers >= 5.2x),
+    ``"past_key_values"`` (earlier versions), or ``None`` when it takes none."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
 def cache_dir() -> Path:
     """Where traitlens keeps converted weights (``$TRAITLENS_CACHE`` or ``~/.cache/traitlens``)."""
     return Path(os.environ.get("TRAITLENS_CACHE", Path.home() / ".cache" / "traitlens"))

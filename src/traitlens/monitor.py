@@ -9,7 +9,6 @@ vector's module, in float32.
 from __future__ import annotations
 
 import html
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import projection
 from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager, input_device
+from traitlens.models import cache_keyword
 from traitlens.vector import TraitVector
 
 
@@ -176,10 +176,8 @@ def generate_with_projections(
         )
         sequence = out.sequences[0]
         if sequence.shape[0] > enc.input_ids.shape[1]:  # the last sampled token was never fed: feed it
-            # transformers >= 5.2x names the cache "cache", older versions "past_key_values".
-            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
             cache = out["cache"] if "cache" in out else out["past_key_values"]
-            model(input_ids=sequence[-1:].unsqueeze(0), use_cache=True, **{name: cache})
+            model(input_ids=sequence[-1:].unsqueeze(0), use_cache=True, **{cache_keyword(model): cache})
     values = torch.cat(scores).cpu()
     prompt_len = enc.input_ids.shape[1]
     response = torch.zeros(sequence.shape[0], dtype=torch.bool)

@@ -48,6 +48,7 @@ from traitlens.hooks import HookManager, decoder_layer_paths, input_device, reso
 from traitlens.methods import METHODS as METHOD_CLASSES
 from traitlens.methods import RandomBaselineMethod, get_method
 from traitlens.metrics import _accuracy, _auroc, _midpoint, evaluate_vector, midpoint_threshold
+from traitlens.models import cache_keyword
 from traitlens.positions import POSITION_RULES, select_positions
 from traitlens.stats import ContrastiveStats
 from traitlens.vector import TraitVector, save_tensors
@@ -116,6 +117,50 @@ def _tokenized(
     return rows
 
 
+def _pairs(
+    tokenizer, pairs: Sequence[Pair], position: str
+) -> tuple[list[list[tuple[array, array]]], list[int]]:
+    """The ``_tokenized`` positive and negative sides of ``pairs``, and the order to batch the pairs in
+    (``_longest_first``, by the longer side of each)."""
+    if len(pairs) == 0:
+        raise ValueError("pairs is empty; give at least one Pair")
+    sides = [
+        _tokenized(tokenizer, [getattr(p, f"{side}_example") for p in pairs], None, position)
+        for side in ("pos", "neg")
+    ]
+    return sides, _longest_first(*map(_lengths, sides))
+
+
+def pair_activations(
+    model: torch.nn.Module,
+    tokenizer,
+    pairs: Sequence[Pair],
+    *,
+    layers: Sequence[int] | None = None,
+    position: str = "prompt_last",
+    batch_size: int = 16,
+    progress: bool | str = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pos, neg)`` activations of both sides of ``pairs`` at the outputs of decoder ``layers``, each
+    ``[layer, n, hidden]`` float32 on CPU, rows in the order of ``pairs``: ``collect_activations`` of each
+    side, computed pair by pair.
+
+    With ``position="response_mean"``, pairs whose two sides share their prompt (the same question, two
+    answers) run the prompt once and both answers from its key/value cache, which is faster by the length
+    of the prompt (see ``_shared_prompt_pass``). ``position="all"`` is refused: its rows do not pair up.
+    """
+    check_one_row_per_example(position, "pair_activations")
+    sides, order = _pairs(tokenizer, pairs, position)
+    batches = _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress)
+    out = []
+    for start, acts in zip(range(0, len(order), batch_size), batches, strict=True):
+        if not out:
+            out = [side.new_empty(side.shape[0], len(order), side.shape[-1]) for side in acts]
+        for full, side in zip(out, acts, strict=True):
+            full[:, order[start : start + batch_size]] = side
+    return out[0], out[1]
+
+
 def _lengths(rows: list[tuple[array, array]]) -> torch.Tensor:
     """``[n]`` int64: the number of tokens of each row."""
     return torch.tensor([len(p) + len(r) for p, r in rows], dtype=torch.long)
@@ -134,36 +179,124 @@ def _activation_batches(model, tokenizer, tokens, order, layers, position, batch
     """``[layer, batch, hidden]`` float32 CPU activations of the ``_tokenized`` examples ``tokens`` (which has
     checked ``position``), ``batch_size`` at a time in the order of the indices ``order``: a generator,
     returned after the other arguments are checked."""
+    paths, layers = _hooked_layers(model, layers, batch_size, module)
+    capture = ActivationCapture(device="cpu", dtype=torch.float32)
+
+    def batches():
+        for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
+            rows = [tokens[i] for i in order[start : start + batch_size]]
+            yield _one_pass(model, tokenizer, rows, paths, layers, position, capture)
+
+    return batches()
+
+
+def _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress):
+    """``(pos, neg)`` activations of ``_pairs``, ``[layer, batch, hidden]`` float32 CPU each, ``batch_size``
+    pairs at a time in the order of ``order``: a generator, returned after the arguments are checked.
+
+    Where every pair of a batch has one prompt for both sides and ``position`` reads the responses only
+    (``"response_mean"``), the prompts run once and both answers continue from their key/value cache
+    (``_shared_prompt_pass``); otherwise each side gets its own pass."""
+    paths, layers = _hooked_layers(model, layers, batch_size)
+    capture = ActivationCapture(device="cpu", dtype=torch.float32)
+    share = position == "response_mean" and _takes_cache(model)
+
+    def batches():
+        for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
+            pos, neg = ([side[i] for i in order[start : start + batch_size]] for side in sides)
+            if share and all(p[0] == n[0] for p, n in zip(pos, neg, strict=True)):
+                yield _shared_prompt_pass(model, tokenizer, pos, neg, paths, layers, capture)
+            else:
+                yield tuple(
+                    _one_pass(model, tokenizer, rows, paths, layers, position, capture) for rows in (pos, neg)
+                )
+
+    return batches()
+
+
+def _hooked_layers(model, layers, batch_size, module=None) -> tuple[list[str], list[int]]:
+    """The module paths to hook and the checked ``layers`` (indices into the paths)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if module is None:
         paths = decoder_layer_paths(model)
-        layers = _check_layers(layers, len(paths))
-    elif layers is not None:
+        return paths, _check_layers(layers, len(paths))
+    if layers is not None:
         raise ValueError(f"give layers or module, not both (got layers={layers!r}, module={module!r})")
-    else:
-        resolve_module(model, module)  # a wrong path fails here, with suggestions
-        paths, layers = [module], [0]
-    return _forward_batches(model, tokenizer, tokens, order, paths, layers, position, batch_size, progress)
+    resolve_module(model, module)  # a wrong path fails here, with suggestions
+    return [module], [0]
 
 
-def _forward_batches(model, tokenizer, tokens, order, paths, layers, position, batch_size, progress):
+def _one_pass(model, tokenizer, rows, paths, layers, position, capture) -> torch.Tensor:
+    """``[layer, batch, hidden]`` at ``position`` of the ``(prompt ids, response ids)`` ``rows``, in one pass
+    (``[layer, tokens, hidden]``, every real token, for ``"all"``)."""
+    enc = pad_rows(tokenizer, rows)
+    capture.positions = select_positions(position, enc.attention_mask, enc.response_mask)
+    acts = _capture_pass(model, paths, layers, capture, enc.model_inputs())
+    return acts[:, enc.attention_mask.bool()] if position == "all" else acts
+
+
+def _capture_pass(model, paths, layers, capture, inputs, **kwargs) -> torch.Tensor:
+    """Run ``model`` on the tensors ``inputs`` (moved to its input device) and ``kwargs``, with ``capture``'s
+    hooks on ``layers`` and stopping after the last of them: ``[layer, ...]`` of what ``capture`` read."""
     device = input_device(model)
-    capture = ActivationCapture(device="cpu", dtype=torch.float32)
-    for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
-        enc = pad_rows(tokenizer, [tokens[i] for i in order[start : start + batch_size]])
-        capture.positions = select_positions(position, enc.attention_mask, enc.response_mask)
-        with torch.no_grad(), HookManager(model) as hooks:
-            for layer in layers:
-                hooks.add_forward_hook(paths[layer], capture.make_hook(str(layer)))
-            hooks.stop_after(paths[max(layers)])
-            model(**{k: v.to(device) for k, v in enc.model_inputs().items()})
-        real = enc.attention_mask.bool()
-        if str(layers[0]) not in capture:
-            raise ValueError(f"module {paths[layers[0]]!r} did not run in the forward pass")
-        acts = [capture.get(str(layer)) for layer in layers]
-        capture.clear()
-        yield torch.stack([a[real] if position == "all" else a for a in acts])
+    with torch.no_grad(), HookManager(model) as hooks:
+        for layer in layers:
+            hooks.add_forward_hook(paths[layer], capture.make_hook(str(layer)))
+        hooks.stop_after(paths[max(layers)])
+        model(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
+    if str(layers[0]) not in capture:
+        raise ValueError(f"module {paths[layers[0]]!r} did not run in the forward pass")
+    acts = torch.stack([capture.get(str(layer)) for layer in layers])
+    capture.clear()
+    return acts
+
+
+def _shared_prompt_pass(
+    model, tokenizer, pos, neg, paths, layers, capture
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"response_mean"`` activations of pairs whose sides share their prompt, the prompt computed once.
+
+    The prompts run left-padded (so that each ends where the answers begin) into a key/value cache, up to
+    the last hooked layer; the cache is repeated for the two sides, and both answers of every pair run in
+    one batch on it, with the positions they have after their prompt, as generation does. A pair costs
+    its prompt once and both answers, instead of its prompt twice: 0.75x of the time of one pass per side
+    on the shipped formality data with SmolLM2 (a system prompt and a question of ~40 tokens, answers of
+    ~15). Equal to one pass per side up to float rounding (~1e-6 relative there).
+    """
+    from transformers import DynamicCache
+
+    prompts = pad_rows(tokenizer, [(p, array("i")) for p, _ in pos], padding_side="left")
+    answers = pad_rows(
+        tokenizer, [(array("i"), side[1]) for pair in zip(pos, neg, strict=True) for side in pair]
+    )
+    cache = DynamicCache(config=model.config)
+    keyword = cache_keyword(model)
+    device = input_device(model)
+    with torch.no_grad(), HookManager(model) as hooks:
+        hooks.stop_after(paths[max(layers)])  # only the hooked layers' keys and values are needed
+        inputs = prompts.model_inputs()
+        model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=True, **{keyword: cache})
+    cache.batch_repeat_interleave(2)  # rows: pair 0 pos, pair 0 neg, pair 1 pos, ...
+    mask = torch.cat([prompts.attention_mask.repeat_interleave(2, dim=0), answers.attention_mask], dim=1)
+    position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)[:, prompts.input_ids.shape[1] :]
+    capture.positions = select_positions("response_mean", answers.attention_mask, answers.response_mask)
+    inputs = {"input_ids": answers.input_ids, "attention_mask": mask, "position_ids": position_ids}
+    acts = _capture_pass(model, paths, layers, capture, inputs, use_cache=True, **{keyword: cache})
+    return acts[:, 0::2], acts[:, 1::2]
+
+
+def _takes_cache(model) -> bool:
+    """Whether ``_shared_prompt_pass`` can run ``model``: a decoder-only transformers model whose forward
+    takes a key/value cache, and whose cache holds keys and values only (no recurrent state, which
+    repeating the rows of might not cover)."""
+    from transformers import DynamicCache, PreTrainedModel
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    if not isinstance(model, PreTrainedModel) or model.config.is_encoder_decoder or not cache_keyword(model):
+        return False
+    layers = DynamicCache(config=model.config).layers
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
 
 
 def check_one_row_per_example(position: str, who: str) -> None:
@@ -202,13 +335,8 @@ def stream_statistics(
     Pairs are batched longest first (as in ``collect_activations``), both sides in one order.
     """
     check_one_row_per_example(position, "stream_statistics")
-    if len(pairs) == 0:
-        raise ValueError("pairs is empty; give at least one Pair")
-    examples = [p.pos_example for p in pairs], [p.neg_example for p in pairs]
-    sides = [_tokenized(tokenizer, side, None, position) for side in examples]
-    order = _longest_first(*map(_lengths, sides))
-    args = (order, layers, position, batch_size, False)
-    pos, neg = (_activation_batches(model, tokenizer, side, *args) for side in sides)  # checked here
+    sides, order = _pairs(tokenizer, pairs, position)
+    batches = _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress)  # checks
     if spill_to is not None:
         spill_to = Path(spill_to)
         spill_to.mkdir(parents=True, exist_ok=True)
@@ -219,8 +347,7 @@ def stream_statistics(
                 f"{earlier[0].name}) from an earlier run; give an empty or new folder, or delete them"
             )
     stats = ContrastiveStats(outer=outer)
-    batches = zip(pos, neg, strict=True)
-    for k, (pos_acts, neg_acts) in enumerate(_progress(batches, progress, unit="batch")):
+    for k, (pos_acts, neg_acts) in enumerate(batches):
         stats.update(pos_acts, neg_acts)
         if spill_to is not None:
             index = torch.tensor(order[k * batch_size : (k + 1) * batch_size])
@@ -428,18 +555,14 @@ def extract_trait(
         )  # fmt: skip
     else:
         for split in SPLITS:
-            pos, neg = dataset.examples(split)
-            acts[split] = tuple(
-                collect_activations(
-                    model,
-                    tokenizer,
-                    side,
-                    layers=layers,
-                    position=position,
-                    batch_size=batch_size,
-                    progress=f"{dataset.name} {split} {label}" if progress else False,
-                )
-                for label, side in (("pos", pos), ("neg", neg))
+            acts[split] = pair_activations(
+                model,
+                tokenizer,
+                dataset.split(split),
+                layers=layers,
+                position=position,
+                batch_size=batch_size,
+                progress=f"{dataset.name} {split}" if progress else False,
             )
 
     if torch.equal(*acts["train"]):

@@ -31,3 +31,24 @@ def test_streaming_mean_difference_and_spill_match_collected_rows(real_model, tm
     with pytest.raises(FileExistsError, match="already holds 3 spilled batches"):  # a rerun into the folder
         stream_statistics(model, tokenizer, pairs[:4], layers=LAYERS, spill_to=tmp_path)
     assert read_spilled(tmp_path)[0].shape == pos.shape  # the earlier run's files are left as they were
+
+
+def test_pairs_with_one_prompt_run_it_once_and_equal_a_pass_per_side(real_model):
+    from traitlens.pipeline import pair_activations
+
+    model, tokenizer = real_model
+    pairs = load_dataset("formality").train[:24]  # one chat prompt (system + question), two answers
+    shapes = []
+    handle = model.get_input_embeddings().register_forward_pre_hook(
+        lambda _, args: shapes.append(tuple(args[0].shape))
+    )
+    try:
+        pos, neg = pair_activations(model, tokenizer, pairs, layers=LAYERS, position="response_mean")
+    finally:
+        handle.remove()
+    assert [batch for batch, _ in shapes] == [16, 32, 8, 16]  # each batch: the prompts, then both answers
+    for got, side in zip((pos, neg), ("pos", "neg"), strict=True):
+        examples = [getattr(p, f"{side}_example") for p in pairs]
+        expected = collect_activations(model, tokenizer, examples, layers=LAYERS, position="response_mean")
+        error = (got - expected).norm(dim=-1) / expected.norm(dim=-1)
+        assert float(error.max()) < 1e-5
