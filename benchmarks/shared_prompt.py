@@ -10,8 +10,8 @@ plain texts at ``prompt_last``, which cannot share and shows that nothing else c
 
 "one pass per side" is the same code with the shared pass turned off (``_takes_cache`` returning False),
 i.e. what the pipeline did before. The two alternate within each round; the table gives the median of
-each, the ratio of medians, and the largest difference between the two results, per row, relative to
-that row's norm. Ratios from one run on one machine, named in the output.
+each, the ratio of medians, and the largest difference between the two results' activations, per row,
+relative to that row's norm; for ``extract_trait``, also how far each method's vectors moved. Ratios from one run on one machine, named in the output.
 """
 
 from __future__ import annotations
@@ -88,12 +88,16 @@ def main() -> None:
         return extract_trait(model, tokenizer, data, progress=False)
 
     a, b, old, new = timed(args.extract_rounds, extract)
-    same = (old.best_method, old.best_layer) == (new.best_method, new.best_layer)
-    diff = max(row_error(old.vectors[m], new.vectors[m]) for m in old.methods)
+    diff = row_error(old.activations["train"][0], new.activations["train"][0])
     print(
-        f"| extract_trait formality (all splits) | {len(data.pairs)} | {a:.2f} | {b:.2f} | {b / a:.2f} | "
-        f"{diff:.1e} (vectors; same choice: {same}) |"
+        f"| extract_trait formality (all splits) | {len(data.pairs)} | {a:.2f} | {b:.2f} | {b / a:.2f} | {diff:.1e} |"
     )
+    print(
+        f"\nchosen: {old.best_method} at layer {old.best_layer} without sharing, {new.best_method} at layer"
+    )
+    print(f"{new.best_layer} with it. Vectors, largest difference over layers relative to the vector's norm:")
+    for method in old.methods:
+        print(f"- {method}: {row_error(old.vectors[method], new.vectors[method]):.1e}")
 
 
 if __name__ == "__main__":

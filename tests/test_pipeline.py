@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model, make_word_tokenizer
+from conftest import TINY_FAMILIES, layer_path, make_tiny_model, make_word_tokenizer
 from traitlens.dataset import Pair
 from traitlens.methods import RandomBaselineMethod
 from traitlens.metrics import accuracy, auroc, midpoint_threshold
@@ -197,6 +197,13 @@ def test_pairs_that_share_a_prompt_run_it_once_and_read_what_the_model_computes_
                 expected[side].append(torch.stack([states[k + 1][0, len(prompt) :].mean(0) for k in (0, 1)]))
     torch.testing.assert_close(pos, torch.stack(expected["pos"], 1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(neg, torch.stack(expected["neg"], 1), rtol=1e-4, atol=1e-5)
+    # a module inside a layer (the pass stops after it, its layer's keys and values already cached)
+    module = layer_path(family if family in TINY_FAMILIES else "llama", 1) + ".mlp"
+    got = pair_activations(model, tokenizer, pairs, module=module, position="response_mean", batch_size=2)
+    for side, rows in zip(("pos", "neg"), got, strict=True):
+        examples = [getattr(pair, f"{side}_example") for pair in pairs]
+        one_pass = collect_activations(model, tokenizer, examples, module=module, position="response_mean")
+        torch.testing.assert_close(rows, one_pass, rtol=1e-4, atol=1e-5)
 
 
 def test_spilled_batches_without_an_index_are_read_in_file_order_and_mixed_runs_are_refused(tmp_path):

@@ -251,7 +251,7 @@ def cmd_extract(args) -> None:
 def cmd_evaluate(args) -> None:
     from traitlens.dataset import check_position
     from traitlens.metrics import evaluate_vector
-    from traitlens.pipeline import collect_activations
+    from traitlens.pipeline import collect_activations, pair_activations
     from traitlens.vector import load_vector
 
     saved = load_vector(args.vector)  # a bad file or dataset fails here, before the slow model load
@@ -269,20 +269,22 @@ def cmd_evaluate(args) -> None:
         vector.check_model(model)
     except ValueError as err:
         raise ValueError(f"{args.vector}: {err}") from None
-    pos, neg = dataset.examples(args.split)
-    acts = []
-    for side in (pos, neg):
-        try:  # the output of the module the vector was read at, as the pipeline reads it
-            acts.append(collect_activations(model, tokenizer, side, module=vector.module, position=vector.position, batch_size=args.batch_size)[0])  # fmt: skip
-        except (TypeError, ValueError) as err:  # an output the capture cannot read at that position
-            raise ValueError(
-                f"cannot read activations at the vector's module {vector.module!r}: {err}"
-            ) from None
-        if acts[-1].ndim != 2 or acts[-1].shape[1] != vector.hidden_size:
-            raise ValueError(
-                f"module {vector.module!r} gives activations of shape {tuple(acts[-1].shape)} at position "
-                f"{vector.position!r}, expected [n, hidden]=[n, {vector.hidden_size}] to score the vector"
-            )
+    read = {"module": vector.module, "position": vector.position, "batch_size": args.batch_size}
+    try:  # the output of the module the vector was read at, as the pipeline reads it
+        if vector.position == "all":  # a row per token: the sides do not pair up
+            acts = [
+                collect_activations(model, tokenizer, side, **read)[0]
+                for side in dataset.examples(args.split)
+            ]
+        else:
+            acts = [side[0] for side in pair_activations(model, tokenizer, dataset.split(args.split), **read)]
+    except (TypeError, ValueError) as err:  # an output the capture cannot read at that position
+        raise ValueError(f"cannot read activations at the vector's module {vector.module!r}: {err}") from None
+    if acts[0].ndim != 2 or acts[0].shape[1] != vector.hidden_size:
+        raise ValueError(
+            f"module {vector.module!r} gives activations of shape {tuple(acts[0].shape)} at position "
+            f"{vector.position!r}, expected [n, hidden]=[n, {vector.hidden_size}] to score the vector"
+        )
     threshold = vector.method_params.get("threshold")
     if threshold is None:
         _info(

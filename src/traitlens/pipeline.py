@@ -140,10 +140,11 @@ def pair_activations(
     position: str = "prompt_last",
     batch_size: int = 16,
     progress: bool | str = False,
+    module: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pos, neg)`` activations of both sides of ``pairs`` at the outputs of decoder ``layers``, each
-    ``[layer, n, hidden]`` float32 on CPU, rows in the order of ``pairs``: ``collect_activations`` of each
-    side, computed pair by pair.
+    """``(pos, neg)`` activations of both sides of ``pairs`` at the outputs of decoder ``layers`` (or of
+    ``module``), each ``[layer, n, hidden]`` float32 on CPU, rows in the order of ``pairs``:
+    ``collect_activations`` of each side, computed pair by pair.
 
     With ``position="response_mean"``, pairs whose two sides share their prompt (the same question, two
     answers) run the prompt once and both answers from its key/value cache, which is faster by the length
@@ -151,7 +152,7 @@ def pair_activations(
     """
     check_one_row_per_example(position, "pair_activations")
     sides, order = _pairs(tokenizer, pairs, position)
-    batches = _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress)
+    batches = _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress, module)
     out = []
     for start, acts in zip(range(0, len(order), batch_size), batches, strict=True):
         if not out:
@@ -190,14 +191,14 @@ def _activation_batches(model, tokenizer, tokens, order, layers, position, batch
     return batches()
 
 
-def _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress):
+def _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress, module=None):
     """``(pos, neg)`` activations of ``_pairs``, ``[layer, batch, hidden]`` float32 CPU each, ``batch_size``
     pairs at a time in the order of ``order``: a generator, returned after the arguments are checked.
 
     Where every pair of a batch has one prompt for both sides and ``position`` reads the responses only
     (``"response_mean"``), the prompts run once and both answers continue from their key/value cache
     (``_shared_prompt_pass``); otherwise each side gets its own pass."""
-    paths, layers = _hooked_layers(model, layers, batch_size)
+    paths, layers = _hooked_layers(model, layers, batch_size, module)
     capture = ActivationCapture(device="cpu", dtype=torch.float32)
     share = position == "response_mean" and _takes_cache(model)
 
