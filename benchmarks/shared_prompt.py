@@ -93,11 +93,15 @@ def main() -> None:
         f"| extract_trait formality (all splits) | {len(data.pairs)} | {a:.2f} | {b:.2f} | {b / a:.2f} | {diff:.1e} |"
     )
     print(
-        f"\nchosen: {old.best_method} at layer {old.best_layer} without sharing, {new.best_method} at layer"
+        f"\nchosen without sharing: {old.best_method} at layer {old.best_layer}; with it: {new.best_method} at"
     )
-    print(f"{new.best_layer} with it. Vectors, largest difference over layers relative to the vector's norm:")
+    print(
+        f"layer {new.best_layer}. Vectors: largest difference over the layers, relative to the vector's norm:"
+    )
     for method in old.methods:
-        print(f"- {method}: {row_error(old.vectors[method], new.vectors[method]):.1e}")
+        moved = (old.vectors[method] - new.vectors[method]).norm(dim=-1) / old.vectors[method].norm(dim=-1)
+        above = int((moved > 1e-3).sum())
+        print(f"- {method}: {float(moved.max()):.1e} ({above} of {len(moved)} layers above 1e-3)")
 
 
 if __name__ == "__main__":

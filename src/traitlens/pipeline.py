@@ -3,7 +3,9 @@
 1. ``collect_activations``: one batched forward pass per batch with hooks on every chosen decoder layer at
    once; the position rule is applied inside the hooks (on the model's device), and the pass stops after
    the last hooked layer, so the LM head is never computed. Examples are batched longest first, so that
-   rows of similar length share a batch and pad little, and come back in the order given.
+   rows of similar length share a batch and pad little, and come back in the order given. Pairs
+   (``pair_activations``) that share their prompt and are read at ``"response_mean"`` run the prompt once
+   and both answers on its key/value cache.
 2. ``extract_trait``: every extraction method at every layer on the train split, every (method, layer)
    scored on the validation split, the best one chosen on validation and reported once on the untouched
    test split. The random baseline is the control: it must come out near chance.
@@ -258,12 +260,14 @@ def _shared_prompt_pass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``"response_mean"`` activations of pairs whose sides share their prompt, the prompt computed once.
 
-    The prompts run left-padded (so that each ends where the answers begin) into a key/value cache, up to
-    the last hooked layer; the cache is repeated for the two sides, and both answers of every pair run in
-    one batch on it, with the positions they have after their prompt, as generation does. A pair costs
-    its prompt once and both answers, instead of its prompt twice: 0.75x of the time of one pass per side
-    on the shipped formality data with SmolLM2 (a system prompt and a question of ~40 tokens, answers of
-    ~15). Equal to one pass per side up to float rounding (~1e-6 relative there).
+    The prompts run into a key/value cache, up to the last hooked layer; the cache is repeated for the two
+    sides, and both answers of every pair run in one batch (``2 x`` the pairs) on it, with the positions
+    they have after their prompt, as generation does. The prompts are left-padded, so that no pad sits
+    between a prompt and its answers, where a sliding attention window, which counts positions, would
+    count it. A pair costs its prompt once and both answers, instead of its prompt twice: see
+    ``benchmarks/shared_prompt.py`` (0.65-0.74x of the time of one pass per side on the shipped
+    prompt-style datasets with SmolLM2, whose chat template adds a system prompt). Equal to one pass per
+    side up to float rounding (~1e-6 relative there).
     """
     from transformers import DynamicCache
 
