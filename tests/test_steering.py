@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_HIDDEN, TINY_LAYERS, layer_path, make_tiny_model
 from traitlens.capture import ActivationCapture
 from traitlens.hooks import HookManager
+from traitlens.models import cache_keyword
 from traitlens.steering import (
     SequenceTracker,
     ablate_direction,
@@ -21,6 +22,11 @@ from traitlens.steering import (
 
 LAYER = 1
 COEFF = 3.0
+
+
+def _plain(output):
+    """A decoder layer's output tensor: transformers < 4.54 (and GPT-2 before 5.x) return a tuple."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _vector(seed: int = 1) -> torch.Tensor:
@@ -384,7 +390,9 @@ def test_relative_strength_uses_the_measured_norm(tiny):
     outputs = {}
     with HookManager(model) as hooks, torch.no_grad():
         for i in range(TINY_LAYERS):
-            hooks.add_forward_hook(layer_path(family, i), lambda m, a, out, i=i: outputs.__setitem__(i, out))
+            hooks.add_forward_hook(
+                layer_path(family, i), lambda m, a, out, i=i: outputs.__setitem__(i, _plain(out))
+            )
         model(**batch)
     real = batch["attention_mask"].bool().numpy()
     for i in range(TINY_LAYERS):
@@ -497,7 +505,9 @@ def test_dose_response_scores_with_the_unsteered_model(tiny):
         labels[0, : len(prompt)] = -100
         seen: list[torch.Tensor] = []
         with HookManager(model) as hooks, torch.no_grad():
-            hooks.add_forward_hook(layer_path(family, LAYER), lambda m, a, out, seen=seen: seen.append(out))
+            hooks.add_forward_hook(
+                layer_path(family, LAYER), lambda m, a, out, seen=seen: seen.append(_plain(out))
+            )
             expected_nll += float(model(input_ids=ids, labels=labels).loss) * len(response)
         expected_projection += float((seen[0][0, len(prompt) :] @ unit).sum())
     assert count == 7
@@ -574,7 +584,8 @@ def test_a_next_turn_fed_onto_the_cache_and_a_chunked_prefill_are_prompt(positio
     def run():
         turn = model.generate(input_ids=first, max_new_tokens=3, **generate)  # prompt, then 2 steps
         second = torch.cat([turn.sequences, _ids(1, 4, seed=7)], dim=1)  # [1, 12]; the cache holds 7
-        model.generate(input_ids=second, cache=turn.past_key_values, max_new_tokens=2, **generate)
+        cache = {cache_keyword(model): turn.past_key_values}
+        model.generate(input_ids=second, **cache, max_new_tokens=2, **generate)
         model.generate(input_ids=_ids(1, 6, seed=8), prefill_chunk_size=2, max_new_tokens=2, **generate)
 
     raw, out, _ = _steered_run(model, family, run, v, coeff=COEFF, positions=positions)
