@@ -3,7 +3,7 @@
 Run by ``benchmarks/run.py`` with any Python that has torch and transformers (and, for a peer to be measured,
 the peer itself); it imports nothing from traitlens, so it runs in a throwaway virtual environment:
 
-    python benchmarks/peers.py --peer nnsight --folder ~/.cache/traitlens/smollm2-135m-instruct-v1
+    python benchmarks/peers.py --peer nnsight --folder ~/.cache/traitlens/smollm2-135m-instruct-v1-transformers5
 
 It prints one JSON object per line: ``{"key", "label", "peer", "version", "status", "reason", "ms",
 "bare_ms", "ratio"}``; ``status`` is ``"ok"``, ``"not installed"`` or ``"failed"``. Every peer works on

@@ -383,10 +383,10 @@ def peers_benchmark(args, model: str) -> list[dict]:
     from peers import PEERS
 
     if model == BUNDLED:
-        from traitlens.models import cache_dir
+        from traitlens.models import bundled_cache_folder
 
-        folder = next(iter(sorted(cache_dir().glob("smollm2-135m-instruct-v*"))), None)
-        if folder is None:
+        folder = bundled_cache_folder()
+        if not (folder / "model.safetensors").is_file():
             return [{"key": p, "peer": p, "status": "not measured", "reason": "bundled model not cached"}
                     for p in PEERS]  # fmt: skip
         where = ["--folder", str(folder)]

@@ -141,7 +141,7 @@ def _load_bundled(dtype: torch.dtype, **from_pretrained_kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf_path()
-    folder = cache_dir() / f"smollm2-135m-instruct-v{_CACHE_VERSION}"
+    folder = bundled_cache_folder()
     weights = folder / "model.safetensors"
     stamp = folder / "source.json"
     source = {**_file_identity(gguf), "format": _CACHE_FORMAT}
@@ -157,6 +157,16 @@ def _load_bundled(dtype: torch.dtype, **from_pretrained_kwargs):
     model.config._name_or_path = BUNDLED_ID
     model.name_or_path = BUNDLED_ID
     return model, tokenizer
+
+
+def bundled_cache_folder() -> Path:
+    """The folder of the bundled model's safetensors cache, one per major version of transformers: a
+    tokenizer saved by transformers 5 names a class (``TokenizersBackend``) that 4.x cannot load, so two
+    environments with different majors would otherwise break or rewrite each other's cache."""
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    return cache_dir() / f"smollm2-135m-instruct-v{_CACHE_VERSION}-transformers{major}"
 
 
 def _file_identity(path: Path) -> dict:

@@ -18,8 +18,10 @@ def test_cold_cache_then_warm_cache_give_the_gguf_model(tmp_path, monkeypatch):
     monkeypatch.setenv("TRAITLENS_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cold, tokenizer = models.load_model()  # converts the GGUF file and writes the cache
-    assert (tmp_path / "smollm2-135m-instruct-v1" / "model.safetensors").is_file()
-    stamp = (tmp_path / "smollm2-135m-instruct-v1" / "source.json").read_text()
+    folder = models.bundled_cache_folder()
+    assert folder.parent == tmp_path and folder.name.startswith("smollm2-135m-instruct-v1-transformers")
+    assert (folder / "model.safetensors").is_file()
+    stamp = (folder / "source.json").read_text()
     assert str(models.bundled_gguf_path().parent) not in stamp  # valid for any environment with this file
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
     warm, _ = models.load_model()  # reads the cache
@@ -66,14 +68,14 @@ def test_from_pretrained_arguments_reach_the_bundled_model():
         patch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
         models.load_model(quantization_config={"quant_method": "mine"}, torch_dtype=torch.bfloat16)
     assert seen["quantization_config"] == {"quant_method": "mine"} and seen["dtype"] == torch.bfloat16
-    cached = json.loads((models.cache_dir() / "smollm2-135m-instruct-v1" / "config.json").read_text())
+    cached = json.loads((models.bundled_cache_folder() / "config.json").read_text())
     assert "quantization_config" not in cached  # the GGUF one is gone: dropped when the cache is written
 
 
 def test_bundled_weights_are_in_memory_also_with_a_device_map(real_model):
     from transformers import AutoModelForCausalLM
 
-    weights = models.cache_dir() / "smollm2-135m-instruct-v1" / "model.safetensors"
+    weights = models.bundled_cache_folder() / "model.safetensors"
     mapped = AutoModelForCausalLM.from_pretrained(weights.parent, dtype=torch.float32)
     assert _file_mapped(mapped, weights)  # transformers maps the file: the check below can fail
     model, tokenizer = models.load_model(device_map={"": "cpu"})
