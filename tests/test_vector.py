@@ -359,6 +359,8 @@ def test_bad_tensors_are_refused(tmp_path, tensors, message):
         (header_meta(format="repeng"), r"metadata 'format' must be 'traitlens\.vector', got 'repeng'"),
         (header_meta(format_version=2), r"unsupported format_version 2 .*upgrade traitlens to read it"),
         (header_meta(format_version="1"), r"unsupported format_version '1' \(this traitlens reads 1\)$"),
+        (header_meta(format_version=True), r"unsupported format_version True \(this traitlens reads 1\)$"),
+        (header_meta(format_version=1.0), r"unsupported format_version 1.0 \(this traitlens reads 1\)$"),
         (header_meta(model=None), r"metadata is missing required keys 'model'"),
         (header_meta(module=None, method=None), r"missing required keys 'module', 'method'"),
         (header_meta(position=None), r"missing required keys 'position'"),
@@ -391,9 +393,12 @@ def test_optional_keys_default_and_unknown_keys_warn(tmp_path):
         meta.pop(key)
     meta["from_the_future"] = 1
     path = write(tmp_path / "v.safetensors", {"vector": torch.randn(8)}, meta)
-    with pytest.warns(UserWarning, match=r"ignoring unknown metadata keys 'from_the_future'"):
+    with pytest.warns(UserWarning, match=r"ignoring unknown metadata keys 'from_the_future'") as seen:
         v = load_vector(path)
     assert v.revision is None and v.layer == 12 and v.method_params == {} and v.extra == {}
+    with pytest.warns(UserWarning, match="from_the_future") as again:
+        TraitVector.load(path)
+    assert [w.filename for w in (*seen, *again)] == [__file__] * 2  # the warning names the caller's line
 
 
 def test_hidden_size_check(tmp_path):

@@ -486,14 +486,7 @@ class TraitVector:
         ``torch.save``), not a traitlens vector, missing or extra tensors, a tensor that is not ``[hidden]``
         or not floating point, missing or invalid metadata, or a hidden size or module that does not fit.
         """
-        path = Path(path)
-        meta, tensor = _read(path, with_tensor=True)
-        try:
-            vec = cls._from_parts(tensor, meta)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
-        _check_fits(vec, path, hidden_size=hidden_size, model=model)
-        return vec
+        return _load(cls, path, hidden_size, model)
 
     @classmethod
     def _from_parts(cls, tensor: torch.Tensor, meta: dict[str, Any]) -> TraitVector:
@@ -503,7 +496,7 @@ class TraitVector:
             warnings.warn(
                 f"ignoring unknown metadata keys {short_list(unknown)} (written by traitlens "
                 f"{meta.get('traitlens_version')!r})",
-                stacklevel=4,
+                stacklevel=4,  # the caller of TraitVector.load or load_vector, both one frame above _load
             )
         return cls(tensor, **{k: v for k, v in meta.items() if k in names})
 
@@ -520,7 +513,20 @@ def save_vector(vector: TraitVector, path: str | os.PathLike, *, sidecar: bool =
 
 def load_vector(path: str | os.PathLike, *, hidden_size: int | None = None, model: Any = None) -> TraitVector:
     """Read a vector file written by ``save_vector``; the same as ``TraitVector.load``."""
-    return TraitVector.load(path, hidden_size=hidden_size, model=model)
+    return _load(TraitVector, path, hidden_size, model)
+
+
+def _load(
+    cls: type[TraitVector], path: str | os.PathLike, hidden_size: int | None, model: Any
+) -> TraitVector:
+    path = Path(path)
+    meta, tensor = _read(path, with_tensor=True)
+    try:
+        vec = cls._from_parts(tensor, meta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    _check_fits(vec, path, hidden_size=hidden_size, model=model)
+    return vec
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -719,7 +725,7 @@ def _parse_meta(text: str, path: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: metadata 'format' must be {FORMAT!r}, got {meta.get('format')!r}")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not true or 1.0, which equal 1
         newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
         hint = (
             f"; it was written by traitlens {meta.get('traitlens_version')!r}, upgrade traitlens to read it"
