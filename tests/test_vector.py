@@ -207,6 +207,13 @@ def test_layer_is_read_from_the_module_path():
     assert make(module="model.layers.12", layer=7).layer == 7
 
 
+def test_a_float16_vector_scaled_past_its_range_is_refused_saying_why():
+    v = make(dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\); float16 overflows above 65504"):
+        v * 40000.0
+    assert float((v.to(dtype=torch.float32) * 40000.0).vector.abs().max()) > 65504
+
+
 def test_default_version_is_the_running_traitlens():
     assert make().traitlens_version == traitlens.__version__
 

@@ -76,7 +76,10 @@ def check_tensor(
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if finite and x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); clean or drop those rows")
+        fix = "clean or drop those rows"
+        if x.dtype == torch.float16 and bool(torch.isinf(x).any()):  # e.g. a vector scaled in float16
+            fix = "float16 overflows above 65504: compute in float32 (.float()) or " + fix
+        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf); {fix}")
     return x
 
 
