@@ -206,6 +206,71 @@ def test_pairs_that_share_a_prompt_run_it_once_and_read_what_the_model_computes_
         torch.testing.assert_close(rows, one_pass, rtol=1e-4, atol=1e-5)
 
 
+def _misread_by_a_shared_prompt(kind: str):
+    """Tiny models whose prompt, run apart from its answers into a cache, reads otherwise than in one pass."""
+    import transformers as T
+
+    sizes = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=128
+    )
+    if kind == "gemma3-bidirectional":  # the prompt attends to the answer
+        config = T.Gemma3TextConfig(
+            **sizes, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, pad_token_id=0,
+            use_bidirectional_attention=True,
+        )  # fmt: skip
+    elif kind == "megatron-bert":  # BERT-family layers without is_decoder: bidirectional too
+        config = T.MegatronBertConfig(**sizes, pad_token_id=0)
+    elif kind == "trocr":  # takes its positions from the cache length, not from position_ids
+        config = T.TrOCRConfig(
+            d_model=32, decoder_layers=3, decoder_attention_heads=4, decoder_ffn_dim=64, vocab_size=128,
+            pad_token_id=0, max_position_embeddings=128,
+        )  # fmt: skip
+    else:  # phi3 with longrope: rotary factors chosen by each pass's length (original maximum 8)
+        config = T.Phi3Config(
+            **sizes, num_key_value_heads=2, pad_token_id=0, max_position_embeddings=32,
+            original_max_position_embeddings=8,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+                             "long_factor": [1.5, 2.0, 3.0, 4.0]},
+        )  # fmt: skip
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma3-bidirectional", "megatron-bert", "trocr", "phi3-longrope"])
+def test_models_a_shared_prompt_would_misread_get_one_pass_per_side(kind):
+    from traitlens.dataset import tokenize_examples
+    from traitlens.hooks import decoder_layer_paths
+    from traitlens.pipeline import pair_activations
+
+    model, tokenizer = _misread_by_a_shared_prompt(kind), make_word_tokenizer()
+    # one pair, so that one pass per side has no padding; prompt + answer cross longrope's original 8
+    pairs = [Pair("w7 w8 w9", "w10 w11 w12 w13 w14", "train", prompt="w1 w2 w3 w4 w5 w6")]
+    shapes = []
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda _, args: shapes.append(tuple(args[0].shape))
+    )
+    pos, neg = pair_activations(
+        model, tokenizer, pairs, layers=[0, 1], position="response_mean", batch_size=1
+    )
+    assert shapes == [(1, 9), (1, 11)]  # each text in one pass
+    paths = decoder_layer_paths(model)
+    for side, got in (("pos", pos), ("neg", neg)):
+        prompt, response = next(tokenize_examples(tokenizer, [getattr(pairs[0], f"{side}_example")]))
+        outputs = []
+        handles = [
+            model.get_submodule(paths[k]).register_forward_hook(
+                lambda _, args, out, seen=outputs: seen.append(out[0] if isinstance(out, tuple) else out)
+            )
+            for k in (0, 1)
+        ]
+        with torch.no_grad():
+            model(torch.tensor([prompt + response]))
+        for handle in handles:
+            handle.remove()
+        expected = torch.stack([out[0, len(prompt) :].mean(0) for out in outputs])  # [layer, hidden]
+        torch.testing.assert_close(got[:, 0], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_spilled_batches_without_an_index_are_read_in_file_order_and_mixed_runs_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
