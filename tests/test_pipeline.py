@@ -168,7 +168,9 @@ def _sliding_mistral():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "mistral-sliding"])
-def test_pairs_that_share_a_prompt_run_it_once_and_read_what_the_model_computes_for_each_text(family):
+def test_pairs_that_share_a_prompt_run_it_once_and_read_what_the_model_computes_for_each_text(
+    family, tmp_path
+):
     from traitlens.dataset import tokenize_examples
     from traitlens.pipeline import pair_activations
 
@@ -197,6 +199,13 @@ def test_pairs_that_share_a_prompt_run_it_once_and_read_what_the_model_computes_
                 expected[side].append(torch.stack([states[k + 1][0, len(prompt) :].mean(0) for k in (0, 1)]))
     torch.testing.assert_close(pos, torch.stack(expected["pos"], 1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(neg, torch.stack(expected["neg"], 1), rtol=1e-4, atol=1e-5)
+    # streamed and spilled (each batch written to disk) alike
+    stats = stream_statistics(model, tokenizer, pairs, layers=[0, 1], position="response_mean", batch_size=2,
+                              spill_to=tmp_path)  # fmt: skip
+    spilled = read_spilled(tmp_path)
+    torch.testing.assert_close(spilled[0], pos, rtol=0, atol=0)
+    torch.testing.assert_close(spilled[1], neg, rtol=0, atol=0)
+    torch.testing.assert_close(stats.mean_difference(), (pos - neg).mean(1), rtol=1e-5, atol=1e-6)
     # a module inside a layer (the pass stops after it, its layer's keys and values already cached)
     module = layer_path(family if family in TINY_FAMILIES else "llama", 1) + ".mlp"
     got = pair_activations(model, tokenizer, pairs, module=module, position="response_mean", batch_size=2)

@@ -288,7 +288,7 @@ def _shared_prompt_pass(
     capture.positions = select_positions("response_mean", answers.attention_mask, answers.response_mask)
     inputs = {"input_ids": answers.input_ids, "attention_mask": mask, "position_ids": position_ids}
     acts = _capture_pass(model, paths, layers, capture, inputs, use_cache=True, **{keyword: cache})
-    return acts[:, 0::2], acts[:, 1::2]
+    return acts[:, 0::2].contiguous(), acts[:, 1::2].contiguous()  # spilled batches must be contiguous
 
 
 def _takes_cache(model) -> bool:
