@@ -60,3 +60,32 @@ def test_extract_checks_the_data_before_loading_the_model(monkeypatch, capsys):
     with pytest.raises(SystemExit):  # refused by argparse
         main(["extract", "--trait", "sentiment", "--batch-size", "0"])
     assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_evaluate_checks_the_data_against_the_vector_before_loading_the_model(monkeypatch, tmp_path, capsys):
+    import json
+
+    import torch
+
+    import traitlens.cli
+    from traitlens import TraitVector
+    from traitlens.cli import main
+
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(traitlens.cli, "_load", no_load)
+    vector = TraitVector(
+        torch.ones(576), model="HuggingFaceTB/SmolLM2-135M-Instruct", module="model.layers.3",
+        position="response_mean", method="mean_diff",
+    ).save(tmp_path / "v.safetensors")  # fmt: skip
+    assert main(["evaluate", str(vector), "--trait", "sentiment"]) == 2  # plain texts: no answers to read
+    err = capsys.readouterr().err
+    assert "position 'response_mean' (the vector's)" in err
+    assert "can be scored on rows with answers only" in err and "use position=" not in err
+    splits = ["train", "train", "val", "val", "test"]
+    rows = [{"prompt": f"q{i}", "pos": "yes", "neg": "no", "split": s} for i, s in enumerate(splits)]
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["evaluate", str(vector), "--data", str(data), "--split", "test"]) == 2  # one test pair
+    assert "has 1 'test' pair; scoring needs at least 2 (choose another --split)" in capsys.readouterr().err

@@ -341,3 +341,47 @@ def test_examples_a_position_cannot_read_are_named_by_their_index_before_any_for
     with pytest.raises(ValueError, match="pairs is empty"):
         stream_statistics(model, tokenizer, [], spill_to=tmp_path / "spill")
     assert shapes == [] and not (tmp_path / "spill").exists()  # refused before any pass or folder
+
+
+def test_layers_come_back_in_the_order_given_and_bad_layers_are_refused_before_any_pass():
+    import numpy as np
+
+    model, tokenizer = make_tiny_model("llama"), make_word_tokenizer()
+    texts = _texts([4, 2, 6])
+    both = collect_activations(model, tokenizer, texts, layers=[0, 2])
+    torch.testing.assert_close(collect_activations(model, tokenizer, texts, layers=[2, 0]), both.flip(0))
+    torch.testing.assert_close(collect_activations(model, tokenizer, texts, layers=np.array([0, 2])), both)
+    shapes = _batch_shapes(model)
+    for layers, error, message in [
+        ([2, 2], ValueError, r"layers must each be given once, got \[2, 2\]"),
+        ([1.7], TypeError, r"layers must be ints, got 1\.7 \(float\)"),
+        ([True], TypeError, r"layers must be ints, got True \(bool\)"),
+        (1, TypeError, r"layers must be a sequence of ints \(e\.g\. \[12\]"),
+        ([], ValueError, r"layers is empty"),
+        ([0, 3], ValueError, r"layers must be indices in 0\.\.2, got '3'"),
+    ]:
+        with pytest.raises(error, match=message):
+            collect_activations(model, tokenizer, texts, layers=layers)
+    assert shapes == []
+
+
+def test_pair_activations_refuse_other_inputs_and_a_prompt_position_where_the_sides_share_the_prompt():
+    from traitlens.pipeline import pair_activations
+
+    model, tokenizer = make_tiny_model("llama"), make_word_tokenizer()
+    shapes = _batch_shapes(model)
+    shared = [Pair("w3 w4", "w5", "train", prompt="w1 w2"), Pair("w6", "w7 w8", "train", prompt="w9")]
+    for position in ("prompt_last", "prompt_mean"):  # identical rows on both sides: no signal
+        with pytest.raises(
+            ValueError, match=rf"at position '{position}' the two sides of every pair read the same"
+        ):
+            pair_activations(model, tokenizer, shared, layers=[1], position=position)
+        with pytest.raises(ValueError, match="use position='response_mean'"):
+            stream_statistics(model, tokenizer, shared, layers=[1], position=position)
+    with pytest.raises(TypeError, match=r"pairs must be Pairs .* got a str; for texts of one side use"):
+        pair_activations(model, tokenizer, ["w1", "w2"], layers=[1])
+    assert shapes == []
+    # one pair whose system prompts differ is enough for a prompt position to read something
+    mixed = [*shared, Pair("w3", "w4", "train", prompt="w1", system_pos="w10", system_neg="w11")]
+    pos, neg = pair_activations(model, tokenizer, mixed, layers=[1], position="prompt_last")
+    assert torch.equal(pos[0, :2], neg[0, :2]) and not torch.equal(pos[0, 2], neg[0, 2])

@@ -257,12 +257,15 @@ def cmd_evaluate(args) -> None:
     saved = load_vector(args.vector)  # a bad file or dataset fails here, before the slow model load
     dataset = _dataset(args)
     try:  # rows that cannot be read there, named by file line
-        check_position(dataset, saved.position)
+        check_position(dataset, saved.position, vector=True)
     except ValueError as err:
+        raise ValueError(f"{args.vector}: {err}") from None
+    scored = len(dataset.split(args.split))
+    if scored < 2:  # before the model loads
         raise ValueError(
-            f"{args.vector} was read at position {saved.position!r}, so it can only be scored on data read "
-            f"there: {err}"
-        ) from None
+            f"dataset {dataset.name!r} has {scored} {args.split!r} pair{'' if scored == 1 else 's'}; scoring "
+            "needs at least 2 (choose another --split)"
+        )
     model, tokenizer = _load(args)
     vector = saved
     try:  # now also checked against the model

@@ -213,7 +213,9 @@ def load_dataset(name_or_path: str | Path) -> ContrastiveDataset:
     return ContrastiveDataset(name=path.stem, path=path, sha256=hashlib.sha256(data).hexdigest(), pairs=pairs)
 
 
-def check_position(dataset: ContrastiveDataset, position: str, *, default: bool = False) -> None:
+def check_position(
+    dataset: ContrastiveDataset, position: str, *, default: bool = False, vector: bool = False
+) -> None:
     """Refuse, before any model work, a position rule that some rows of ``dataset`` cannot be read at.
 
     One rule reads every row of a dataset. ``"response_mean"`` needs answers (response tokens) in every row:
@@ -223,7 +225,8 @@ def check_position(dataset: ContrastiveDataset, position: str, *, default: bool 
     on both sides there and carry no signal: a warning names them when they are only part of the data, a
     ``ValueError`` says so when they are all of it (an extraction or evaluation there would read identical
     activations and measure chance). ``"all"`` reads every row.
-    ``default=True`` says in the message that the rule came from ``default_position``.
+    ``default=True`` says in the message that the rule came from ``default_position``; ``vector=True`` that
+    it is a saved vector's, to be scored on ``dataset`` (so the fix is other data, not another position).
     """
     check_choice(position, "position", POSITION_RULES)
     pairs = dataset.pairs
@@ -235,14 +238,16 @@ def check_position(dataset: ContrastiveDataset, position: str, *, default: bool 
         how = (
             f"the default: default_position picks it because {len(pairs) - len(unread)} rows have answers"
             if default
-            else "as given"
+            else ("the vector's" if vector else "as given")
         )
         kinds = []
         if any(p.is_plain for p in unread):
             kinds.append("plain pairs")
         if any(not p.is_plain for p in unread):
             kinds.append("prompt-style rows with system prompts only")
-        if len(unread) == len(pairs):
+        if vector:
+            fix = "a vector read at 'response_mean' can be scored on rows with answers only"
+        elif len(unread) == len(pairs):
             fix = "this dataset has no answers: use position='prompt_last' (the default for such data)"
         else:
             fix = (
@@ -259,10 +264,14 @@ def check_position(dataset: ContrastiveDataset, position: str, *, default: bool 
     if position in ("prompt_last", "prompt_mean"):
         same = [p for p in pairs if not p.prompts_differ]
         if same and len(same) == len(pairs):
+            fix = (
+                "a vector read at a prompt position cannot be scored on this data"
+                if vector
+                else "use position='response_mean'"
+            )
             raise ValueError(
                 f"at position {position!r} the two sides of every row of {where} read the same tokens (they "
-                "differ only in their answers), so there is no signal to read there: use "
-                "position='response_mean' (a vector read at a prompt position cannot be scored on this data)"
+                f"differ only in their answers), so there is no signal to read there: {fix}"
             )
         if same:
             warnings.warn(

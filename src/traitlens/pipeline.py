@@ -25,9 +25,10 @@ is what must lie within 0.5 +/- ``CHANCE_BAND``.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def collect_activations(
     progress: bool | str = False,
     module: str | None = None,
 ) -> torch.Tensor:
-    """Activations of ``examples`` at the outputs of decoder ``layers``: ``[layer, n, hidden]`` float32, CPU.
+    """Activations of ``examples`` at the outputs of decoder ``layers`` (in the order given; default all):
+    ``[layer, n, hidden]`` float32, CPU.
 
     ``position`` is one of ``POSITION_RULES``; with ``"all"`` every real token is a row, so ``n`` is the
     total number of real tokens. ``progress`` shows a progress bar (a string is used as its label).
@@ -126,10 +128,21 @@ def _pairs(
     (``_longest_first``, by the longer side of each)."""
     if len(pairs) == 0:
         raise ValueError("pairs is empty; give at least one Pair")
+    wrong = next((p for p in pairs if not isinstance(p, Pair)), None)
+    if wrong is not None:
+        raise TypeError(
+            f"pairs must be Pairs (e.g. load_dataset(...).train), got a {type(wrong).__name__}; for texts of "
+            "one side use collect_activations"
+        )
     sides = [
         _tokenized(tokenizer, [getattr(p, f"{side}_example") for p in pairs], None, position)
         for side in ("pos", "neg")
     ]
+    if position != "response_mean" and all(p[0] == n[0] for p, n in zip(*sides, strict=True)):
+        raise ValueError(
+            f"at position {position!r} the two sides of every pair read the same tokens (they differ only in "
+            "their answers), so their rows would be identical: use position='response_mean'"
+        )
     return sides, _longest_first(*map(_lengths, sides))
 
 
@@ -267,7 +280,8 @@ def _shared_prompt_pass(
     count it. A pair costs its prompt once and both answers, instead of its prompt twice: see
     ``benchmarks/shared_prompt.py`` (0.65-0.74x of the time of one pass per side on the shipped
     prompt-style datasets with SmolLM2, whose chat template adds a system prompt). Equal to one pass per
-    side up to float rounding (~1e-6 relative there).
+    side up to float rounding: ~1e-6 relative in float32; in bfloat16 both paths are as far from float32
+    (~6e-3), and a row may differ between them by ~1e-2.
     """
     from transformers import DynamicCache
 
@@ -578,7 +592,7 @@ def extract_trait(
     check_choice(backend, "backend", ("local", "ray"))
     position, methods = check_extraction(dataset, position, methods)
     paths = decoder_layer_paths(model)
-    layers = _check_layers(layers, len(paths))
+    layers = sorted(_check_layers(layers, len(paths)))  # a sweep, reported by layer
 
     acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if backend == "ray":
@@ -783,15 +797,25 @@ def _clean(value):
 
 
 def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """``layers`` as a list of ints in the order given (all ``n_layers`` when ``None``): integers (numpy's
+    too, not bools or floats), each once, each in ``0 .. n_layers - 1``."""
     if layers is None:
         return list(range(n_layers))
-    layers = sorted(set(int(layer) for layer in layers))
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad or not layers:
-        raise ValueError(
-            f"layers must be indices in 0..{n_layers - 1}, got {short_list(map(str, bad or layers))}"
-        )
-    return layers
+    if isinstance(layers, (int, str)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be a sequence of ints (e.g. [12] or range(8, 20)), got {layers!r}")
+    checked = []
+    for layer in layers:
+        if isinstance(layer, bool) or not hasattr(type(layer), "__index__"):
+            raise TypeError(f"layers must be ints, got {layer!r} ({type(layer).__name__}) in {layers!r}")
+        checked.append(operator.index(layer))
+    if not checked:
+        raise ValueError("layers is empty; give at least one layer index")
+    bad = [layer for layer in checked if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layers must be indices in 0..{n_layers - 1}, got {short_list(map(str, bad))}")
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"layers must each be given once, got {checked}")
+    return checked
 
 
 def _progress(items, label: bool | str, unit: str):

@@ -104,7 +104,8 @@ def test_cli_bad_arguments_get_one_line(run, tmp_path, capsys):
     out, _ = run
     assert main(["evaluate", str(out / "trait_vector.safetensors"), "--trait", "formality"]) == 2
     err = capsys.readouterr().err
-    assert "was read at position 'prompt_last'" in err and "every row" in err and "loaded" not in err
+    assert "at position 'prompt_last'" in err and "every row" in err and "loaded" not in err
+    assert "a vector read at a prompt position cannot be scored on this data" in err
     assert main(["extract", "--trait", "sentimnt"]) == 2
     assert "did you mean 'sentiment'" in capsys.readouterr().err
 
