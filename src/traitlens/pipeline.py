@@ -157,9 +157,9 @@ def pair_activations(
     progress: bool | str = False,
     module: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pos, neg)`` activations of both sides of ``pairs`` at the outputs of decoder ``layers`` (or of
-    ``module``), each ``[layer, n, hidden]`` float32 on CPU, rows in the order of ``pairs``:
-    ``collect_activations`` of each side, computed pair by pair.
+    """``(pos, neg)`` activations of both sides of ``pairs`` at the outputs of decoder ``layers`` (in the
+    order given; default all) or of ``module``, each ``[layer, n, hidden]`` float32 on CPU, rows in the order
+    of ``pairs``: ``collect_activations`` of each side, computed pair by pair.
 
     With ``position="response_mean"``, pairs whose two sides share their prompt (the same question, two
     answers) run the prompt once and both answers from its key/value cache, which is faster by the length
@@ -381,7 +381,8 @@ def stream_statistics(
     spilled batches is refused (they would be read as part of this run). ``position="all"`` is refused: its
     positive and negative rows do not pair up.
 
-    Pairs are batched longest first (as in ``collect_activations``), both sides in one order.
+    Pairs are batched longest first (as in ``collect_activations``), both sides in one order; pairs that
+    share their prompt run it once at ``"response_mean"`` (as in ``pair_activations``).
     """
     check_one_row_per_example(position, "stream_statistics")
     sides, order = _pairs(tokenizer, pairs, position)
