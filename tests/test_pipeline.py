@@ -146,6 +146,10 @@ def test_streamed_pairs_share_one_order_and_spilled_rows_read_back_in_pair_order
     torch.testing.assert_close(spilled_pos, expected_pos, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(spilled_neg, expected_neg, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(read_spilled(tmp_path / "a", 1)[1], expected_neg[1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"layer_index 2 is out of range: .* holds layers \[0, 1\]; layer_index"
+    ):
+        read_spilled(tmp_path / "a", 2)
     diff = (expected_pos - expected_neg).mean(1)
     torch.testing.assert_close(stats.mean_difference(), diff, rtol=1e-5, atol=1e-6)
 

@@ -376,7 +376,7 @@ def stream_statistics(
     Memory grows with ``len(pairs)`` by the token ids alone (4 bytes a token): each batch's activations are
     folded into float64 sums and dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also
     written to ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``, and
-    ``index``, ``[n]``: which pairs its rows are), so that methods that need every row can read one layer
+    ``index``, ``[n]``: which pairs its rows are; metadata ``layers``), so that methods that need every row can read one layer
     at a time from disk with ``read_spilled``, in the order of ``pairs``; a folder that already holds
     spilled batches is refused (they would be read as part of this run). ``position="all"`` is refused: its
     positive and negative rows do not pair up.
@@ -386,6 +386,7 @@ def stream_statistics(
     """
     check_one_row_per_example(position, "stream_statistics")
     sides, order = _pairs(tokenizer, pairs, position)
+    layers = _check_layers(layers, len(decoder_layer_paths(model)))  # recorded in the spilled files
     batches = _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress)  # checks
     if spill_to is not None:
         spill_to = Path(spill_to)
@@ -402,7 +403,7 @@ def stream_statistics(
         if spill_to is not None:
             index = torch.tensor(order[k * batch_size : (k + 1) * batch_size])
             spilled = {"pos": pos_acts, "neg": neg_acts, "index": index}
-            save_tensors(spilled, spill_to / f"batch_{k:06d}.safetensors")
+            save_tensors(spilled, spill_to / f"batch_{k:06d}.safetensors", metadata={"layers": str(layers)})
     return stats
 
 
@@ -411,8 +412,9 @@ def read_spilled(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pos, neg)`` from the files that ``stream_statistics(spill_to=folder)`` wrote, each file read once,
     rows in the order of the pairs: ``[layer, n, hidden]``, or ``[n, hidden]`` of one layer (its index
-    among the spilled layers), in which case only that layer's slices are read from disk. ``folder`` may
-    also be several such folders, read in order as one (the shards of a distributed run)."""
+    among the spilled layers, e.g. 1 for layer 12 of ``layers=[4, 12, 25]``), in which case only that
+    layer's slices are read from disk. ``folder`` may also be several such folders, read in order as one
+    (the shards of a distributed run)."""
     from safetensors import safe_open
 
     folders = []  # the batch files of each folder
@@ -430,6 +432,14 @@ def read_spilled(
         start = total  # this folder's first row
         for path in batches:
             with safe_open(path, framework="pt") as f:
+                spilled = f.get_slice("pos").get_shape()[0]  # layers in this file
+                if layer_index is not None and not -spilled <= layer_index < spilled:
+                    recorded = (f.metadata() or {}).get("layers")  # files of before 2026-11-27 have none
+                    held = f"layers {recorded}" if recorded else f"{spilled} layers"
+                    raise ValueError(
+                        f"layer_index {layer_index} is out of range: {path} holds {held}; layer_index is a "
+                        "position among them, not a layer number"
+                    )
                 for name in parts:
                     whole = layer_index is None
                     parts[name].append(f.get_tensor(name) if whole else f.get_slice(name)[layer_index])
