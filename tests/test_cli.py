@@ -89,3 +89,10 @@ def test_evaluate_checks_the_data_against_the_vector_before_loading_the_model(mo
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert main(["evaluate", str(vector), "--data", str(data), "--split", "test"]) == 2  # one test pair
     assert "has 1 'test' pair; scoring needs at least 2 (choose another --split)" in capsys.readouterr().err
+    # rows without answers elsewhere in the file do not stop the scoring of a split that has them
+    rows = [*rows, {"pos": "w1", "neg": "w2", "split": "train"}, {**rows[-1], "prompt": "q5"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["evaluate", str(vector), "--data", str(data), "--split", "test"])
+    assert main(["evaluate", str(vector), "--data", str(data), "--split", "train"]) == 2
+    assert "lines 6" in capsys.readouterr().err  # the train row without an answer, by its line

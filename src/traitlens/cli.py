@@ -7,6 +7,7 @@ clear line on stderr and exit status 2, not a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -256,8 +257,10 @@ def cmd_evaluate(args) -> None:
 
     saved = load_vector(args.vector)  # a bad file or dataset fails here, before the slow model load
     dataset = _dataset(args)
-    try:  # rows that cannot be read there, named by file line
-        check_position(dataset, saved.position, vector=True)
+    try:  # rows of the scored split that cannot be read there, named by file line
+        check_position(
+            dataclasses.replace(dataset, pairs=dataset.split(args.split)), saved.position, vector=True
+        )
     except ValueError as err:
         raise ValueError(f"{args.vector}: {err}") from None
     scored = len(dataset.split(args.split))
