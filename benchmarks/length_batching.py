@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from traitlens import load_model
-    from traitlens.pipeline import _activation_batches, _tokenized, collect_activations
+    from traitlens.pipeline import _activation_batches, _hooked_layers, _tokenized, collect_activations
 
     model, tokenizer = load_model()
     print(f"machine: {machine()}")
@@ -62,8 +62,9 @@ def main() -> None:
         for _ in range(args.rounds):
             start = time.perf_counter()
             tokens = _tokenized(tokenizer, examples, None, "prompt_last")
+            paths, layers = _hooked_layers(model, None, args.batch_size)
             batches = _activation_batches(
-                model, tokenizer, tokens, given, None, "prompt_last", args.batch_size, False
+                model, tokenizer, tokens, given, paths, layers, "prompt_last", args.batch_size, False
             )
             in_order = torch.cat(list(batches), dim=1)
             times["in order"].append(time.perf_counter() - start)

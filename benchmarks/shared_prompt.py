@@ -11,7 +11,8 @@ plain texts at ``prompt_last``, which cannot share and shows that nothing else c
 "one pass per side" is the same code with the shared pass turned off (``_takes_cache`` returning False),
 i.e. what the pipeline did before. The two alternate within each round; the table gives the median of
 each, the ratio of medians, and the largest difference between the two results' activations, per row,
-relative to that row's norm; for ``extract_trait``, also how far each method's vectors moved. Ratios from one run on one machine, named in the output.
+relative to that row's norm; for ``extract_trait``, also how far each method's vectors moved. Ratios from
+one run on one machine, named in the output.
 """
 
 from __future__ import annotations
@@ -89,15 +90,12 @@ def main() -> None:
 
     a, b, old, new = timed(args.extract_rounds, extract)
     diff = row_error(old.activations["train"][0], new.activations["train"][0])
+    row = f"| extract_trait formality (all splits) | {len(data.pairs)} | {a:.2f} | {b:.2f} | {b / a:.2f}"
+    print(f"{row} | {diff:.1e} |")
     print(
-        f"| extract_trait formality (all splits) | {len(data.pairs)} | {a:.2f} | {b:.2f} | {b / a:.2f} | {diff:.1e} |"
+        f"\nchosen without sharing: {old.best_method} at layer {old.best_layer}; with it: {new.best_method}"
     )
-    print(
-        f"\nchosen without sharing: {old.best_method} at layer {old.best_layer}; with it: {new.best_method} at"
-    )
-    print(
-        f"layer {new.best_layer}. Vectors: largest difference over the layers, relative to the vector's norm:"
-    )
+    print(f"at layer {new.best_layer}. Vectors: largest difference over the layers, relative to their norm:")
     for method in old.methods:
         moved = (old.vectors[method] - new.vectors[method]).norm(dim=-1) / old.vectors[method].norm(dim=-1)
         above = int((moved > 1e-3).sum())

@@ -89,8 +89,9 @@ def collect_activations(
     rows = counts if position == "all" else torch.ones_like(counts)  # rows of each example in the result
     ends = rows.cumsum(0)
     out = None
+    paths, layers = _hooked_layers(model, layers, batch_size, module)
     batches = _activation_batches(
-        model, tokenizer, tokens, order, layers, position, batch_size, progress, module
+        model, tokenizer, tokens, order, paths, layers, position, batch_size, progress
     )
     for start, acts in zip(range(0, len(order), batch_size), batches, strict=True):
         if out is None:
@@ -134,15 +135,15 @@ def _pairs(
             f"pairs must be Pairs (e.g. load_dataset(...).train), got a {type(wrong).__name__}; for texts of "
             "one side use collect_activations"
         )
-    sides = [
-        _tokenized(tokenizer, [getattr(p, f"{side}_example") for p in pairs], None, position)
-        for side in ("pos", "neg")
-    ]
-    if position != "response_mean" and all(p[0] == n[0] for p, n in zip(*sides, strict=True)):
+    if position in ("prompt_last", "prompt_mean") and not any(p.prompts_differ for p in pairs):
         raise ValueError(
             f"at position {position!r} the two sides of every pair read the same tokens (they differ only in "
             "their answers), so their rows would be identical: use position='response_mean'"
         )
+    sides = [
+        _tokenized(tokenizer, [getattr(p, f"{side}_example") for p in pairs], None, position)
+        for side in ("pos", "neg")
+    ]
     return sides, _longest_first(*map(_lengths, sides))
 
 
@@ -167,7 +168,8 @@ def pair_activations(
     """
     check_one_row_per_example(position, "pair_activations")
     sides, order = _pairs(tokenizer, pairs, position)
-    batches = _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress, module)
+    paths, layers = _hooked_layers(model, layers, batch_size, module)
+    batches = _pair_batches(model, tokenizer, sides, order, paths, layers, position, batch_size, progress)
     out = []
     for start, acts in zip(range(0, len(order), batch_size), batches, strict=True):
         if not out:
@@ -191,43 +193,33 @@ def _longest_first(*counts: torch.Tensor) -> list[int]:
     return torch.sort(longest, descending=True, stable=True).indices.tolist()
 
 
-def _activation_batches(model, tokenizer, tokens, order, layers, position, batch_size, progress, module=None):
+def _activation_batches(model, tokenizer, tokens, order, paths, layers, position, batch_size, progress):
     """``[layer, batch, hidden]`` float32 CPU activations of the ``_tokenized`` examples ``tokens`` (which has
-    checked ``position``), ``batch_size`` at a time in the order of the indices ``order``: a generator,
-    returned after the other arguments are checked."""
-    paths, layers = _hooked_layers(model, layers, batch_size, module)
+    checked ``position``) at ``_hooked_layers``, ``batch_size`` at a time in the order of the indices
+    ``order``."""
     capture = ActivationCapture(device="cpu", dtype=torch.float32)
-
-    def batches():
-        for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
-            rows = [tokens[i] for i in order[start : start + batch_size]]
-            yield _one_pass(model, tokenizer, rows, paths, layers, position, capture)
-
-    return batches()
+    for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
+        rows = [tokens[i] for i in order[start : start + batch_size]]
+        yield _one_pass(model, tokenizer, rows, paths, layers, position, capture)
 
 
-def _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress, module=None):
-    """``(pos, neg)`` activations of ``_pairs``, ``[layer, batch, hidden]`` float32 CPU each, ``batch_size``
-    pairs at a time in the order of ``order``: a generator, returned after the arguments are checked.
+def _pair_batches(model, tokenizer, sides, order, paths, layers, position, batch_size, progress):
+    """``(pos, neg)`` activations of ``_pairs`` at ``_hooked_layers``, ``[layer, batch, hidden]`` float32 CPU
+    each, ``batch_size`` pairs at a time in the order of ``order``.
 
     Where every pair of a batch has one prompt for both sides and ``position`` reads the responses only
     (``"response_mean"``), the prompts run once and both answers continue from their key/value cache
     (``_shared_prompt_pass``); otherwise each side gets its own pass."""
-    paths, layers = _hooked_layers(model, layers, batch_size, module)
     capture = ActivationCapture(device="cpu", dtype=torch.float32)
     share = position == "response_mean" and _takes_cache(model)
-
-    def batches():
-        for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
-            pos, neg = ([side[i] for i in order[start : start + batch_size]] for side in sides)
-            if share and all(p[0] == n[0] for p, n in zip(pos, neg, strict=True)):
-                yield _shared_prompt_pass(model, tokenizer, pos, neg, paths, layers, capture)
-            else:
-                yield tuple(
-                    _one_pass(model, tokenizer, rows, paths, layers, position, capture) for rows in (pos, neg)
-                )
-
-    return batches()
+    for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
+        pos, neg = ([side[i] for i in order[start : start + batch_size]] for side in sides)
+        if share and all(p[0] == n[0] for p, n in zip(pos, neg, strict=True)):
+            yield _shared_prompt_pass(model, tokenizer, pos, neg, paths, layers, capture)
+        else:
+            yield tuple(
+                _one_pass(model, tokenizer, rows, paths, layers, position, capture) for rows in (pos, neg)
+            )
 
 
 def _hooked_layers(model, layers, batch_size, module=None) -> tuple[list[str], list[int]]:
@@ -252,15 +244,22 @@ def _one_pass(model, tokenizer, rows, paths, layers, position, capture) -> torch
     return acts[:, enc.attention_mask.bool()] if position == "all" else acts
 
 
-def _capture_pass(model, paths, layers, capture, inputs, **kwargs) -> torch.Tensor:
-    """Run ``model`` on the tensors ``inputs`` (moved to its input device) and ``kwargs``, with ``capture``'s
-    hooks on ``layers`` and stopping after the last of them: ``[layer, ...]`` of what ``capture`` read."""
+def _run(model, inputs, last: str, hooked: dict[str, object] | None = None, **kwargs) -> None:
+    """One forward pass of ``model`` on the tensors ``inputs`` (moved to its input device) and ``kwargs``,
+    with the forward hooks ``hooked`` (module path -> hook), stopping after the module ``last``."""
     device = input_device(model)
     with torch.no_grad(), HookManager(model) as hooks:
-        for layer in layers:
-            hooks.add_forward_hook(paths[layer], capture.make_hook(str(layer)))
-        hooks.stop_after(paths[max(layers)])
+        for path, hook in (hooked or {}).items():
+            hooks.add_forward_hook(path, hook)
+        hooks.stop_after(last)
         model(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
+
+
+def _capture_pass(model, paths, layers, capture, inputs, **kwargs) -> torch.Tensor:
+    """``_run`` with ``capture``'s hooks on ``layers``, stopping after the last of them: ``[layer, ...]`` of
+    what ``capture`` read."""
+    hooked = {paths[layer]: capture.make_hook(str(layer)) for layer in layers}
+    _run(model, inputs, paths[max(layers)], hooked, **kwargs)
     if str(layers[0]) not in capture:
         raise ValueError(f"module {paths[layers[0]]!r} did not run in the forward pass")
     acts = torch.stack([capture.get(str(layer)) for layer in layers])
@@ -290,18 +289,14 @@ def _shared_prompt_pass(
         tokenizer, [(array("i"), side[1]) for pair in zip(pos, neg, strict=True) for side in pair]
     )
     cache = DynamicCache(config=model.config)
-    keyword = cache_keyword(model)
-    device = input_device(model)
-    with torch.no_grad(), HookManager(model) as hooks:
-        hooks.stop_after(paths[max(layers)])  # only the hooked layers' keys and values are needed
-        inputs = prompts.model_inputs()
-        model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=True, **{keyword: cache})
+    on_cache = {cache_keyword(model): cache, "use_cache": True}
+    _run(model, prompts.model_inputs(), paths[max(layers)], **on_cache)  # keys and values of hooked layers
     cache.batch_repeat_interleave(2)  # rows: pair 0 pos, pair 0 neg, pair 1 pos, ...
     mask = torch.cat([prompts.attention_mask.repeat_interleave(2, dim=0), answers.attention_mask], dim=1)
     position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)[:, prompts.input_ids.shape[1] :]
     capture.positions = select_positions("response_mean", answers.attention_mask, answers.response_mask)
     inputs = {"input_ids": answers.input_ids, "attention_mask": mask, "position_ids": position_ids}
-    acts = _capture_pass(model, paths, layers, capture, inputs, use_cache=True, **{keyword: cache})
+    acts = _capture_pass(model, paths, layers, capture, inputs, **on_cache)
     return acts[:, 0::2].contiguous(), acts[:, 1::2].contiguous()  # spilled batches must be contiguous
 
 
@@ -376,18 +371,18 @@ def stream_statistics(
     Memory grows with ``len(pairs)`` by the token ids alone (4 bytes a token): each batch's activations are
     folded into float64 sums and dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also
     written to ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``, and
-    ``index``, ``[n]``: which pairs its rows are; metadata ``layers``), so that methods that need every row can read one layer
-    at a time from disk with ``read_spilled``, in the order of ``pairs``; a folder that already holds
-    spilled batches is refused (they would be read as part of this run). ``position="all"`` is refused: its
-    positive and negative rows do not pair up.
+    ``index``, ``[n]``: which pairs its rows are; metadata ``layers``), so that methods that need every row
+    can read one layer at a time from disk with ``read_spilled``, in the order of ``pairs``; a folder that
+    already holds spilled batches is refused (they would be read as part of this run). ``position="all"``
+    is refused: its positive and negative rows do not pair up.
 
     Pairs are batched longest first (as in ``collect_activations``), both sides in one order; pairs that
     share their prompt run it once at ``"response_mean"`` (as in ``pair_activations``).
     """
     check_one_row_per_example(position, "stream_statistics")
     sides, order = _pairs(tokenizer, pairs, position)
-    layers = _check_layers(layers, len(decoder_layer_paths(model)))  # recorded in the spilled files
-    batches = _pair_batches(model, tokenizer, sides, order, layers, position, batch_size, progress)  # checks
+    paths, layers = _hooked_layers(model, layers, batch_size)  # layers are recorded in the spilled files
+    batches = _pair_batches(model, tokenizer, sides, order, paths, layers, position, batch_size, progress)
     if spill_to is not None:
         spill_to = Path(spill_to)
         spill_to.mkdir(parents=True, exist_ok=True)
