@@ -257,17 +257,15 @@ def cmd_evaluate(args) -> None:
 
     saved = load_vector(args.vector)  # a bad file or dataset fails here, before the slow model load
     dataset = _dataset(args)
+    scored = dataset.split(args.split)
     try:  # rows of the scored split that cannot be read there, named by file line
-        check_position(
-            dataclasses.replace(dataset, pairs=dataset.split(args.split)), saved.position, vector=True
-        )
+        check_position(dataclasses.replace(dataset, pairs=scored), saved.position, vector=True)
     except ValueError as err:
         raise ValueError(f"{args.vector}: {err}") from None
-    scored = len(dataset.split(args.split))
-    if scored < 2:  # before the model loads
+    if len(scored) < 2:  # before the model loads
         raise ValueError(
-            f"dataset {dataset.name!r} has {scored} {args.split!r} pair{'' if scored == 1 else 's'}; scoring "
-            "needs at least 2 (choose another --split)"
+            f"dataset {dataset.name!r} has {len(scored)} {args.split!r} pair{'' if len(scored) == 1 else 's'}; "
+            "scoring needs at least 2 (choose another --split)"
         )
     model, tokenizer = _load(args)
     vector = saved
@@ -283,7 +281,7 @@ def cmd_evaluate(args) -> None:
                 for side in dataset.examples(args.split)
             ]
         else:
-            acts = [side[0] for side in pair_activations(model, tokenizer, dataset.split(args.split), **read)]
+            acts = [side[0] for side in pair_activations(model, tokenizer, scored, **read)]
     except (TypeError, ValueError) as err:  # an output the capture cannot read at that position
         raise ValueError(f"cannot read activations at the vector's module {vector.module!r}: {err}") from None
     if acts[0].ndim != 2 or acts[0].shape[1] != vector.hidden_size:
