@@ -83,12 +83,19 @@ class _TokenText:
         self.pending = []
         return text
 
+    def flush(self) -> str:
+        """What the pending bytes decode to (U+FFFD for an unfinished character), for the last token of a
+        text that ends inside a character; empties them."""
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
 
 def _token_strings(tokenizer, ids: list[int]) -> list[str]:
     text = _TokenText(tokenizer)
     strings = [text(i) for i in ids]
     if text.pending:  # the text ends inside a character: show what its bytes decode to on the last token
-        strings[-1] = tokenizer.decode(text.pending)
+        strings[-1] = text.flush()
     return strings
 
 
@@ -153,6 +160,7 @@ def generate_with_projections(
     fed: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
     live_text = _TokenText(tokenizer)
+    last_feed = False  # set for the pass that feeds the last token
 
     def read_ids(module, args, kwargs):
         fed.append(kwargs["input_ids"][0])
@@ -163,8 +171,11 @@ def generate_with_projections(
         scores.append(step)
         if on_token is not None:
             ids, values = fed[-1].tolist(), step.tolist()
-            for token_id, value in zip(ids[-len(values) :], values, strict=True):
-                on_token(live_text(token_id), value)
+            texts = [live_text(token_id) for token_id in ids[-len(values) :]]
+            if last_feed and live_text.pending:  # it ends inside a character: as `_token_strings` shows it
+                texts[-1] = live_text.flush()
+            for text, value in zip(texts, values, strict=True):
+                on_token(text, value)
 
     inputs = {k: v.to(device) for k, v in enc.model_inputs().items() if k != "position_ids"}
     settings = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
@@ -176,6 +187,7 @@ def generate_with_projections(
         )
         sequence = out.sequences[0]
         if sequence.shape[0] > enc.input_ids.shape[1]:  # the last sampled token was never fed: feed it
+            last_feed = True
             cache = out["cache"] if "cache" in out else out["past_key_values"]
             model(input_ids=sequence[-1:].unsqueeze(0), use_cache=True, **{cache_keyword(model): cache})
     values = torch.cat(scores).cpu()

@@ -68,6 +68,36 @@ def test_monitor_projects_positive_texts_higher(run, real_model):
     assert sum(d > 0 for d in last) >= 0.9 * len(pairs)
 
 
+def test_live_token_texts_add_up_to_the_text_also_when_it_ends_inside_a_character(real_model):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from traitlens.monitor import generate_with_projections
+
+    model, tokenizer = real_model
+    emoji = tokenizer.encode("é😀", add_special_tokens=False)  # é, then 3 byte tokens for the emoji
+    assert len(emoji) == 4
+
+    class Force(LogitsProcessor):  # generates the emoji's tokens, whatever the model would
+        def __call__(self, input_ids, scores):
+            forced = torch.full_like(scores, -float("inf"))
+            forced[:, emoji[input_ids.shape[1] - start]] = 0.0
+            return forced
+
+    vector = TraitVector(torch.randn(576), model="smollm2", module="model.layers.5", position="all",
+                         method="mean_diff")  # fmt: skip
+    start = encode_examples(tokenizer, ["Smile"]).input_ids.shape[1]
+    for new_tokens in (3, 4):  # ends inside the emoji, then after it
+        live = []
+        scores = generate_with_projections(
+            model, tokenizer, vector, "Smile", max_new_tokens=new_tokens,
+            logits_processor=LogitsProcessorList([Force()]), on_token=lambda t, v, live=live: live.append((t, v)),
+        )  # fmt: skip
+        assert [t for t, _ in live] == scores.tokens
+        assert torch.equal(torch.tensor([v for _, v in live]), scores.scores)
+        assert "".join(scores.tokens[start:]) == tokenizer.decode(emoji[:new_tokens])
+    assert scores.tokens[start:] == ["é", "", "", "😀"]
+
+
 def test_cli_evaluate_monitor_modules(run, tmp_path, capsys):
     out, summary = run
     vector = str(out / "trait_vector.safetensors")
