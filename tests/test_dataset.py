@@ -450,6 +450,8 @@ def test_encoding_to_and_model_inputs(toy_tokenizer):
     enc = encode_examples(toy_tokenizer, EXAMPLES, padding_side="left")
     moved = enc.to("cpu")
     assert set(moved.model_inputs()) == {"input_ids", "attention_mask", "position_ids"}
+    right = encode_examples(toy_tokenizer, EXAMPLES)  # positions as each text alone: the model's own
+    assert set(right.model_inputs()) == {"input_ids", "attention_mask"}
     assert len(moved) == len(EXAMPLES)
     assert torch.equal(moved.response_mask, enc.response_mask)
 

@@ -238,6 +238,8 @@ def _misread_by_a_shared_prompt(kind: str):
             d_model=32, decoder_layers=3, decoder_attention_heads=4, decoder_ffn_dim=64, vocab_size=128,
             pad_token_id=0, max_position_embeddings=128,
         )  # fmt: skip
+    elif kind == "roberta":  # counts positions from the pad id + 1, so positions given from 0 are wrong
+        config = T.RobertaConfig(**sizes, pad_token_id=0, is_decoder=True, max_position_embeddings=64)
     else:  # phi3 with longrope: rotary factors chosen by each pass's length (original maximum 8)
         config = T.Phi3Config(
             **sizes, num_key_value_heads=2, pad_token_id=0, max_position_embeddings=32,
@@ -249,7 +251,9 @@ def _misread_by_a_shared_prompt(kind: str):
     return T.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("kind", ["gemma3-bidirectional", "megatron-bert", "trocr", "phi3-longrope"])
+@pytest.mark.parametrize(
+    "kind", ["gemma3-bidirectional", "megatron-bert", "trocr", "phi3-longrope", "roberta"]
+)
 def test_models_a_shared_prompt_would_misread_get_one_pass_per_side(kind):
     from traitlens.dataset import tokenize_examples
     from traitlens.hooks import decoder_layer_paths
@@ -282,6 +286,33 @@ def test_models_a_shared_prompt_would_misread_get_one_pass_per_side(kind):
             handle.remove()
         expected = torch.stack([out[0, len(prompt) :].mean(0) for out in outputs])  # [layer, hidden]
         torch.testing.assert_close(got[:, 0], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "roberta"])
+def test_right_padded_batches_read_every_token_as_the_text_alone(kind):
+    """Right-padded rows get the model's own position numbering: RoBERTa's starts at the pad id + 1."""
+    from traitlens.hooks import decoder_layer_paths
+
+    model = make_tiny_model("llama") if kind == "llama" else _misread_by_a_shared_prompt(kind)
+    tokenizer, texts = make_word_tokenizer(), _texts([5, 2, 9, 4])
+    got = collect_activations(model, tokenizer, texts, layers=[0, 1], position="all", batch_size=4)
+    paths, expected = decoder_layer_paths(model), []
+    for text in texts:  # alone: no padding, no position_ids
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        seen = []
+        handles = [
+            model.get_submodule(paths[k]).register_forward_hook(
+                lambda _, args, out, seen=seen: seen.append(out[0] if isinstance(out, tuple) else out)
+            )
+            for k in (0, 1)
+        ]
+        with torch.no_grad():
+            model(ids)
+        for handle in handles:
+            handle.remove()
+        expected.append(torch.stack([out[0] for out in seen]))  # [layer, tokens, hidden]
+    assert got.shape == (2, 20, 32)
+    torch.testing.assert_close(got, torch.cat(expected, dim=1), rtol=1e-4, atol=1e-5)
 
 
 def test_spilled_batches_without_an_index_are_read_in_file_order_and_mixed_runs_are_refused(tmp_path):

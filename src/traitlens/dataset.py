@@ -459,10 +459,10 @@ def _duplicates(path: Path, pairs: Sequence[Pair]) -> list[Problem]:
 class Encoding:
     """A tokenized, padded batch with the prompt / response boundary of every row.
 
-    All tensors are ``[batch, seq]`` on CPU. ``attention_mask`` (int64, 1 on real tokens) and
-    ``position_ids`` (int64, counting real tokens only, so that left padding does not shift positions)
-    go to the model; ``prompt_mask`` and ``response_mask`` (bool) are disjoint and together cover exactly
-    the real tokens.
+    All tensors are ``[batch, seq]`` on CPU. ``attention_mask`` (int64, 1 on real tokens) goes to the
+    model, and so do ``position_ids`` (int64, counting real tokens only, so that left padding does not shift
+    positions) when the batch is left-padded; ``prompt_mask`` and ``response_mask`` (bool) are disjoint and
+    together cover exactly the real tokens.
     """
 
     input_ids: torch.Tensor
@@ -473,12 +473,13 @@ class Encoding:
     padding_side: str
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask`` and ``position_ids`` for ``model(**enc.model_inputs())``."""
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "position_ids": self.position_ids,
-        }
+        """``input_ids`` and ``attention_mask`` for ``model(**enc.model_inputs())``, and ``position_ids``
+        when left-padded. Right-padded rows start where each text alone starts, so the model numbers their
+        positions itself: not every model counts from 0 (RoBERTa-family models count from the pad id + 1)."""
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.padding_side == "left":
+            inputs["position_ids"] = self.position_ids
+        return inputs
 
     @property
     def last_prompt_index(self) -> torch.Tensor:

@@ -303,7 +303,8 @@ def _shared_prompt_pass(
 def _takes_cache(model) -> bool:
     """Whether ``_shared_prompt_pass`` computes what one pass per text computes for ``model``. Checked on
     about 150 transformers families with random weights; it holds for a decoder-only transformers model
-    - that takes a key/value cache and ``position_ids`` (TrOCR takes its positions from the cache length),
+    - that takes a key/value cache and ``position_ids`` counted from 0 (TrOCR takes its positions from the
+      cache length; RoBERTa-family models count them from the pad id + 1),
     - whose cache holds keys and values only (not xLSTM's, Mamba's or a hybrid's recurrent state, which
       repeating the cache's rows would not cover),
     - that attends causally (a cached prompt cannot attend to its answer: not Gemma 3's
@@ -321,6 +322,8 @@ def _takes_cache(model) -> bool:
     config = _text_config(model)
     takes = inspect.signature(model.forward).parameters
     if model.config.is_encoder_decoder or not cache_keyword(model) or "position_ids" not in takes:
+        return False
+    if any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules()):  # from the pad id + 1
         return False
     causal = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
     encoder = getattr(config, "is_decoder", None) is False and not causal  # BERT-like, marked nowhere
