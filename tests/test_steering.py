@@ -497,7 +497,9 @@ def test_dose_response_scores_with_the_unsteered_model(tiny):
     # _score against a reference: transformers' own loss over the response tokens, and hooks on the layer.
     generated = [([5, 9, 14, 7], [11, 3, 2]), ([8, 8], [40, 41, 42, 43])]
     unit = v / v.norm()
-    projection, nll, count = _score(model, generated, layer_path(family, LAYER), unit, batch_size=1)
+    projection, nll, count = _score(
+        model, _CharTokenizer(), generated, layer_path(family, LAYER), unit, batch_size=1
+    )
     expected_nll, expected_projection = 0.0, 0.0
     for prompt, response in generated:
         ids = torch.tensor([prompt + response])

@@ -22,7 +22,7 @@ import torch
 
 from traitlens._plot import figure
 from traitlens.capture import output_tensor
-from traitlens.dataset import Example, encode_examples
+from traitlens.dataset import Example, encode_examples, pad_rows
 from traitlens.hooks import HookManager, input_device
 from traitlens.steering import _targets, steer
 
@@ -114,7 +114,7 @@ def dose_response(
     for coeff in coeffs:
         with steer(model, direction, module=path, coeff=coeff, positions=positions, norm=norm):
             generated = _generate(model, tokenizer, prompts, max_new_tokens, chat, batch_size)
-        projection, nll, count = _score(model, generated, path, unit, batch_size)
+        projection, nll, count = _score(model, tokenizer, generated, path, unit, batch_size)
         rows.append(
             {
                 "coeff": coeff,
@@ -214,7 +214,9 @@ def _generate(
 
 
 @torch.no_grad()
-def _score(model, generated, path: str, unit: torch.Tensor, batch_size: int) -> tuple[float, float, int]:
+def _score(
+    model, tokenizer, generated, path: str, unit: torch.Tensor, batch_size: int
+) -> tuple[float, float, int]:
     """Sum of projections and of negative log-likelihoods of the response tokens, and their count."""
     total_projection, total_nll, count = 0.0, 0.0, 0
     seen: list[torch.Tensor] = []
@@ -225,17 +227,10 @@ def _score(model, generated, path: str, unit: torch.Tensor, batch_size: int) -> 
             rows = [(p, r) for p, r in generated[start : start + batch_size] if r]
             if not rows:
                 continue
-            width = max(len(p) + len(r) for p, r in rows)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            response = torch.zeros(len(rows), width, dtype=torch.bool)
-            for i, (p, r) in enumerate(rows):
-                ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-                mask[i, : len(p) + len(r)] = 1
-                response[i, len(p) : len(p) + len(r)] = True
+            enc = pad_rows(tokenizer, rows).to(device)  # scored where the model ran
+            ids, response = enc.input_ids, enc.response_mask
             seen.clear()
-            ids, response = ids.to(device), response.to(device)  # scored where the model ran
-            logits = model(input_ids=ids, attention_mask=mask.to(device)).logits
+            logits = model(**enc.model_inputs()).logits
             hidden = seen[0].detach().float()  # [batch, seq, hidden]
             total_projection += float((hidden[response] @ unit.to(hidden.device)).double().sum())
             # Token t is predicted from position t - 1.
