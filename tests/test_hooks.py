@@ -142,3 +142,31 @@ def test_decoder_layer_paths_of_multimodal_and_encoder_decoder_models_are_the_te
         )
     )
     assert decoder_layer_paths(t5) == ["decoder.block.0", "decoder.block.1"]
+
+
+def test_decoder_layer_paths_leave_out_towers_and_refuse_to_guess_between_equal_lists():
+    import transformers as tf
+
+    from traitlens import decoder_layer_paths
+
+    def stack(n):
+        return torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(n))
+
+    class Git(torch.nn.Module):  # GIT names its text decoder "encoder", beside an image encoder
+        config = tf.PretrainedConfig(num_hidden_layers=3)
+
+        def __init__(self):
+            super().__init__()
+            self.image_encoder = torch.nn.Module()
+            self.image_encoder.layers = stack(3)
+            self.encoder = torch.nn.Module()
+            self.encoder.layer = stack(3)
+            self.audio_tower = torch.nn.Module()
+            self.audio_tower.layers = stack(3)
+
+    assert decoder_layer_paths(Git()) == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
+    xlm = tf.XLMWithLMHeadModel(tf.XLMConfig(vocab_size=128, emb_dim=32, n_layers=2, n_heads=4, causal=True))
+    with pytest.raises(
+        ValueError, match=r"'transformer.attentions', 'transformer.layer_norm1', .* all have 2"
+    ):
+        decoder_layer_paths(xlm)

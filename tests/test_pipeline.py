@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_FAMILIES, layer_path, make_tiny_model, make_word_tokenizer
+from conftest import TINY_FAMILIES, make_tiny_model, make_word_tokenizer
 from traitlens.dataset import Pair
 from traitlens.methods import RandomBaselineMethod
 from traitlens.metrics import accuracy, auroc, midpoint_threshold
@@ -159,26 +159,41 @@ def test_streamed_pairs_share_one_order_and_spilled_rows_read_back_in_pair_order
     torch.testing.assert_close(read_spilled([tmp_path / "b", tmp_path / "c"])[0], expected_pos)
 
 
-def _sliding_mistral():
-    """A tiny Mistral whose attention window (3) is shorter than the prompts."""
-    from transformers import AutoModelForCausalLM, MistralConfig
+def _windowed(kind: str):
+    """Tiny models whose attention window (3 tokens) is shorter than the prompts: a Mistral; Gemma 3 with its
+    vision tower (which attends both ways; text does not run through it); Moshi, whose config names a
+    window that its masks do not apply (a cache built from the config would drop the prompt's first keys)."""
+    import transformers as T
 
-    config = MistralConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=3, max_position_embeddings=128, pad_token_id=0,
-    )  # fmt: skip
+    sizes = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=128, pad_token_id=0, sliding_window=3)  # fmt: skip
+    if kind == "mistral-sliding":
+        config = T.MistralConfig(**sizes, intermediate_size=64)
+    elif kind == "gemma3-multimodal":
+        config = T.Gemma3Config(
+            text_config=T.Gemma3TextConfig(**sizes, intermediate_size=64, head_dim=8, query_pre_attn_scalar=8,
+                                           layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+            vision_config=T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, image_size=32, patch_size=16),
+            mm_tokens_per_image=4, boi_token_index=127, eoi_token_index=126, image_token_index=125,
+        )  # fmt: skip
+    else:
+        config = T.MoshiConfig(**sizes, head_dim=8, ffn_dim=64, audio_vocab_size=64, num_codebooks=2)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return T.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "mistral-sliding"])
+@pytest.mark.parametrize(
+    "family", ["llama", "gpt2", "qwen2", "mistral-sliding", "gemma3-multimodal", "moshi"]
+)
 def test_pairs_that_share_a_prompt_run_it_once_and_read_what_the_model_computes_for_each_text(
     family, tmp_path
 ):
     from traitlens.dataset import tokenize_examples
+    from traitlens.hooks import decoder_layer_paths
     from traitlens.pipeline import pair_activations
 
-    model = _sliding_mistral() if family == "mistral-sliding" else make_tiny_model(family)
+    model = make_tiny_model(family) if family in TINY_FAMILIES else _windowed(family)
     tokenizer = make_word_tokenizer()
     prompts, answers = _texts([6, 2, 11, 4, 8]), _texts([3, 7, 1, 5, 2, 9, 4, 6, 2, 3], offset=40)
     pairs = [Pair(answers[2 * i], answers[2 * i + 1], "train", prompt=q) for i, q in enumerate(prompts)]
@@ -211,7 +226,7 @@ def test_pairs_that_share_a_prompt_run_it_once_and_read_what_the_model_computes_
     torch.testing.assert_close(spilled[1], neg, rtol=0, atol=0)
     torch.testing.assert_close(stats.mean_difference(), (pos - neg).mean(1), rtol=1e-5, atol=1e-6)
     # a module inside a layer (the pass stops after it, its layer's keys and values already cached)
-    module = layer_path(family if family in TINY_FAMILIES else "llama", 1) + ".mlp"
+    module = decoder_layer_paths(model)[1] + ".mlp"
     got = pair_activations(model, tokenizer, pairs, module=module, position="response_mean", batch_size=2)
     for side, rows in zip(("pos", "neg"), got, strict=True):
         examples = [getattr(pair, f"{side}_example") for pair in pairs]
@@ -286,6 +301,36 @@ def test_models_a_shared_prompt_would_misread_get_one_pass_per_side(kind):
             handle.remove()
         expected = torch.stack([out[0, len(prompt) :].mean(0) for out in outputs])  # [layer, hidden]
         torch.testing.assert_close(got[:, 0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_whose_cache_is_not_a_transformers_cache_gets_one_pass_per_side():
+    """XLM keeps its cache in a dict of its own (and no module outputs its residual stream but the last
+    norm of each layer, so the module is named)."""
+    import transformers as T
+
+    from traitlens.pipeline import pair_activations
+
+    torch.manual_seed(0)
+    xlm = T.XLMWithLMHeadModel(
+        T.XLMConfig(vocab_size=128, emb_dim=32, n_layers=2, n_heads=4, causal=True)
+    ).eval()
+    tokenizer, module = make_word_tokenizer(), "transformer.layer_norm2.1"
+    pairs = [
+        Pair("w7 w8", "w9 w10 w11", "train", prompt="w1 w2 w3"),
+        Pair("w4", "w5 w6", "train", prompt="w12"),
+    ]
+    shapes = []
+    xlm.get_input_embeddings().register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
+    pos, neg = pair_activations(xlm, tokenizer, pairs, module=module, position="response_mean", batch_size=2)
+    assert shapes == [(2, 5), (2, 6)]  # one pass per side
+    for side, got in (("pos", pos), ("neg", neg)):
+        for i, pair in enumerate(pairs):
+            example = getattr(pair, f"{side}_example")
+            with torch.no_grad():
+                ids = tokenizer(f"{example.prompt} {example.response}", return_tensors="pt")["input_ids"]
+                states = xlm(ids, output_hidden_states=True).hidden_states[2][0]  # after layer 1
+            n_prompt = len(example.prompt.split())
+            torch.testing.assert_close(got[0, i], states[n_prompt:].mean(0), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "roberta"])

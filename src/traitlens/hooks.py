@@ -82,9 +82,11 @@ def decoder_layer_paths(model: torch.nn.Module) -> list[str]:
     """Paths of the model's decoder layers in order (``model.layers.0``, ... or ``transformer.h.0``, ...).
 
     They are the children of the longest ``ModuleList`` in the model (the one with
-    ``num_hidden_layers`` entries where the text decoder's config says so), leaving out lists under an
-    ``encoder`` or a ``vision`` module (an encoder-decoder's encoder, a multimodal model's vision tower)
-    when there are others: the model's own names, nothing invented.
+    ``num_hidden_layers`` entries where the text decoder's config says so), leaving out lists in a
+    multimodal model's vision, image, audio or speech tower, then lists under an ``encoder`` (an
+    encoder-decoder's), as long as others are left: the model's own names, nothing invented. Where several
+    lists are left, a ``ValueError`` names them (XLM keeps its attention, norm and MLP sub-layers in
+    separate lists, so no module outputs the residual stream after a layer).
     """
     config = _text_config(model)
     depths = (
@@ -92,7 +94,8 @@ def decoder_layer_paths(model: torch.nn.Module) -> list[str]:
     )
     expected = next((depth for depth in depths if isinstance(depth, int)), None)  # T5, BART, the rest
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    lists = [(n, m) for n, m in lists if not re.search(r"encoder|vision", n)] or lists
+    for tower in (r"vision|visual|image|audio|speech", r"encoder"):
+        lists = [(n, m) for n, m in lists if not re.search(tower, n)] or lists
     if expected is not None:
         lists = [(n, m) for n, m in lists if len(m) == expected] or lists
     if not lists:
@@ -100,8 +103,14 @@ def decoder_layer_paths(model: torch.nn.Module) -> list[str]:
             f"cannot find the decoder layers of {type(model).__name__}: it has no torch.nn.ModuleList; "
             "name the modules to hook yourself (see list_modules(model))"
         )
-    name, layers = max(lists, key=lambda item: len(item[1]))
-    return [f"{name}.{i}" for i in range(len(layers))]
+    longest = max(len(m) for _, m in lists)
+    names = [n for n, m in lists if len(m) == longest]
+    if len(names) > 1:
+        raise ValueError(
+            f"cannot tell the decoder layers of {type(model).__name__}: {short_list(names)} all have {longest} "
+            "entries; name the module to hook yourself (see list_modules(model))"
+        )
+    return [f"{names[0]}.{i}" for i in range(longest)]
 
 
 def residual_width(model) -> int | None:

@@ -288,7 +288,8 @@ def _shared_prompt_pass(
     answers = pad_rows(
         tokenizer, [(array("i"), side[1]) for pair in zip(pos, neg, strict=True) for side in pair]
     )
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # keeps every key: the model's masks apply its windows (moshi's config has a
+    # window its masks do not apply, which a cache built from the config would enforce)
     on_cache = {cache_keyword(model): cache, "use_cache": True}
     _run(model, prompts.model_inputs(), paths[max(layers)], **on_cache)  # keys and values of hooked layers
     cache.batch_repeat_interleave(2)  # rows: pair 0 pos, pair 0 neg, pair 1 pos, ...
@@ -303,12 +304,16 @@ def _shared_prompt_pass(
 def _takes_cache(model) -> bool:
     """Whether ``_shared_prompt_pass`` computes what one pass per text computes for ``model``. Checked on
     about 150 transformers families with random weights; it holds for a decoder-only transformers model
-    - that takes a key/value cache and ``position_ids`` counted from 0 (TrOCR takes its positions from the
-      cache length; RoBERTa-family models count them from the pad id + 1),
+    - that takes a transformers ``Cache`` (not XLM's dict) and ``position_ids`` counted from 0 (TrOCR takes
+      its positions from the cache length; RoBERTa-family models count them from the pad id + 1),
     - whose cache holds keys and values only (not xLSTM's, Mamba's or a hybrid's recurrent state, which
       repeating the cache's rows would not cover),
-    - that attends causally (a cached prompt cannot attend to its answer: not Gemma 3's
-      ``use_bidirectional_attention``, nor BERT-family models without ``is_decoder``),
+    - whose text decoder's attention modules all say ``is_causal=True`` (a cached prompt cannot attend to
+      its answer; a multimodal model's vision tower, which text does not run through, may attend both ways).
+      Not Gemma 3's ``use_bidirectional_attention`` (Gemma 4's ``"vision"``, for image tokens, is fine), nor
+      BERT-family models without ``is_decoder``; GIT (which widens the mask over its cached image tokens)
+      and a few older families (BigBird, Doge, GPT-NeoX-Japanese, MegatronBERT, RemBERT, XGLM) say nothing
+      and get one pass per side too,
     - and whose rotary frequencies do not depend on the pass's length (``"dynamic"`` and ``"longrope"``
       scaling choose them from each pass's longest position, which differs between the two passes).
     Other models get one pass per side."""
@@ -320,14 +325,22 @@ def _takes_cache(model) -> bool:
     if not isinstance(model, PreTrainedModel) or getattr(model, "_is_stateful", False):
         return False
     config = _text_config(model)
-    takes = inspect.signature(model.forward).parameters
-    if model.config.is_encoder_decoder or not cache_keyword(model) or "position_ids" not in takes:
+    takes, keyword = inspect.signature(model.forward).parameters, cache_keyword(model)
+    if model.config.is_encoder_decoder or keyword is None or "position_ids" not in takes:
+        return False
+    if "Cache" not in str(takes[keyword].annotation):  # a tuple, list or dict of tensors
         return False
     if any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules()):  # from the pad id + 1
         return False
-    causal = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    encoder = getattr(config, "is_decoder", None) is False and not causal  # BERT-like, marked nowhere
-    if not all(causal) or encoder or getattr(config, "use_bidirectional_attention", False):
+    try:
+        first = decoder_layer_paths(model)[0]
+    except ValueError:  # no one list of layers (XLM, HRM): no attention to check
+        return False
+    owner = first.rsplit(".", 2)[0] if first.count(".") >= 2 else ""  # of the list of layers
+    decoder = model.get_submodule(owner)
+    causal = [m.is_causal for m in decoder.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    both_ways = getattr(config, "use_bidirectional_attention", None) not in (None, False, "vision")  # images'
+    if not causal or not all(causal) or both_ways:
         return False
     rope = _values(getattr(config, "rope_parameters", None), "rope_type", "type")
     rope |= _values(getattr(config, "rope_scaling", None), "rope_type", "type")
