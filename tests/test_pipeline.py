@@ -333,6 +333,21 @@ def test_a_model_whose_cache_is_not_a_transformers_cache_gets_one_pass_per_side(
             torch.testing.assert_close(got[0, i], states[n_prompt:].mean(0), rtol=1e-4, atol=1e-5)
 
 
+def test_layers_whose_positions_are_not_the_inputs_are_refused_not_misread():
+    """CPMAnt prepends its own prompt tokens inside the model: the last prompt token's index would read
+    another token, silently."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.CpmAntConfig(vocab_size=128, hidden_size=32, num_attention_heads=4, dim_head=8, dim_ff=64,
+                            num_hidden_layers=2, prompt_length=4)  # fmt: skip
+    model, tokenizer = T.CpmAntForCausalLM(config).eval(), make_word_tokenizer()
+    with pytest.raises(
+        ValueError, match=r"'cpmant.encoder.layers.0' outputs \(2, 7, 32\) for input ids of \(2, 3\)"
+    ):
+        collect_activations(model, tokenizer, ["w1 w2 w3", "w4"], layers=[0], position="prompt_last")
+
+
 @pytest.mark.parametrize("kind", ["llama", "roberta"])
 def test_right_padded_batches_read_every_token_as_the_text_alone(kind):
     """Right-padded rows get the model's own position numbering: RoBERTa's starts at the pad id + 1."""

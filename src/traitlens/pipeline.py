@@ -36,7 +36,7 @@ import torch
 
 from traitlens import __version__
 from traitlens._validation import check_choice, short_list
-from traitlens.capture import ActivationCapture
+from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import normalize_vectors
 from traitlens.dataset import (
     SPLITS,
@@ -259,7 +259,21 @@ def _capture_pass(model, paths, layers, capture, inputs, **kwargs) -> torch.Tens
     """``_run`` with ``capture``'s hooks on ``layers``, stopping after the last of them: ``[layer, ...]`` of
     what ``capture`` read."""
     hooked = {paths[layer]: capture.make_hook(str(layer)) for layer in layers}
-    _run(model, inputs, paths[max(layers)], hooked, **kwargs)
+    first, given = paths[layers[0]], tuple(inputs["input_ids"].shape)
+
+    def check_positions(module, args, output, capture_hook=hooked[first]):
+        shape = tuple(output_tensor(output).shape)  # metadata: no wait for the device
+        if len(shape) != 3 or shape[:2] != given:  # positions are read by the input's masks
+            raise ValueError(
+                f"{first!r} outputs {shape} for input ids of {given}, not [batch, seq, hidden] at the input's "
+                "positions: the model adds, drops or regroups positions (CPMAnt prepends tokens, ProphetNet "
+                "adds n-gram streams, XLNet puts the sequence first, Gemma 3n keeps several streams), so "
+                "traitlens cannot tell which row is which token; capture the module with ActivationCapture "
+                "and select the positions yourself"
+            )
+        return capture_hook(module, args, output)
+
+    _run(model, inputs, paths[max(layers)], {**hooked, first: check_positions}, **kwargs)
     if str(layers[0]) not in capture:
         raise ValueError(f"module {paths[layers[0]]!r} did not run in the forward pass")
     acts = torch.stack([capture.get(str(layer)) for layer in layers])
