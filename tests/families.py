@@ -204,7 +204,7 @@ def small_config(model_type: str):
 
 def _shrunk(cls, default, fixes: dict, free_ids):
     """A new ``cls`` config with the fields of ``default`` shrunk (recursively into sub-configs)."""
-    from transformers import PreTrainedConfig
+    from transformers import PretrainedConfig as PreTrainedConfig  # both spellings in 5.x, this one in 4.x
 
     names = (
         [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else list(vars(default))

@@ -318,8 +318,8 @@ def _shared_prompt_pass(
 def _takes_cache(model) -> bool:
     """Whether ``_shared_prompt_pass`` computes what one pass per text computes for ``model``. Checked on
     about 150 transformers families with random weights; it holds for a decoder-only transformers model
-    - that takes a transformers ``Cache`` (not XLM's dict) and ``position_ids`` counted from 0 (TrOCR takes
-      its positions from the cache length; RoBERTa-family models count them from the pad id + 1),
+    - that takes a transformers cache (not XLM's dict) and ``position_ids`` counted from 0 (TrOCR takes its
+      positions from the cache length; RoBERTa-family models count them from the pad id + 1),
     - whose cache holds keys and values only (not xLSTM's, Mamba's or a hybrid's recurrent state, which
       repeating the cache's rows would not cover),
     - whose text decoder's attention modules all say ``is_causal=True`` (a cached prompt cannot attend to
@@ -342,7 +342,7 @@ def _takes_cache(model) -> bool:
     takes, keyword = inspect.signature(model.forward).parameters, cache_keyword(model)
     if model.config.is_encoder_decoder or keyword is None or "position_ids" not in takes:
         return False
-    if "Cache" not in str(takes[keyword].annotation):  # a tuple, list or dict of tensors
+    if "dict" in str(takes[keyword].annotation).lower():  # XLM's cache of its own
         return False
     if any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules()):  # from the pad id + 1
         return False
