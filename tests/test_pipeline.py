@@ -348,6 +348,20 @@ def test_layers_whose_positions_are_not_the_inputs_are_refused_not_misread():
         collect_activations(model, tokenizer, ["w1 w2 w3", "w4"], layers=[0], position="prompt_last")
 
 
+def test_a_layer_that_runs_twice_in_one_pass_is_refused_not_joined():
+    """A recurrent-depth model (Dory) runs its middle layers once per loop: which run is the output?"""
+    import transformers as T
+
+    config = T.DoryConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, num_hidden_layers=3, n_input_layers=1,
+                          n_recurrent_layers=1, n_output_layers=1, layer_types=["full_attention"] * 3,
+                          pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match=r"^'model.layers.1' ran more than once in one forward pass"):
+        collect_activations(model, make_word_tokenizer(), ["w1 w2 w3", "w4"], position="prompt_last")
+
+
 @pytest.mark.parametrize("kind", ["llama", "roberta"])
 def test_right_padded_batches_read_every_token_as_the_text_alone(kind):
     """Right-padded rows get the model's own position numbering: RoBERTa's starts at the pad id + 1."""
