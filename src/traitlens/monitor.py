@@ -9,6 +9,7 @@ vector's module, in float32.
 from __future__ import annotations
 
 import html
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,6 +113,8 @@ def token_projections(
         hooks.add_forward_hook(vector.module, capture.make_hook("h"))
         hooks.stop_after(vector.module)
         model(**{k: v.to(device) for k, v in enc.model_inputs().items()})
+    if len(capture.get("h", concat=False)) > 1:
+        raise ValueError(_ran_twice(vector.module))
     scores = projection(capture.get("h")[0], vector.vector.float())
     return TokenScores(
         tokens=_token_strings(tokenizer, enc.input_ids[0].tolist()),
@@ -152,6 +155,13 @@ def generate_with_projections(
             f"not take {', '.join(f'{k}={v!r}' for k, v in unsupported.items())}; generate the text yourself "
             "and score it with token_projections"
         )
+    keyword = cache_keyword(model)
+    if keyword is None:
+        raise ValueError(
+            f"generate_with_projections feeds tokens one by one onto a key/value cache, and "
+            f"{type(model).__name__} takes none by the names it knows (cache, past_key_values); generate the "
+            "text yourself and score it with token_projections"
+        )
     vector.check_model(model)
     enc = encode_examples(tokenizer, [prompt], chat=chat)
     device = input_device(model)
@@ -166,6 +176,8 @@ def generate_with_projections(
         fed.append(kwargs["input_ids"][0])
 
     def score(module, args, output):
+        if len(scores) == len(fed):  # a second call in one forward pass
+            raise ValueError(_ran_twice(vector.module))
         hidden = output_tensor(output)[0]  # [seq, hidden], on this layer's device
         step = hidden.float() @ unit.to(hidden.device)  # [positions]
         scores.append(step)
@@ -178,7 +190,12 @@ def generate_with_projections(
                 on_token(text, value)
 
     inputs = {k: v.to(device) for k, v in enc.model_inputs().items() if k != "position_ids"}
-    settings = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
+    settings = {
+        "do_sample": False,
+        "use_cache": True,
+        "pad_token_id": tokenizer.pad_token_id,
+        **generate_kwargs,
+    }
     with torch.no_grad(), HookManager(model) as hooks:
         hooks.add_forward_pre_hook("", read_ids, with_kwargs=True)
         hooks.add_forward_hook(vector.module, score)
@@ -188,8 +205,13 @@ def generate_with_projections(
         sequence = out.sequences[0]
         if sequence.shape[0] > enc.input_ids.shape[1]:  # the last sampled token was never fed: feed it
             last_feed = True
-            cache = out["cache"] if "cache" in out else out["past_key_values"]
-            model(input_ids=sequence[-1:].unsqueeze(0), use_cache=True, **{cache_keyword(model): cache})
+            # as a step of generate: its cache, a mask over the whole sequence, its position where taken
+            length = sequence.shape[0]
+            step = {keyword: out["cache"] if "cache" in out else out["past_key_values"], "use_cache": True}
+            step["attention_mask"] = torch.ones(1, length, dtype=torch.long, device=sequence.device)
+            if "position_ids" in inspect.signature(model.forward).parameters:
+                step["position_ids"] = torch.tensor([[length - 1]], device=sequence.device)
+            model(input_ids=sequence[-1:].unsqueeze(0), **step)
     values = torch.cat(scores).cpu()
     prompt_len = enc.input_ids.shape[1]
     response = torch.zeros(sequence.shape[0], dtype=torch.bool)
@@ -199,6 +221,14 @@ def generate_with_projections(
         scores=values[: sequence.shape[0]],
         response=response,
         center=_center(vector),
+    )
+
+
+def _ran_twice(module: str) -> str:
+    return (
+        f"{module!r} ran more than once in one forward pass (the model reuses its layers, as recurrent-depth "
+        "models do), so which run is the layer's output is a choice to make: capture the module with "
+        "ActivationCapture and read each run with get(name, concat=False)"
     )
 
 

@@ -16,8 +16,9 @@ token indices counted from each row's first real token (so that index 0 is the s
 whatever its left padding). Pads are never steered. A module's hook cannot know these things by itself:
 during ``generate`` with the KV cache a layer sees the whole prompt once and then one position per step,
 and decoder layers get a 4-D causal mask in which pads are no longer marked. So a ``SequenceTracker``
-puts a forward pre-hook (``with_kwargs=True``) on the model's body (``model.base_model``, through which
-every forward pass and every ``generate`` step goes) and records, for that pass:
+puts a forward pre-hook (``with_kwargs=True``) on the model itself (every forward pass and every
+``generate`` step goes through it; not always through ``model.base_model``: OPT's and the BART family's
+causal LMs call their decoder directly) and records, for that pass:
 
 - the 2-D ``attention_mask`` (which columns are real tokens; during ``generate`` it grows one column per
   step), or all-real when none is given;
@@ -55,6 +56,7 @@ so whether they include the steering depends on which came first.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +65,7 @@ import torch
 from traitlens._validation import check_choice, check_vector, shape_of, short_list
 from traitlens.capture import output_tensor
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, residual_width, resolve_module
+from traitlens.models import cache_keyword
 from traitlens.positions import to_device
 
 POSITIONS = ("all", "prompt", "generated")
@@ -101,20 +104,28 @@ class SequenceTracker:
         # The input of the previous pass when it had an empty cache (ids [batch, seq] or embeds
         # [batch, seq, hidden]), to recognise the next step of generate(use_cache=False); None otherwise.
         self._last_input: torch.Tensor | None = None
+        # The previous pass's cache (a weak reference) and how many positions it held after that pass, for
+        # caches that cannot say (Mamba's) when generate passes no attention_mask either.
+        self._last_cache: weakref.ref | None = None
+        self._filled = 0
+        self._cacheless = False  # the model takes no cache: generate re-feeds the whole sequence
+        self._lost: str | None = None  # why the current pass's place in the sequence is unknown
 
     def attach(self, hooks: HookManager) -> None:
-        """Register the recording hooks on the body of ``hooks.model`` (``model.base_model`` when it has one)."""
+        """Register the recording hooks on ``hooks.model``."""
         if not isinstance(hooks, HookManager):
             raise TypeError(f"hooks must be a traitlens HookManager, got {type(hooks).__name__}")
-        path = _body_path(hooks.model)
-        hooks.add_forward_pre_hook(path, self._before, name="steering tracker", with_kwargs=True)
-        hooks.add_forward_hook(path, self._after, name="steering tracker (clear)")
+        self._cacheless = cache_keyword(hooks.model) is None
+        hooks.add_forward_pre_hook("", self._before, name="steering tracker", with_kwargs=True)
+        hooks.add_forward_hook("", self._after, name="steering tracker (clear)")
 
     def reset(self) -> None:
         """Forget the recorded prompt (the next pass starts a new sequence)."""
         self.step = None
         self._prompt_len = None
         self._last_input = None
+        self._last_cache = None
+        self._lost = None
 
     def _before(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -126,6 +137,8 @@ class SequenceTracker:
         batch, seq = given.shape[:2]
         device = given.device
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:  # one under a name of the model's own (Reformer's past_buckets_states)
+            cache = next((value for value in kwargs.values() if hasattr(value, "get_seq_length")), None)
         mask = kwargs.get("attention_mask")
         if mask is not None and (
             not isinstance(mask, torch.Tensor)
@@ -147,8 +160,22 @@ class SequenceTracker:
                 )
             )
         past = _cache_length(cache)
-        if past is None:
-            past = mask.shape[1] - seq if mask is not None else 0
+        if past is None and mask is not None:
+            past = mask.shape[1] - seq
+        elif past is None and cache is not None:  # the same cache as the last pass's holds what that left
+            same = self._last_cache is not None and self._last_cache() is cache
+            if not same or self._filled is None:  # made inside the model (Reformer's): its length is unknown
+                self.step, self._last_cache, self._filled = None, _weak(cache), None
+                self._lost = (
+                    f"this forward pass of {shape_of(given)} came with a {type(cache).__name__} that does not "
+                    "say how many positions it holds, and without an attention_mask, so where it is in the "
+                    "sequence is unknown; pass the attention_mask (generate does for most models)"
+                )
+                return
+            past = self._filled
+        elif past is None:
+            past = 0
+        self._last_cache, self._filled, self._lost = _weak(cache), past + seq, None
         if mask is None:
             real = torch.ones(batch, seq, dtype=torch.bool, device=device)
             index = (torch.arange(seq, device=device) + past).expand(batch, seq)
@@ -156,7 +183,7 @@ class SequenceTracker:
             mask = mask.to(device).bool()
             real = mask[:, -seq:]
             index = (mask.long().cumsum(dim=1) - 1)[:, -seq:]
-        no_cache = kwargs.get("use_cache") is False  # as generate(use_cache=False) passes it
+        no_cache = kwargs.get("use_cache") is False or self._cacheless  # as generate(use_cache=False) feeds
         if past == 0:
             if not (no_cache and self._continues(given)):
                 self._prompt_len = seq
@@ -185,7 +212,7 @@ class SequenceTracker:
         return bool((head[:, None, :] == last[None, :, :]).all(dim=-1).any(dim=1).all())
 
     def _after(self, module, args, output) -> None:
-        self.step = None
+        self.step, self._lost = None, None
 
     def select(self, positions, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
         """``[batch, seq]`` bool: which positions of the current pass to steer (``None``: all of them)."""
@@ -193,6 +220,8 @@ class SequenceTracker:
         if step is None:
             if isinstance(positions, str) and positions == "all":
                 return None
+            if self._lost is not None:
+                raise ValueError(f"positions={positions!r}: {self._lost}")
             raise ValueError(
                 f"positions={positions!r} needs to know where the forward pass is in the sequence, but the "
                 "steered module ran outside a forward pass of the model the tracker is attached to; call "
@@ -214,21 +243,22 @@ class SequenceTracker:
         return chosen.to(device, non_blocking=True)
 
 
+def _weak(cache: object) -> weakref.ref | None:
+    try:
+        return weakref.ref(cache) if cache is not None else None
+    except TypeError:  # an object that takes no weak reference (a tuple of tensors)
+        return None
+
+
 def _cache_length(cache: object) -> int | None:
+    """How many positions ``cache`` holds; ``None`` when it cannot say (a state-space model's cache)."""
     if cache is None or not hasattr(cache, "get_seq_length"):
         return None
-    return int(cache.get_seq_length())
-
-
-def _body_path(model: torch.nn.Module) -> str:
-    """Dotted path of the module every forward pass goes through: ``model.base_model`` or the model."""
-    body = getattr(model, "base_model", model)
-    if body is model or not isinstance(body, torch.nn.Module):
-        return ""
-    for name, module in model.named_modules():
-        if module is body:
-            return name
-    return ""
+    try:
+        length = cache.get_seq_length()
+    except ValueError:  # Mamba's: "get_seq_length can only be called on Attention layers"
+        return None
+    return None if length is None else int(length)  # Reformer's says None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -316,8 +346,10 @@ class Intervention:
         steered = self._apply(hidden)
         if chosen is not None:
             steered = torch.where(chosen.unsqueeze(-1), steered, hidden)
-        if isinstance(output, tuple):
-            return (steered, *output[1:])
+        if isinstance(output, tuple):  # a named tuple (Reformer's layers) stays one
+            return (
+                type(output)(steered, *output[1:]) if hasattr(output, "_fields") else (steered, *output[1:])
+            )
         if isinstance(output, list):
             return [steered, *output[1:]]
         return steered
