@@ -23,16 +23,19 @@ causal LMs call their decoder directly) and records, for that pass:
 - the 2-D ``attention_mask`` (which columns are real tokens; during ``generate`` it grows one column per
   step), or all-real when none is given;
 - how many positions the cache already holds (``cache.get_seq_length()``; transformers 5 no longer
-  passes ``cache_position``), so that the positions of this pass are ``past .. past + seq - 1``;
+  passes ``cache_position``), so that the positions of this pass are ``past .. past + seq - 1``. A cache
+  that cannot say (Mamba's) is measured by the mask's width, or, without a mask, by what went into the
+  same cache object in the passes seen; when neither tells (Reformer's cache, made inside the model,
+  without a mask), positions other than ``"all"`` raise;
 - where the prompt ends. A pass with an empty cache starts a sequence: all of it is prompt. A pass of one
   position on a filled cache is a generated token; a pass of several positions on a filled cache is more
   prompt (a chunk of a chunked prefill, or a chat's next turn fed onto the cache of the last one; the
   last token generated before it counts as prompt too, as it first goes through the model there).
   ``generate(use_cache=False)`` re-feeds the whole sequence at each step with ``use_cache=False``, one
   token more each time: a pass with ``use_cache=False`` whose input is the previous pass's input plus one
-  token is recognised as such a step, so "generated" means the same with and without the cache. Calls of
-  your own, such as scoring growing prefixes, therefore count as new sequences unless they pass
-  ``use_cache=False``. Assisted (speculative) decoding checks several drafted tokens in one pass, which
+  token is recognised as such a step, so "generated" means the same with and without the cache (and for
+  models that take no cache, such as GPT-1, whose ``generate`` always re-feeds). Calls of your own, such
+  as scoring growing prefixes, therefore count as new sequences unless they pass ``use_cache=False``. Assisted (speculative) decoding checks several drafted tokens in one pass, which
   counts as prompt: ``positions="generated"`` does not follow it.
 
 The interventions read that record. A forward hook on the same module clears it after each pass, so an
@@ -125,6 +128,7 @@ class SequenceTracker:
         self._prompt_len = None
         self._last_input = None
         self._last_cache = None
+        self._filled = 0
         self._lost = None
 
     def _before(self, module, args, kwargs) -> None:
