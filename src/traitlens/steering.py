@@ -22,11 +22,11 @@ causal LMs call their decoder directly) and records, for that pass:
 
 - the 2-D ``attention_mask`` (which columns are real tokens; during ``generate`` it grows one column per
   step), or all-real when none is given;
-- how many positions the cache already holds (``cache.get_seq_length()``; transformers 5 no longer
-  passes ``cache_position``), so that the positions of this pass are ``past .. past + seq - 1``. A cache
-  that cannot say (Mamba's) is measured by the mask's width, or, without a mask, by what went into the
-  same cache object in the passes seen; when neither tells (Reformer's cache, made inside the model,
-  without a mask), positions other than ``"all"`` raise;
+- how many positions the cache already holds, so that the positions of this pass are
+  ``past .. past + seq - 1``: the mask's width less ``seq`` (the mask covers the cached positions too;
+  transformers 5 no longer passes ``cache_position``), else ``cache.get_seq_length()``, else, for a cache
+  that cannot say (Mamba's), what went into the same cache object in the passes seen; when nothing tells
+  (Reformer's cache, made inside the model, without a mask), positions other than ``"all"`` raise;
 - where the prompt ends. A pass with an empty cache starts a sequence: all of it is prompt. A pass of one
   position on a filled cache is a generated token; a pass of several positions on a filled cache is more
   prompt (a chunk of a chunked prefill, or a chat's next turn fed onto the cache of the last one; the
@@ -141,8 +141,10 @@ class SequenceTracker:
         batch, seq = given.shape[:2]
         device = given.device
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None:  # one under a name of the model's own (Reformer's past_buckets_states)
-            cache = next((value for value in kwargs.values() if hasattr(value, "get_seq_length")), None)
+        if (
+            cache is None
+        ):  # one under a name of the model's own (Mamba's cache_params, Reformer's past_buckets_states)
+            cache = next((value for key, value in kwargs.items() if _holds_cache(key, value)), None)
         mask = kwargs.get("attention_mask")
         if mask is not None and (
             not isinstance(mask, torch.Tensor)
@@ -163,10 +165,8 @@ class SequenceTracker:
                     else "Pass the tokenizer's attention_mask"
                 )
             )
-        past = _cache_length(cache)
-        if past is None and mask is not None:
-            past = mask.shape[1] - seq
-        elif past is None and cache is not None:  # the same cache as the last pass's holds what that left
+        past = mask.shape[1] - seq if mask is not None else _cache_length(cache)  # the mask covers past + seq
+        if past is None and cache is not None:  # the same cache as the last pass's holds what that left
             same = self._last_cache is not None and self._last_cache() is cache
             if not same or self._filled is None:  # made inside the model (Reformer's): its length is unknown
                 self.step, self._last_cache, self._filled = None, _weak(cache), None
@@ -245,6 +245,14 @@ class SequenceTracker:
             wanted = positions.to(step.index.device)
             chosen = chosen & torch.isin(step.index, wanted)
         return chosen.to(device, non_blocking=True)
+
+
+def _holds_cache(key: str, value: object) -> bool:
+    return (
+        ("cache" in key or "past" in key)
+        and value is not None
+        and not isinstance(value, (torch.Tensor, bool))
+    )
 
 
 def _weak(cache: object) -> weakref.ref | None:
