@@ -48,7 +48,7 @@ def test_every_causal_lm_family_is_steered_and_monitored_as_plain_hooks_do():
     wrong = {f: r["checks"] for f, r in results.items() if r["status"] == "WRONG"}
     assert not wrong, f"steered or scored otherwise than the reference: {wrong}"
     ok = {f for f, r in results.items() if r["status"] == "OK"}
-    assert len(ok) >= 150, len(ok)  # 160 on transformers 5.24
+    assert len(ok) >= 150, len(ok)  # 170 on transformers 5.24
     # the tracker hooks the model itself (OPT's and BART's causal LMs call their decoder directly); Mamba's
     # cache cannot say its length; GPT-1 has no cache and re-feeds the sequence
     assert {"llama", "gpt2", "gemma3", "opt", "bart", "whisper", "mamba", "mamba2", "bamba", "mpt"} <= ok
