@@ -645,3 +645,34 @@ def test_a_vector_of_another_width_is_refused_before_any_hook_is_added(tiny):
     assert _hook_count(model) == 0
     with pytest.raises(ValueError, match="static cache"), steer(model, _vector(), layer=LAYER):
         model(input_ids=_ids(), attention_mask=torch.ones(2, 1, 6, 6))
+
+
+def test_a_peft_wrapped_model_is_steered_during_its_generate_as_the_model_inside():
+    """A PEFT model's generate calls the model inside, not its own forward: the tracker sits on that model."""
+    import peft
+
+    model = make_tiny_model("llama")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    settings = dict(attention_mask=(ids > 0).long(), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    v = torch.randn(TINY_HIDDEN, generator=torch.Generator().manual_seed(0))
+    for positions in ("generated", "prompt"):
+        with steer(wrapped, v, layer=1, coeff=4.0, positions=positions):
+            got = wrapped.generate(input_ids=ids, **settings)
+        with steer(
+            model, v, layer=1, coeff=4.0, positions=positions
+        ):  # the same weights, LoRA layers included
+            expected = model.generate(input_ids=ids, **settings)
+        assert torch.equal(got, expected)
+    assert not torch.equal(got, wrapped.generate(input_ids=ids, **settings))  # the steering does something
+    from traitlens.monitor import generate_with_projections
+    from traitlens.vector import TraitVector
+
+    scores = [
+        generate_with_projections(
+            m, _CharTokenizer(), TraitVector(v, model="tiny", module=f"{prefix}model.layers.1", position="all",
+                                             method="mean_diff"), "abc", max_new_tokens=4, chat=False,
+        ).scores
+        for m, prefix in ((wrapped, "base_model.model."), (model, ""))
+    ]  # fmt: skip
+    assert torch.equal(*scores) and len(scores[0]) == 3 + 4

@@ -46,6 +46,17 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+def transformers_model_path(model: torch.nn.Module) -> str:
+    """Dotted path of the outermost transformers ``PreTrainedModel`` in ``model`` ("": ``model`` itself, or
+    no such model): the one every forward pass and ``generate`` step goes through, also inside a wrapper
+    such as a PEFT model, whose ``generate`` calls the model inside, not its own forward."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return ""
+    return next((name for name, module in model.named_modules() if isinstance(module, PreTrainedModel)), "")
+
+
 def cache_keyword(model: torch.nn.Module) -> str | None:
     """The keyword ``model``'s forward takes its key/value cache by: ``"cache"`` (transformers >= 5.2x),
     ``"past_key_values"`` (earlier versions), or ``None`` when it takes none."""

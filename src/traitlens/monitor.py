@@ -20,7 +20,7 @@ from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import projection
 from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager, input_device
-from traitlens.models import cache_keyword
+from traitlens.models import cache_keyword, transformers_model_path
 from traitlens.vector import TraitVector
 
 
@@ -155,7 +155,9 @@ def generate_with_projections(
             f"not take {', '.join(f'{k}={v!r}' for k, v in unsupported.items())}; generate the text yourself "
             "and score it with token_projections"
         )
-    keyword = cache_keyword(model)
+    body = transformers_model_path(model)
+    inner = model.get_submodule(body)  # what generate calls (the model inside a PEFT model)
+    keyword = cache_keyword(inner)
     if keyword is None:
         raise ValueError(
             f"generate_with_projections feeds tokens one by one onto a key/value cache, and "
@@ -197,7 +199,7 @@ def generate_with_projections(
         **generate_kwargs,
     }
     with torch.no_grad(), HookManager(model) as hooks:
-        hooks.add_forward_pre_hook("", read_ids, with_kwargs=True)
+        hooks.add_forward_pre_hook(body, read_ids, with_kwargs=True)
         hooks.add_forward_hook(vector.module, score)
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **settings
@@ -209,9 +211,9 @@ def generate_with_projections(
             length = sequence.shape[0]
             step = {keyword: out["cache"] if "cache" in out else out["past_key_values"], "use_cache": True}
             step["attention_mask"] = torch.ones(1, length, dtype=torch.long, device=sequence.device)
-            if "position_ids" in inspect.signature(model.forward).parameters:
+            if "position_ids" in inspect.signature(inner.forward).parameters:
                 step["position_ids"] = torch.tensor([[length - 1]], device=sequence.device)
-            model(input_ids=sequence[-1:].unsqueeze(0), **step)
+            inner(input_ids=sequence[-1:].unsqueeze(0), **step)
     values = torch.cat(scores).cpu()
     prompt_len = enc.input_ids.shape[1]
     response = torch.zeros(sequence.shape[0], dtype=torch.bool)

@@ -16,9 +16,11 @@ token indices counted from each row's first real token (so that index 0 is the s
 whatever its left padding). Pads are never steered. A module's hook cannot know these things by itself:
 during ``generate`` with the KV cache a layer sees the whole prompt once and then one position per step,
 and decoder layers get a 4-D causal mask in which pads are no longer marked. So a ``SequenceTracker``
-puts a forward pre-hook (``with_kwargs=True``) on the model itself (every forward pass and every
-``generate`` step goes through it; not always through ``model.base_model``: OPT's and the BART family's
-causal LMs call their decoder directly) and records, for that pass:
+puts a forward pre-hook (``with_kwargs=True``) on the outermost transformers model in ``model``: the model
+itself, or the one inside a wrapper such as a PEFT model, whose ``generate`` calls the model inside
+(every forward pass and every ``generate`` step goes through it; not always through
+``model.base_model``: OPT's and the BART family's causal LMs call their decoder directly), and records,
+for that pass:
 
 - the 2-D ``attention_mask`` (which columns are real tokens; during ``generate`` it grows one column per
   step), or all-real when none is given;
@@ -68,7 +70,7 @@ import torch
 from traitlens._validation import check_choice, check_vector, shape_of, short_list
 from traitlens.capture import output_tensor
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, residual_width, resolve_module
-from traitlens.models import cache_keyword
+from traitlens.models import cache_keyword, transformers_model_path
 from traitlens.positions import to_device
 
 POSITIONS = ("all", "prompt", "generated")
@@ -115,12 +117,14 @@ class SequenceTracker:
         self._lost: str | None = None  # why the current pass's place in the sequence is unknown
 
     def attach(self, hooks: HookManager) -> None:
-        """Register the recording hooks on ``hooks.model``."""
+        """Register the recording hooks on the outermost transformers model in ``hooks.model`` (the model
+        itself when it is one, or has none)."""
         if not isinstance(hooks, HookManager):
             raise TypeError(f"hooks must be a traitlens HookManager, got {type(hooks).__name__}")
-        self._cacheless = cache_keyword(hooks.model) is None
-        hooks.add_forward_pre_hook("", self._before, name="steering tracker", with_kwargs=True)
-        hooks.add_forward_hook("", self._after, name="steering tracker (clear)")
+        path = transformers_model_path(hooks.model)
+        self._cacheless = cache_keyword(hooks.model.get_submodule(path)) is None
+        hooks.add_forward_pre_hook(path, self._before, name="steering tracker", with_kwargs=True)
+        hooks.add_forward_hook(path, self._after, name="steering tracker (clear)")
 
     def reset(self) -> None:
         """Forget the recorded prompt (the next pass starts a new sequence)."""
