@@ -537,6 +537,42 @@ def _alarm(_signum, _frame):
     raise FamilyTimeout(f"took more than {TIMEOUT_S} s")
 
 
+def timed(run, blank: dict) -> dict:
+    """``run()`` within ``TIMEOUT_S`` seconds. A timeout comes back as ``blank`` with status SKIP, an error
+    of the harness itself as CRASH, so that one family cannot stop a table (the test checks that none did)."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(TIMEOUT_S)
+    try:
+        return run()
+    except FamilyTimeout as err:
+        return {**blank, "status": "SKIP", "reason": f"timeout: {err}"}
+    except Exception as err:  # a bug of this script, or something unexpected: keep going
+        return {**blank, "status": "CRASH", "reason": f"harness: {_short(err)}",
+                "traceback": traceback.format_exc(limit=-3)}  # fmt: skip
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def write_results(
+    results: list[dict], elapsed: float, statuses: tuple[str, ...], unit: str, out: str
+) -> None:
+    """Print the count of each status and the families of each but OK and SKIP; write the JSON to ``out``."""
+    import transformers
+
+    counts = {s: sum(r["status"] == s for r in results) for s in statuses}
+    print(f"\n{len(results)} {unit} in {elapsed:.0f} s: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for status in statuses:
+        bad = sorted({r["family"] for r in results if r["status"] == status})
+        if bad and status not in ("OK", "SKIP"):
+            print(f"{status}: {', '.join(bad)}")
+    about = {"transformers": transformers.__version__, "torch": torch.__version__, "tolerance": TOLERANCE}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    summary = {**about, "seconds": round(elapsed, 1), "counts": counts, "results": results}
+    Path(out).write_text(json.dumps(summary, indent=1, default=str))
+    print(f"written {out}")
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 COLUMNS = ("prompt_last", "prompt_mean", "response_mean", "resp_1pass", "all")
@@ -601,49 +637,17 @@ def main() -> None:
     results = []
     start = time.perf_counter()
     print(header(), flush=True)
-    signal.signal(signal.SIGALRM, _alarm)
     for family in families:
         for attn in args.attn.split(","):
-            signal.alarm(TIMEOUT_S)
-            try:
-                r = run_family(family, attn, tokenizer)
-            except FamilyTimeout as err:
-                r = {"family": family, "attn": attn, "paths": {}, "errors": {}, "status": "SKIP",
-                     "reason": f"timeout: {err}"}  # fmt: skip
-            except Exception as err:  # a bug of this script, or something unexpected: keep going
-                r = {"family": family, "attn": attn, "paths": {}, "errors": {}, "status": "CRASH",
-                     "reason": f"harness: {_short(err)}", "traceback": traceback.format_exc(limit=-3)}  # fmt: skip
-            finally:
-                signal.alarm(0)
+            blank = {"family": family, "attn": attn, "paths": {}, "errors": {}}
+            r = timed(lambda family=family, attn=attn: run_family(family, attn, tokenizer), blank)
             results.append(r)
             print(row(r), flush=True)
             if attn == "eager" and r["status"] == "SKIP" and r.get("reason", "").startswith("build"):
                 break  # if eager cannot be built, neither can sdpa
-    elapsed = time.perf_counter() - start
-    counts = {s: sum(r["status"] == s for r in results) for s in ("OK", "WRONG", "CRASH", "REF?", "SKIP")}
-    print(f"\n{len(results)} runs in {elapsed:.0f} s: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    for status in ("WRONG", "CRASH", "REF?"):
-        bad = sorted({r["family"] for r in results if r["status"] == status})
-        if bad:
-            print(f"{status}: {', '.join(bad)}")
-    import transformers
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "transformers": transformers.__version__,
-                "torch": torch.__version__,
-                "tolerance": TOLERANCE,
-                "seconds": round(elapsed, 1),
-                "counts": counts,
-                "results": results,
-            },
-            indent=1,
-            default=str,
-        )
+    write_results(
+        results, time.perf_counter() - start, ("OK", "WRONG", "CRASH", "REF?", "SKIP"), "runs", args.out
     )
-    print(f"written {args.out}")
 
 
 if __name__ == "__main__":

@@ -58,9 +58,7 @@ cores for all families), from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import signal
 import sys
 import time
 import traceback
@@ -657,31 +655,13 @@ def main() -> None:
     results = []
     start = time.perf_counter()
     print(header(), flush=True)
-    signal.signal(signal.SIGALRM, families._alarm)
     for family in names:
-        signal.alarm(families.TIMEOUT_S)
-        try:
-            r = run_family(family, tokenizer)
-        except families.FamilyTimeout as err:
-            r = {"family": family, "checks": {}, "status": "SKIP", "reason": f"timeout: {err}"}
-        except Exception as err:  # a bug of this script, or something unexpected: keep going
-            r = {"family": family, "checks": {}, "status": "CRASH", "reason": f"harness: {families._short(err)}",
-                 "traceback": traceback.format_exc(limit=-3)}  # fmt: skip
-        finally:
-            signal.alarm(0)
+        r = families.timed(
+            lambda family=family: run_family(family, tokenizer), {"family": family, "checks": {}}
+        )
         results.append(r)
         print(row(r), flush=True)
     elapsed = time.perf_counter() - start
-    counts = {
-        s: sum(r["status"] == s for r in results) for s in ("OK", "MODEL", "WRONG", "CRASH", "REF?", "SKIP")
-    }
-    print(
-        f"\n{len(results)} families in {elapsed:.0f} s: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-    )
-    for status in ("MODEL", "WRONG", "CRASH", "REF?"):
-        bad = [r["family"] for r in results if r["status"] == status]
-        if bad:
-            print(f"{status}: {', '.join(bad)}")
     weak = [
         f"{r['family']}:{k}"
         for r in results
@@ -692,24 +672,9 @@ def main() -> None:
         print(
             f"steering barely moves the logits (effect < 1e-3; the check has little power): {', '.join(weak)}"
         )
-    import transformers
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "transformers": transformers.__version__,
-                "torch": torch.__version__,
-                "tolerance": TOLERANCE,
-                "seconds": round(elapsed, 1),
-                "counts": counts,
-                "results": results,
-            },
-            indent=1,
-            default=str,
-        )
+    families.write_results(
+        results, elapsed, ("OK", "MODEL", "WRONG", "CRASH", "REF?", "SKIP"), "families", args.out
     )
-    print(f"written {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ monitored by traitlens as plain hooks on each text's own forward pass or generat
 their references: ``families.py``, ``families_steering.py``)."""
 
 import logging
-import signal
 import warnings
 
 import families
@@ -17,17 +16,14 @@ def _every_family(run) -> dict[str, dict]:
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     tokenizer, results = make_word_tokenizer(), {}
-    previous = signal.signal(signal.SIGALRM, families._alarm)
-    try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         for family in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            signal.alarm(families.TIMEOUT_S)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                results[family] = run(family, tokenizer)
-            signal.alarm(0)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+            results[family] = families.timed(lambda family=family: run(family, tokenizer), {"family": family})
+    stuck = {
+        f: r["reason"] for f, r in results.items() if r.get("reason", "").startswith(("timeout", "harness"))
+    }
+    assert not stuck, f"the harness itself failed or timed out: {stuck}"
     return results
 
 

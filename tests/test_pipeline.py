@@ -271,7 +271,6 @@ def _misread_by_a_shared_prompt(kind: str):
 )
 def test_models_a_shared_prompt_would_misread_get_one_pass_per_side(kind):
     from traitlens.dataset import tokenize_examples
-    from traitlens.hooks import decoder_layer_paths
     from traitlens.pipeline import pair_activations
 
     model, tokenizer = _misread_by_a_shared_prompt(kind), make_word_tokenizer()
@@ -285,21 +284,10 @@ def test_models_a_shared_prompt_would_misread_get_one_pass_per_side(kind):
         model, tokenizer, pairs, layers=[0, 1], position="response_mean", batch_size=1
     )
     assert shapes == [(1, 9), (1, 11)]  # each text in one pass
-    paths = decoder_layer_paths(model)
     for side, got in (("pos", pos), ("neg", neg)):
         prompt, response = next(tokenize_examples(tokenizer, [getattr(pairs[0], f"{side}_example")]))
-        outputs = []
-        handles = [
-            model.get_submodule(paths[k]).register_forward_hook(
-                lambda _, args, out, seen=outputs: seen.append(out[0] if isinstance(out, tuple) else out)
-            )
-            for k in (0, 1)
-        ]
-        with torch.no_grad():
-            model(torch.tensor([prompt + response]))
-        for handle in handles:
-            handle.remove()
-        expected = torch.stack([out[0, len(prompt) :].mean(0) for out in outputs])  # [layer, hidden]
+        outputs = _alone(model, prompt + response)
+        expected = outputs[:, len(prompt) :].mean(1)  # [layer, hidden]
         torch.testing.assert_close(got[:, 0], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -365,28 +353,32 @@ def test_a_layer_that_runs_twice_in_one_pass_is_refused_not_joined():
 @pytest.mark.parametrize("kind", ["llama", "roberta"])
 def test_right_padded_batches_read_every_token_as_the_text_alone(kind):
     """Right-padded rows get the model's own position numbering: RoBERTa's starts at the pad id + 1."""
-    from traitlens.hooks import decoder_layer_paths
 
     model = make_tiny_model("llama") if kind == "llama" else _misread_by_a_shared_prompt(kind)
     tokenizer, texts = make_word_tokenizer(), _texts([5, 2, 9, 4])
     got = collect_activations(model, tokenizer, texts, layers=[0, 1], position="all", batch_size=4)
-    paths, expected = decoder_layer_paths(model), []
-    for text in texts:  # alone: no padding, no position_ids
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        seen = []
-        handles = [
-            model.get_submodule(paths[k]).register_forward_hook(
-                lambda _, args, out, seen=seen: seen.append(out[0] if isinstance(out, tuple) else out)
-            )
-            for k in (0, 1)
-        ]
-        with torch.no_grad():
-            model(ids)
-        for handle in handles:
-            handle.remove()
-        expected.append(torch.stack([out[0] for out in seen]))  # [layer, tokens, hidden]
+    expected = [_alone(model, tokenizer(text)["input_ids"]) for text in texts]
     assert got.shape == (2, 20, 32)
     torch.testing.assert_close(got, torch.cat(expected, dim=1), rtol=1e-4, atol=1e-5)
+
+
+def _alone(model, ids: list[int]) -> torch.Tensor:
+    """``[layer, tokens, hidden]``: the outputs of decoder layers 0 and 1 for ``ids`` alone (no padding, no
+    position_ids), read by plain forward hooks."""
+    from traitlens.hooks import decoder_layer_paths
+
+    paths, seen = decoder_layer_paths(model), []
+    handles = [
+        model.get_submodule(paths[k]).register_forward_hook(
+            lambda _, args, out: seen.append(out[0] if isinstance(out, tuple) else out)
+        )
+        for k in (0, 1)
+    ]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    return torch.stack([out[0] for out in seen])
 
 
 def test_spilled_batches_without_an_index_are_read_in_file_order_and_mixed_runs_are_refused(tmp_path):
