@@ -21,6 +21,7 @@ from traitlens.compute import projection
 from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager, input_device
 from traitlens.models import cache_keyword, transformers_model_path
+from traitlens.pipeline import _capture_pass, _ran_twice
 from traitlens.vector import TraitVector
 
 
@@ -108,14 +109,8 @@ def token_projections(
     vector.check_model(model)
     enc = encode_examples(tokenizer, [text], chat=chat)
     capture = ActivationCapture(dtype=torch.float32)
-    device = input_device(model)
-    with torch.no_grad(), HookManager(model) as hooks:
-        hooks.add_forward_hook(vector.module, capture.make_hook("h"))
-        hooks.stop_after(vector.module)
-        model(**{k: v.to(device) for k, v in enc.model_inputs().items()})
-    if len(capture.get("h", concat=False)) > 1:
-        raise ValueError(_ran_twice(vector.module))
-    scores = projection(capture.get("h")[0], vector.vector.float())
+    hidden = _capture_pass(model, [vector.module], [0], capture, enc.model_inputs())[0, 0]  # [seq, hidden]
+    scores = projection(hidden, vector.vector.float())
     return TokenScores(
         tokens=_token_strings(tokenizer, enc.input_ids[0].tolist()),
         scores=scores,
@@ -179,7 +174,7 @@ def generate_with_projections(
 
     def score(module, args, output):
         if len(scores) == len(fed):  # a second call in one forward pass
-            raise ValueError(_ran_twice(vector.module))
+            raise ValueError(_ran_twice([vector.module]))
         hidden = output_tensor(output)[0]  # [seq, hidden], on this layer's device
         step = hidden.float() @ unit.to(hidden.device)  # [positions]
         scores.append(step)
@@ -191,7 +186,7 @@ def generate_with_projections(
             for text, value in zip(texts, values, strict=True):
                 on_token(text, value)
 
-    inputs = {k: v.to(device) for k, v in enc.model_inputs().items() if k != "position_ids"}
+    inputs = {k: v.to(device) for k, v in enc.model_inputs().items()}
     settings = {
         "do_sample": False,
         "use_cache": True,
@@ -223,14 +218,6 @@ def generate_with_projections(
         scores=values[: sequence.shape[0]],
         response=response,
         center=_center(vector),
-    )
-
-
-def _ran_twice(module: str) -> str:
-    return (
-        f"{module!r} ran more than once in one forward pass (the model reuses its layers, as recurrent-depth "
-        "models do), so which run is the layer's output is a choice to make: capture the module with "
-        "ActivationCapture and read each run with get(name, concat=False)"
     )
 
 

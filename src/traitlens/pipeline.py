@@ -278,14 +278,18 @@ def _capture_pass(model, paths, layers, capture, inputs, **kwargs) -> torch.Tens
         raise ValueError(f"module {paths[layers[0]]!r} did not run in the forward pass")
     repeated = [paths[layer] for layer in layers if len(capture.get(str(layer), concat=False)) > 1]
     if repeated:
-        raise ValueError(
-            f"{short_list(repeated)} ran more than once in one forward pass (the model reuses its layers, as "
-            "recurrent-depth models do), so which run is the layer's output is a choice to make: capture the "
-            "module with ActivationCapture and read each run with get(name, concat=False)"
-        )
+        raise ValueError(_ran_twice(repeated))
     acts = torch.stack([capture.get(str(layer)) for layer in layers])
     capture.clear()
     return acts
+
+
+def _ran_twice(paths: list[str]) -> str:
+    return (
+        f"{short_list(paths)} ran more than once in one forward pass (the model reuses its layers, as "
+        "recurrent-depth models do), so which run is the layer's output is a choice to make: capture the "
+        "module with ActivationCapture and read each run with get(name, concat=False)"
+    )
 
 
 def _shared_prompt_pass(
