@@ -37,8 +37,9 @@ for that pass:
   token more each time: a pass with ``use_cache=False`` whose input is the previous pass's input plus one
   token is recognised as such a step, so "generated" means the same with and without the cache (and for
   models that take no cache, such as GPT-1, whose ``generate`` always re-feeds). Calls of your own, such
-  as scoring growing prefixes, therefore count as new sequences unless they pass ``use_cache=False``. Assisted (speculative) decoding checks several drafted tokens in one pass, which
-  counts as prompt: ``positions="generated"`` does not follow it.
+  as scoring growing prefixes, therefore count as new sequences unless they pass ``use_cache=False``.
+  Assisted (speculative) decoding checks several drafted tokens in one pass, which counts as prompt:
+  ``positions="generated"`` does not follow it.
 
 The interventions read that record. A forward hook on the same module clears it after each pass, so an
 intervention used outside a forward pass of the model (a layer called by hand) steers every position
@@ -144,11 +145,9 @@ class SequenceTracker:
             return
         batch, seq = given.shape[:2]
         device = given.device
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if (
-            cache is None
-        ):  # one under a name of the model's own (Mamba's cache_params, Reformer's past_buckets_states)
-            cache = next((value for key, value in kwargs.items() if _holds_cache(key, value)), None)
+        # cache= or past_key_values=, or a name of the model's own (Mamba's cache_params in transformers 4,
+        # Reformer's past_buckets_states)
+        cache = next((value for key, value in kwargs.items() if _holds_cache(key, value)), None)
         mask = kwargs.get("attention_mask")
         if mask is not None and (
             not isinstance(mask, torch.Tensor)
