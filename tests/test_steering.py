@@ -3,6 +3,8 @@ dtypes, hook cleanup, relative strength."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -668,11 +670,21 @@ def test_a_peft_wrapped_model_is_steered_during_its_generate_as_the_model_inside
     from traitlens.monitor import generate_with_projections
     from traitlens.vector import TraitVector
 
+    # a vector names its module as in the plain model; the wrapper finds it under the model inside
+    vector = TraitVector(v, model="tiny", module="model.layers.1", position="all", method="mean_diff")
+    assert vector.module_in(wrapped) == "base_model.model.model.layers.1"
+    assert vector.module_in(model) == "model.layers.1"
+    with steer(wrapped, vector, coeff=4.0, positions="prompt"):  # as the last `expected`
+        assert torch.equal(wrapped.generate(input_ids=ids, **settings), expected)
     scores = [
-        generate_with_projections(
-            m, _CharTokenizer(), TraitVector(v, model="tiny", module=f"{prefix}model.layers.1", position="all",
-                                             method="mean_diff"), "abc", max_new_tokens=4, chat=False,
-        ).scores
-        for m, prefix in ((wrapped, "base_model.model."), (model, ""))
-    ]  # fmt: skip
-    assert torch.equal(*scores) and len(scores[0]) == 3 + 4
+        generate_with_projections(m, _CharTokenizer(), vec, "abc", max_new_tokens=4, chat=False).scores
+        for m in (wrapped, model)
+        for vec in (vector, dataclasses.replace(vector, module=vector.module_in(m)))  # the wrapper's own path too
+    ]
+    assert all(torch.equal(scores[0], s) for s in scores[1:]) and len(scores[0]) == 3 + 4
+    from traitlens.monitor import token_projections
+
+    assert torch.equal(
+        token_projections(wrapped, _CharTokenizer(), vector, "abcd", chat=False).scores,
+        token_projections(model, _CharTokenizer(), vector, "abcd", chat=False).scores,
+    )

@@ -107,9 +107,10 @@ def token_projections(
     """Projection of every token of ``text`` (a plain string or a prompt-style ``Example``) onto
     ``vector`` at ``vector.module``."""
     vector.check_model(model)
+    path = vector.module_in(model)
     enc = encode_examples(tokenizer, [text], chat=chat)
     capture = ActivationCapture(dtype=torch.float32)
-    hidden = _capture_pass(model, [vector.module], [0], capture, enc.model_inputs())[0, 0]  # [seq, hidden]
+    hidden = _capture_pass(model, [path], [0], capture, enc.model_inputs())[0, 0]  # [seq, hidden]
     scores = projection(hidden, vector.vector.float())
     return TokenScores(
         tokens=_token_strings(tokenizer, enc.input_ids[0].tolist()),
@@ -160,6 +161,7 @@ def generate_with_projections(
             "text yourself and score it with token_projections"
         )
     vector.check_model(model)
+    path = vector.module_in(model)
     enc = encode_examples(tokenizer, [prompt], chat=chat)
     device = input_device(model)
     unit = vector.vector.float().to(device)
@@ -174,7 +176,7 @@ def generate_with_projections(
 
     def score(module, args, output):
         if len(scores) == len(fed):  # a second call in one forward pass
-            raise ValueError(_ran_twice([vector.module]))
+            raise ValueError(_ran_twice([path]))
         hidden = output_tensor(output)[0]  # [seq, hidden], on this layer's device
         step = hidden.float() @ unit.to(hidden.device)  # [positions]
         scores.append(step)
@@ -195,7 +197,7 @@ def generate_with_projections(
     }
     with torch.no_grad(), HookManager(model) as hooks:
         hooks.add_forward_pre_hook(body, read_ids, with_kwargs=True)
-        hooks.add_forward_hook(vector.module, score)
+        hooks.add_forward_hook(path, score)
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **settings
         )

@@ -596,7 +596,9 @@ def _targets(model, vector, layer, module) -> dict[str, tuple[torch.Tensor, int 
     if layer is None and module is None:
         if hasattr(vector, "check_model"):  # a TraitVector steers where it was read, on a model it fits
             vector.check_model(model)
-        module = getattr(vector, "module", None)
+            module = vector.module_in(model)
+        else:
+            module = getattr(vector, "module", None)
         if module is None:
             layer = getattr(vector, "layer", None)
         if layer is None and module is None:

@@ -54,6 +54,7 @@ import torch
 
 from traitlens._validation import check_vector, did_you_mean, shape_of, short_list
 from traitlens.hooks import decoder_layer_paths, residual_width
+from traitlens.models import transformers_model_path
 
 TENSOR_NAME = "vector"
 """Name of the one tensor in a traitlens vector file."""
@@ -411,18 +412,27 @@ class TraitVector:
         module where it was read, or, read at a decoder layer, a length other than ``config.hidden_size``
         (other modules' outputs, such as an MLP's inner activations, can be wider or narrower: their width
         is checked where the vector is used)."""
-        modules = [n for n, _ in model.named_modules() if n]
-        if self.module not in modules:
-            raise ValueError(
-                f"vector was read at module {self.module!r}, which {type(model).__name__} does not have"
-                f"{did_you_mean(self.module, modules)} (modules: {short_list(modules)}); it was made for "
-                f"model {self.model!r}"
-            )
+        path = self.module_in(model)
         try:
-            at_layer = self.module in decoder_layer_paths(model)
+            at_layer = path in decoder_layer_paths(model)
         except ValueError:  # no ModuleList of layers: only the module's presence can be checked
             at_layer = False
         self._check_width(model, at_layer)
+
+    def module_in(self, model: torch.nn.Module) -> str:
+        """The path of the module this vector was read at, in ``model``: ``module`` itself, or, in a wrapper
+        such as a PEFT model, ``module`` under the transformers model it holds (``model.layers.3`` is
+        ``base_model.model.model.layers.3`` there). Raises a ``ValueError`` when ``model`` has neither."""
+        modules = [n for n, _ in model.named_modules() if n]
+        inner = transformers_model_path(model)
+        for path in (self.module, f"{inner}.{self.module}" if inner else None):
+            if path in modules:
+                return path
+        raise ValueError(
+            f"vector was read at module {self.module!r}, which {type(model).__name__} does not have"
+            f"{did_you_mean(self.module, modules)} (modules: {short_list(modules)}); it was made for "
+            f"model {self.model!r}"
+        )
 
     def _check_width(self, model: Any, at_layer: bool) -> None:
         """Raise if the vector, read at a decoder layer (``at_layer``), is not ``config.hidden_size`` long."""
