@@ -676,10 +676,10 @@ def test_a_peft_wrapped_model_is_steered_during_its_generate_as_the_model_inside
     assert vector.module_in(model) == "model.layers.1"
     with steer(wrapped, vector, coeff=4.0, positions="prompt"):  # as the last `expected`
         assert torch.equal(wrapped.generate(input_ids=ids, **settings), expected)
-    scores = [
+    scores = [  # the plain model's path, then each model's own
         generate_with_projections(m, _CharTokenizer(), vec, "abc", max_new_tokens=4, chat=False).scores
         for m in (wrapped, model)
-        for vec in (vector, dataclasses.replace(vector, module=vector.module_in(m)))  # the wrapper's own path too
+        for vec in (vector, dataclasses.replace(vector, module=vector.module_in(m)))
     ]
     assert all(torch.equal(scores[0], s) for s in scores[1:]) and len(scores[0]) == 3 + 4
     from traitlens.monitor import token_projections
