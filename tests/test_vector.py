@@ -459,6 +459,32 @@ def test_layer_given_as_numpy_or_tensor_integers_and_read_from_an_experts_path()
     assert make(module="model.layers.3.mlp.experts.7", layer=None).layer == 3  # the 7 is an expert
 
 
+def test_saving_again_without_a_sidecar_removes_the_stale_one_and_nothing_else(tmp_path):
+    path = make().save(tmp_path / "v.safetensors", sidecar=True)
+    side = tmp_path / "v.json"
+    assert side.exists()
+    make(layer=5).save(path)  # the sidecar would describe layer 12
+    assert not side.exists() and load_vector(path).layer == 5
+    for text in ('{"important": true}', "not json", '["traitlens.vector"]'):  # the user's files stay
+        side.write_text(text)
+        make().save(path)
+        assert side.read_text() == text
+
+
+def test_saving_through_a_symbolic_link_writes_the_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "store" / "v.safetensors"
+    target.parent.mkdir()
+    make().save(target)
+    link = tmp_path / "current.safetensors"
+    link.symlink_to(target)
+    make(layer=5).save(link)
+    assert link.is_symlink() and load_vector(target).layer == 5
+    dangling = tmp_path / "later.safetensors"
+    dangling.symlink_to(tmp_path / "store" / "new.safetensors")
+    make().save(dangling)
+    assert dangling.is_symlink() and load_vector(tmp_path / "store" / "new.safetensors") == make()
+
+
 def test_save_checks_the_sidecar_name_and_folder_before_writing_anything(tmp_path):
     mine = tmp_path / "config.json"
     mine.write_text('{"important": true}')

@@ -453,7 +453,8 @@ class TraitVector:
             path: the file to write (overwritten if it exists). The suffix ``.safetensors`` is conventional
                 but not added or required.
             sidecar: also write the metadata, indented, to ``path`` with the suffix ``.json``. It is for
-                reading only; ``load`` ignores it.
+                reading only; ``load`` ignores it. Without it, a traitlens sidecar left there by an earlier
+                save is removed, so that it cannot describe a vector the file no longer holds.
 
         Returns the path written. Raises ``TypeError`` naming the key if a metadata value cannot be written
         as JSON.
@@ -471,6 +472,8 @@ class TraitVector:
         save_tensors({TENSOR_NAME: tensor}, path, metadata={HEADER_KEY: text})
         if sidecar:
             side.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        elif side != path and _is_sidecar(side):
+            side.unlink()
         return path
 
     @classmethod
@@ -559,11 +562,22 @@ def save_tensors(
 
     safetensors 0.8 writes through a temporary file created with mode 0600 and renames it into place, so
     its files were readable by their owner only, unlike the rest of a run's folder (safetensors issue #782).
+    A ``path`` that is a symbolic link is written through, as ``open`` would, and stays a link.
     """
-    _safetensors().torch.save_file(tensors, str(path), metadata=metadata)
+    path = os.path.realpath(path)  # through a symbolic link: the rename would replace the link itself
+    _safetensors().torch.save_file(tensors, path, metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def _is_sidecar(path: Path) -> bool:
+    """Whether ``path`` holds a JSON object of this format, as ``save(..., sidecar=True)`` writes."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, unreadable, not text or not JSON: not ours
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def _safetensors():
