@@ -8,7 +8,8 @@
    and both answers on its key/value cache.
 2. ``extract_trait``: every extraction method at every layer on the train split, every (method, layer)
    scored on the validation split, the best one chosen on validation and reported once on the untouched
-   test split. The random baseline is the control: it must come out near chance.
+   test split, which is read after the choice and at the chosen layer only. The random baseline is the
+   control: it must come out near chance.
 
 Selection rule: highest validation accuracy, then AUROC, then effect size, then the earlier layer; the
 random baseline is never chosen. Accuracy uses the threshold fitted on the train split (the midpoint of
@@ -527,7 +528,9 @@ class ExtractionResult:
     control_test: dict
     control_ok: bool
     activations: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    """split -> (pos, neg), each ``[layer, n, hidden]``; kept in memory for reports, never saved."""
+    """split -> (pos, neg): train and val ``[layer, n, hidden]`` over ``layers``, test ``[1, n, hidden]`` at
+    ``best_layer`` alone (the test split is read only where the choice fell); kept in memory for reports,
+    never saved."""
 
     def index(self, layer: int) -> int:
         if layer not in self.layers:
@@ -643,6 +646,18 @@ def extract_trait(
     layers = sorted(_check_layers(layers, len(paths)))  # a sweep, reported by layer
 
     acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def read(split: str, at: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_activations(
+            model,
+            tokenizer,
+            dataset.split(split),
+            layers=at,
+            position=position,
+            batch_size=batch_size,
+            progress=f"{dataset.name} {split}" if progress else False,
+        )
+
     if backend == "ray":
         from traitlens.distributed import distributed_activations
 
@@ -650,17 +665,8 @@ def extract_trait(
             model, dataset, layers=layers, position=position, batch_size=batch_size, cluster=cluster,
             progress=progress,
         )  # fmt: skip
-    else:
-        for split in SPLITS:
-            acts[split] = pair_activations(
-                model,
-                tokenizer,
-                dataset.split(split),
-                layers=layers,
-                position=position,
-                batch_size=batch_size,
-                progress=f"{dataset.name} {split}" if progress else False,
-            )
+    else:  # the test split is read after the choice, at the chosen layer alone
+        acts = {split: read(split, layers) for split in ("train", "val")}
 
     if torch.equal(*acts["train"]):
         raise ValueError(
@@ -689,17 +695,17 @@ def extract_trait(
 
     candidates = [(m, i) for m in methods if m != CONTROL for i in range(len(layers))]
     best_method, best_i = max(candidates, key=lambda mi: (_rank_key(val[mi[0]][mi[1]]), -mi[1]))
-    test_pos, test_neg = acts["test"]
+    if "test" in acts:  # read at every layer on the cluster: keep the chosen one, as a local run reads it
+        acts["test"] = tuple(side[best_i : best_i + 1] for side in acts["test"])
+    else:
+        acts["test"] = read("test", [layers[best_i]])
+    test_pos, test_neg = (side[0] for side in acts["test"])
 
     def on_test(method: str) -> dict:
         i = best_i
-        scores = evaluate_vector(
-            vectors[method][i], test_pos[i], test_neg[i], threshold=thresholds[method][i]
-        )
+        scores = evaluate_vector(vectors[method][i], test_pos, test_neg, threshold=thresholds[method][i])
         if method == CONTROL:
-            scores.update(
-                _random_draws(train_pos[i], train_neg[i], test_pos[i], test_neg[i], seed, control_draws)
-            )
+            scores.update(_random_draws(train_pos[i], train_neg[i], test_pos, test_neg, seed, control_draws))
         return _clean(scores)
 
     control_val = val[CONTROL][best_i]["draws_accuracy_mean"]

@@ -49,7 +49,7 @@ def plot_histogram(result: ExtractionResult, path: Path) -> Path:
     """Test projections of positives and negatives onto the chosen vector, with its train threshold."""
     i = result.index(result.best_layer)
     vector = result.vectors[result.best_method][i]
-    pos, neg = (projection(acts[i], vector) for acts in result.activations["test"])
+    pos, neg = (projection(side[0], vector) for side in result.activations["test"])  # the chosen layer
     fig = figure((7, 4))
     ax = fig.subplots()
     bins = torch.linspace(float(min(pos.min(), neg.min())), float(max(pos.max(), neg.max())), 25).tolist()

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 from traitlens import TraitVector, load_dataset, load_vector
 from traitlens.cli import main
 from traitlens.dataset import encode_examples
+from traitlens.metrics import evaluate_vector
 from traitlens.monitor import token_projections
+from traitlens.pipeline import pair_activations
 
 pytestmark = pytest.mark.integration
 
@@ -260,6 +262,19 @@ def test_prompt_style_data_reads_the_answers_and_refuses_a_shared_prompt(real_mo
     )
     result = extract_trait(model, tokenizer, data, layers=[3, 12], progress=False)
     assert result.position == "response_mean" and result.test["accuracy"] >= 0.8
+    # the test split is read after the choice, at the chosen layer alone, as a read of every layer holds it
+    every = pair_activations(
+        model, tokenizer, data.split("test"), layers=[3, 12], position="response_mean", progress=False
+    )
+    i = result.index(result.best_layer)
+    test = result.activations["test"]
+    assert [side.shape[0] for side in test] == [1, 1] and result.activations["val"][0].shape[0] == 2
+    for got, expected in zip(test, every, strict=True):
+        torch.testing.assert_close(got[0], expected[i], rtol=0, atol=1e-4)
+    vector, threshold = result.vectors[result.best_method][i], result.thresholds[result.best_method][i]
+    scores = evaluate_vector(vector, every[0][i], every[1][i], threshold=threshold)
+    assert scores["accuracy"] == result.test["accuracy"]
+    assert abs(scores["auroc"] - result.test["auroc"]) < 1e-6
     with pytest.raises(ValueError, match=r"position 'prompt_last' .* every row .*response_mean"):
         extract_trait(model, tokenizer, data, layers=[3], position="prompt_last", progress=False)
 
