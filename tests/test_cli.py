@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -43,6 +44,14 @@ def test_export_says_why_layer_0_is_left_out_and_prints_the_norms(tmp_path, caps
     assert "layer 0 left out" in err and "classifier weights" in err
     assert "wrote 2 layers (3-5, norms 4-6) to" in out
     assert load_control_vector(tmp_path / "probe.gguf").layers == [3, 5]
+    # the model hint: --model-hint, else the run's model_type, else llama (a run from before model_type)
+    assert load_control_vector(tmp_path / "probe.gguf").model_hint == "llama"
+    assert "the run records no model_type" in err
+    (tmp_path / "summary.json").write_text(json.dumps({"chosen": {"method": "probe"}, "model_type": "qwen2"}))
+    assert main(["export", str(tmp_path)]) == 0
+    assert load_control_vector(tmp_path / "probe.gguf").model_hint == "qwen2"
+    assert main(["export", str(tmp_path), "--model-hint", "gemma2"]) == 0
+    assert load_control_vector(tmp_path / "probe.gguf").model_hint == "gemma2"
 
 
 def test_extract_checks_the_data_before_loading_the_model(monkeypatch, capsys):

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="whose vectors to write (default: the method the run chose, from its summary.json)",
     )  # fmt: skip
     p.add_argument("--scale", type=float, default=1.0, help="multiply every vector by this")
-    p.add_argument("--model-hint", default="llama", help="model family for llama.cpp (default: llama)")
+    p.add_argument("--model-hint", help="model family written into the file (default: the run's model_type, "
+                   "else llama)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="GGUF file (default: RUN/<method>.gguf)")
 
     p = sub.add_parser("modules", help="list a model's hookable module paths",
@@ -403,15 +404,21 @@ def cmd_export(args) -> None:
     source = args.run / "all_layers.safetensors"
     if not source.is_file():
         raise FileNotFoundError(f"{source} not found; give an output folder of 'traitlens extract'")
-    method = args.method
+    method, hint = args.method, args.model_hint
+    summary_path = args.run / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if method is None:
-        summary = args.run / "summary.json"
-        if not summary.is_file():
+        if not summary:
             raise FileNotFoundError(
-                f"{summary} not found, so the run's chosen method is unknown; pass --method"
+                f"{summary_path} not found, so the run's chosen method is unknown; pass --method"
             )
-        method = json.loads(summary.read_text())["chosen"]["method"]
+        method = summary["chosen"]["method"]
         _info(f"method: {method} (the run's choice)")
+    if hint is None:
+        hint = summary.get("model_type") or "llama"  # runs before model_type was recorded: llama
+        _info(
+            f"model hint: {hint}" + ("" if summary.get("model_type") else " (the run records no model_type)")
+        )
     with safe_open(source, framework="pt") as f:
         if method not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
             raise ValueError(f"{source} has no {method!r} vectors; it has {sorted(f.keys())}")
@@ -431,7 +438,7 @@ def cmd_export(args) -> None:
             "scale: as a control vector their strength per layer is arbitrary. --method mean_diff writes "
             "differences of class means, in activation units"
         )
-    out = save_control_vector(args.out or args.run / f"{method}.gguf", directions, model_hint=args.model_hint)
+    out = save_control_vector(args.out or args.run / f"{method}.gguf", directions, model_hint=hint)
     norms = [float(v.norm()) for v in directions.values()]
     print(
         f"wrote {len(directions)} layers ({min(directions)}-{max(directions)}, norms {min(norms):.3g}-"

@@ -527,6 +527,8 @@ class ExtractionResult:
     test: dict
     control_test: dict
     control_ok: bool
+    model_type: str | None = None
+    """The model's ``config.model_type`` (its family, e.g. ``"llama"``), where it has one."""
     activations: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     """split -> (pos, neg): train and val ``[layer, n, hidden]`` over ``layers``, test ``[1, n, hidden]`` at
     ``best_layer`` alone (the test split is read only where the choice fell); kept in memory for reports,
@@ -567,6 +569,7 @@ class ExtractionResult:
         return {
             "trait": self.trait,
             "model": self.model_name,
+            "model_type": self.model_type,
             "revision": self.revision,
             "position": self.position,
             "layers": self.layers,
@@ -735,6 +738,7 @@ def extract_trait(
         test=on_test(best_method),
         control_test=on_test(CONTROL),
         control_ok=control_ok,
+        model_type=getattr(getattr(model, "config", None), "model_type", None),
         activations=acts,
     )
 

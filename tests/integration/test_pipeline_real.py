@@ -249,6 +249,7 @@ def test_cli_steer_dose_response_and_export(run, tmp_path, capsys):
     chosen = summary["chosen"]["method"]
     control = load_control_vector(out / f"{chosen}.gguf")
     assert torch.equal(control.directions[12], load_file(out / "all_layers.safetensors")[chosen][12])
+    assert summary["model_type"] == control.model_hint == "llama"  # the run's model_type
 
 
 def test_prompt_style_data_reads_the_answers_and_refuses_a_shared_prompt(real_model):
