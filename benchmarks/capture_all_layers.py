@@ -1,6 +1,8 @@
 """Focused check of one CPU target of issue #5: traitlens capture of every layer's full output vs the bare
 forward pass (bundled model, 8 batches of 8 x 64 random tokens), alternating the two over ``--rounds``
-rounds in one process. Prints the per-round times and ratios.
+rounds in one process. Each round captures the whole workload into one capture; every batch is timed bare
+and with capture back to back (in a seeded random order), so each batch gives one paired ratio. Prints the
+per-round times and ratios and the median of the per-batch ratios with a bootstrap interval.
 
 The cost of keeping every layer's output on a CPU is fresh memory: about 280 MB per run that the kernel
 must fault in and zero. So the check runs in three fresh processes that differ only in how memory is
@@ -29,6 +31,8 @@ SETTINGS = {
 
 
 def measure(rounds: int) -> None:
+    import random
+
     import torch
 
     from traitlens import ActivationCapture, HookManager, decoder_layer_paths, load_model
@@ -38,35 +42,55 @@ def measure(rounds: int) -> None:
     batches = [{"input_ids": torch.randint(3, 40000, (8, 64), generator=generator)} for _ in range(8)]
     paths = decoder_layer_paths(model)
 
-    def bare():
-        with torch.no_grad():
-            for batch in batches:
-                model(**batch)
+    def bare(batch, capture):
+        model(**batch)
 
-    def capture_all():
-        capture = ActivationCapture(device=None)
-        with torch.no_grad(), HookManager(model) as hooks:
+    def capture_all(batch, capture):
+        with HookManager(model) as hooks:
             for i, path in enumerate(paths):
                 hooks.add_forward_hook(path, capture.make_hook(str(i)))
-            for batch in batches:
-                model(**batch)
-        return capture
+            model(**batch)
 
-    bare(), capture_all()  # warm-up
-    times: dict[str, list[float]] = {"bare": [], "capture": []}
-    for r in range(rounds):
-        order = [("bare", bare), ("capture", capture_all)]
-        for name, run in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            kept = run()
-            times[name].append(time.perf_counter() - start)
-            del kept
-    ratios = [c / b for b, c in zip(times["bare"], times["capture"], strict=True)]
-    print("  bare s    ", [round(x, 2) for x in times["bare"]])
-    print("  capture s ", [round(x, 2) for x in times["capture"]])
-    print("  per-round ratios", [round(x, 3) for x in ratios])
-    median_ratio = statistics.median(times["capture"]) / statistics.median(times["bare"])
-    print(f"  ratio of medians {median_ratio:.3f}; median per-round ratio {statistics.median(ratios):.3f}")
+    with torch.no_grad():
+        for batch in batches[:2]:  # warm-up
+            bare(batch, None), capture_all(batch, ActivationCapture(device=None))
+        # Each round captures the whole workload into one capture, as a user's run would, but every batch is
+        # timed on its own, bare and with capture one after the other in a seeded random order: the two
+        # sides of a pair are a second apart, so drift on this shared machine (seconds to minutes) hits both.
+        times: dict[str, list[float]] = {"bare": [], "capture": []}
+        order = random.Random(0)
+        for _ in range(rounds):
+            capture = ActivationCapture(device=None)
+            for batch in batches:
+                cases = [("bare", bare), ("capture", capture_all)]
+                for name, run in order.sample(cases, 2):
+                    start = time.perf_counter()
+                    run(batch, capture)
+                    times[name].append(time.perf_counter() - start)
+            del capture
+    n = len(batches)
+    per_round = {name: [sum(t[i : i + n]) for i in range(0, len(t), n)] for name, t in times.items()}
+    print("  bare s (per round)   ", [round(x, 2) for x in per_round["bare"]])
+    print("  capture s (per round)", [round(x, 2) for x in per_round["capture"]])
+    round_ratios = [c / b for b, c in zip(per_round["bare"], per_round["capture"], strict=True)]
+    print("  per-round ratios", [round(x, 3) for x in round_ratios])
+    medians = statistics.median(per_round["capture"]) / statistics.median(per_round["bare"])
+    print(f"  ratio of medians {medians:.3f}; median per-round ratio {statistics.median(round_ratios):.3f}")
+    pairs = [c / b for b, c in zip(times["bare"], times["capture"], strict=True)]
+    low, high = _bootstrap_median(pairs)
+    print(
+        f"  per-batch pairs: {len(pairs)}, ratios {min(pairs):.3f}-{max(pairs):.3f}, median "
+        f"**{statistics.median(pairs):.3f}** (95% bootstrap interval {low:.3f}-{high:.3f})"
+    )
+
+
+def _bootstrap_median(values: list[float], draws: int = 10000) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the median (Efron & Tibshirani 1993, ch. 13), seeded."""
+    import random
+
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 def main() -> None:
