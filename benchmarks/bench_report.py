@@ -7,6 +7,7 @@ only its own section, so the CPU and GPU parts can come from different machines.
 
 from __future__ import annotations
 
+import random
 import statistics
 from pathlib import Path
 
@@ -58,20 +59,39 @@ def targets(section: str, key: str, n_layers: int, stop_layer: int) -> list[tupl
 
 def summarize(entry: dict) -> dict[str, dict]:
     """Per case: median ms, ratio to its group's baseline (of the medians, and of the fastest rounds),
-    spread over rounds."""
-    times = entry["times"]
-    baseline = {"forward": times["bare"], "generate": times["gen_plain"]}
+    spread over rounds; where batches were timed in pairs (``batch_times``), the median of the per-batch
+    ratios to the baseline on the same batch of the same round, with its bootstrap interval. Targets are
+    judged on that median where there is one, else on the ratio of the medians (``judged``)."""
+    times, batch_times = entry["times"], entry.get("batch_times")
+    baseline = {"forward": "bare", "generate": "gen_plain"}
     rows = {}
     for case in CASES:
-        t, base = times[case.key], baseline[case.group]
+        t, base = times[case.key], times[baseline[case.group]]
         median = statistics.median(t)
-        rows[case.key] = {
+        row = {
             "ms": median * 1e3,
             "ratio": median / statistics.median(base),
             "min_ratio": min(t) / min(base),
             "spread": (max(t) - min(t)) / median,
         }
+        if batch_times:
+            pairs = [
+                x / b for x, b in zip(batch_times[case.key], batch_times[baseline[case.group]], strict=True)
+            ]
+            row["paired"] = statistics.median(pairs)
+            row["paired_interval"] = bootstrap_median(pairs)
+            row["pairs"] = len(pairs)
+        row["judged"] = row.get("paired", row["ratio"])
+        rows[case.key] = row
     return rows
+
+
+def bootstrap_median(values: list[float], draws: int = 10000) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the median of ``values`` (Efron & Tibshirani 1993, ch. 13),
+    seeded, so a report renders the same from the same raw times."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 def _fmt(x, spec=".2f", none="n/a") -> str:
@@ -109,36 +129,53 @@ def render(results: dict) -> tuple[str, list[dict]]:
         memory = entry.get("memory", {})
         n_layers, k = entry["n_layers"], entry["stop_layer"]
         bare = entry["times"]["bare"]
+        paired = "batch_times" in entry
         lines += [
             f"### {entry['model']}",
             "",
             f"{entry['workload']}. Early stop at k = {k} of L = {n_layers} layers. Bare forward over the "
             f"rounds: {', '.join(f'{t * 1e3:.0f}' for t in bare)} ms (drift shows here).",
+        ]
+        if paired:
+            lines += [
+                "",
+                f"Every batch was timed with every case back to back ({rows['bare']['pairs']} forward and "
+                f"{rows['gen_plain']['pairs']} generate batches over the rounds): *paired ratio* is the median "
+                "of the per-batch ratios to the baseline on the same batch, with its 95% bootstrap interval, "
+                "and the targets are judged on it.",
+            ]
+        head = "| case | median ms | ratio | ratio of minima | spread |"
+        head += " paired ratio (95% interval) |" if paired else ""
+        lines += [
             "",
-            "| case | median ms | ratio | ratio of minima | spread | extra peak memory (MB) | target | met |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+            head + " extra peak memory (MB) | target | met |",
+            "| --- |" + " ---: |" * (5 if paired else 4) + " ---: | --- | --- |",
         ]
         for case in CASES:
             r = rows[case.key]
             if case.key == "gen_plain":
-                lines.append("| **generation** (ratio to plain `generate`) | | | | | | | |")
+                lines.append("| **generation** (ratio to plain `generate`) |" + " |" * (8 if paired else 7))
             goals = targets(section, case.key, n_layers, k)
             met_cells = []
             for text, bound in goals:
-                met = r["ratio"] <= bound
+                met = r["judged"] <= bound
                 met_cells.append("yes" if met else "**no**")
                 checks.append(
                     {
                         "model": entry["model"],
                         "case": case.key,
                         "target": text,
-                        "ratio": r["ratio"],
+                        "ratio": r["judged"],
                         "met": met,
                     }
                 )
+            pair_cell = ""
+            if paired:
+                low, high = r["paired_interval"]
+                pair_cell = f" {r['paired']:.3f} ({low:.3f}-{high:.3f}) |"
             lines.append(
-                f"| {case.label} | {r['ms']:.1f} | {r['ratio']:.3f} | {r['min_ratio']:.3f} | {r['spread'] * 100:.0f}% | "
-                f"{_fmt(memory.get(case.key), '.0f')} | {'; '.join(t for t, _ in goals)} | "
+                f"| {case.label} | {r['ms']:.1f} | {r['ratio']:.3f} | {r['min_ratio']:.3f} | {r['spread'] * 100:.0f}% |"
+                f"{pair_cell} {_fmt(memory.get(case.key), '.0f')} | {'; '.join(t for t, _ in goals)} | "
                 f"{'; '.join(met_cells)} |"
             )
         lines += [
@@ -301,10 +338,13 @@ def draw(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(entries), figsize=(7.5 * len(entries), 6.5), squeeze=False)
     for ax, entry in zip(axes[0], entries, strict=True):
         rows = summarize(entry)
-        labels, ratios, colors, goals = [], [], [], []
+        labels, ratios, colors, goals, errors = [], [], [], [], []
         for case in CASES:
             labels.append(case.key)
-            ratios.append(rows[case.key]["ratio"])
+            r = rows[case.key]
+            ratios.append(r["judged"])  # the paired median where batches were paired
+            low, high = r.get("paired_interval", (r["judged"], r["judged"]))
+            errors.append((r["judged"] - low, high - r["judged"]))
             colors.append("#4C72B0" if case.group == "forward" else "#55A868")
             bounds = [
                 b for _, b in targets(results["section"], case.key, entry["n_layers"], entry["stop_layer"])
@@ -316,8 +356,9 @@ def draw(results: dict, path: Path) -> None:
                 ratios.append(p["ratio"])
                 colors.append("#8172B2")
                 goals.append(None)
+                errors.append((0.0, 0.0))
         y = list(range(len(labels)))[::-1]
-        ax.barh(y, ratios, color=colors)
+        ax.barh(y, ratios, color=colors, xerr=list(zip(*errors, strict=True)), ecolor="#333333", capsize=2)
         for yi, goal in zip(y, goals, strict=True):
             if goal is not None:
                 ax.plot([goal, goal], [yi - 0.4, yi + 0.4], color="#C44E52", lw=2)
@@ -327,6 +368,11 @@ def draw(results: dict, path: Path) -> None:
         ax.set_yticks(y, labels, fontsize=8)
         ax.set_xlabel(
             "time / baseline\n(blue: bare forward; green: plain generate; purple: the peer's baseline)"
+            + (
+                "\nmedian of per-batch paired ratios, 95% bootstrap interval"
+                if "batch_times" in entry
+                else ""
+            )
         )
         ax.set_title(
             f"{entry['model']} on {results['machine'].get('gpu') or results['machine']['cpu']}", fontsize=9

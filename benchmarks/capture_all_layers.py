@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from bench_report import bootstrap_median
+
 SETTINGS = {
     "default allocator": {},
     "THP_MEM_ALLOC_ENABLE=1": {"THP_MEM_ALLOC_ENABLE": "1"},
@@ -77,20 +79,11 @@ def measure(rounds: int) -> None:
     medians = statistics.median(per_round["capture"]) / statistics.median(per_round["bare"])
     print(f"  ratio of medians {medians:.3f}; median per-round ratio {statistics.median(round_ratios):.3f}")
     pairs = [c / b for b, c in zip(times["bare"], times["capture"], strict=True)]
-    low, high = _bootstrap_median(pairs)
+    low, high = bootstrap_median(pairs)
     print(
         f"  per-batch pairs: {len(pairs)}, ratios {min(pairs):.3f}-{max(pairs):.3f}, median "
         f"**{statistics.median(pairs):.3f}** (95% bootstrap interval {low:.3f}-{high:.3f})"
     )
-
-
-def _bootstrap_median(values: list[float], draws: int = 10000) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the median (Efron & Tibshirani 1993, ch. 13), seeded."""
-    import random
-
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
-    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 def main() -> None:

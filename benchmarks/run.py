@@ -4,11 +4,14 @@
     python benchmarks/run.py --device cuda --dtype bfloat16 # GPU: random-weight 135M and 1B Llama shapes
     python benchmarks/run.py --quick --out /tmp/b.md        # seconds, a tiny random model (smoke test)
 
-Each case runs the whole workload; every case is warmed up first, then all cases run in rounds (in a new
-seeded random order each round, and the bare forward pass runs in every round, so drift shows in its spread);
-the generation cases run in rounds of their own (``--gen-reps``; more of them on a GPU).
-Reported: the median time, its ratio to the bare forward pass (generation cases: to plain ``generate``), the
-same ratio of the fastest rounds, and the spread (max - min) / median over rounds. Peak memory: on CPU the
+Every case is warmed up first, then all cases run in rounds (in a new seeded random order each round, and
+the bare forward pass runs in every round, so drift shows in its spread); the generation cases run in rounds
+of their own (``--gen-reps``; more of them on a GPU). On a GPU each case runs the whole workload per round;
+on the CPU each round goes batch by batch, every case on each batch back to back, so that every batch gives
+a paired ratio to the bare pass on it. Reported: the median time, its ratio to the bare forward pass
+(generation cases: to plain ``generate``), the same ratio of the fastest rounds, the spread (max - min) /
+median over rounds, and on the CPU the median of the paired per-batch ratios with a bootstrap interval,
+on which the targets are judged there. Peak memory: on CPU the
 extra peak resident memory of a fresh process per case (``VmHWM`` after a reset via
 ``/proc/self/clear_refs``, minus the resident memory before the case, the model loaded and warmed up, and
 memory freed by the warm-up given back with ``malloc_trim``); on a GPU ``torch.cuda.max_memory_allocated``
@@ -82,34 +85,68 @@ def _sync(device: torch.device) -> None:
 
 
 def time_cases(
-    w: Workload, keys: list[str] | dict[str, Callable], reps: int, full_warmup: bool
+    w: Workload,
+    keys: list[str] | dict[str, Callable],
+    reps: int,
+    full_warmup: bool,
+    per_batch: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per run of each case (keys of ``CASE_BY_KEY``, or names mapped to ``run(workload)``),
+    """Seconds per round of each case (keys of ``CASE_BY_KEY``, or names mapped to ``run(workload)``),
     ``reps`` rounds, in a new seeded random order each round (a rotation would keep every case after the
     same neighbour, and what a case leaves behind slows the next one), with Python's cyclic garbage
-    collector run before each case and off during it."""
+    collector run before each case and off during it.
+
+    With ``per_batch`` (cases of one group, keys of ``CASE_BY_KEY``), each round goes batch by batch instead:
+    every case runs on that batch alone, in a new random order per batch, and its seconds are appended to
+    ``per_batch[key]`` (round by round, batch by batch, so the lists of two cases pair up); what the cases
+    keep is held to the end of the round, as a whole-workload run holds it. A round's time is the sum over
+    its batches. The two runs of a pair are seconds apart, so drift on a shared machine, which moves whole
+    rounds by 10-20% here, hits both: the per-batch ratios resolve what rounds cannot. On a GPU it would add
+    a sync per batch to every case (the bare pass too), so the suite uses it on the CPU only."""
     runs = keys if isinstance(keys, dict) else {key: CASE_BY_KEY[key].run for key in keys}
     keys = list(runs)
     warm = w if full_warmup else dataclasses.replace(w, batches=w.batches[:1], gen_batches=w.gen_batches[:1])
     times: dict[str, list[float]] = {k: [] for k in keys}
+
+    def timed(key: str, workload: Workload) -> tuple[float, object]:
+        gc.collect()
+        gc.disable()  # as timeit does: a collection inside one case's timing is noise
+        try:
+            _sync(w.device)
+            start = time.perf_counter()
+            kept = runs[key](workload)
+            _sync(w.device)
+            return time.perf_counter() - start, kept
+        finally:
+            gc.enable()
+
     with torch.no_grad():
         for key in keys:
             kept = runs[key](warm)
             del kept
         for rep in range(reps):
-            order = random.Random(rep).sample(keys, len(keys))
-            for key in order:
-                gc.collect()
-                gc.disable()  # as timeit does: a collection inside one case's timing is noise
-                try:
-                    _sync(w.device)
-                    start = time.perf_counter()
-                    kept = runs[key](w)
-                    _sync(w.device)
-                    times[key].append(time.perf_counter() - start)
-                finally:
-                    gc.enable()
-                del kept
+            rng = random.Random(rep)
+            if per_batch is None:
+                for key in rng.sample(keys, len(keys)):
+                    seconds, kept = timed(key, w)
+                    times[key].append(seconds)
+                    del kept
+            else:
+                generate = CASE_BY_KEY[keys[0]].group == "generate"
+                n = len(w.gen_batches if generate else w.batches)
+                held, total = [], dict.fromkeys(keys, 0.0)
+                for j in range(n):
+                    one = dataclasses.replace(
+                        w, batches=w.batches[j : j + 1], gen_batches=w.gen_batches[j : j + 1]
+                    )
+                    for key in rng.sample(keys, len(keys)):
+                        seconds, kept = timed(key, one)
+                        per_batch.setdefault(key, []).append(seconds)
+                        total[key] += seconds
+                        held.append(kept)
+                del held
+                for key in keys:
+                    times[key].append(total[key])
             print(f"  round {rep + 1}/{reps} done (load {os.getloadavg()[0]:.2f})", flush=True)
     return times
 
@@ -533,11 +570,13 @@ def main(argv=None) -> dict:
         w = _workload(args, model)
         entry = {"model": model, "workload": w.describe(), "n_layers": w.n_layers, "stop_layer": w.stop_layer}
         keys = [c.key for c in CASES]
-        times = {}
+        times, per_batch = {}, (None if device.type == "cuda" else {})  # paired per batch on the CPU
         for group, reps in (("forward", args.reps), ("generate", args.gen_reps)):
             group_keys = [c.key for c in CASES if c.group == group]
-            times.update(time_cases(w, group_keys, reps, full_warmup=device.type == "cuda"))
+            times.update(time_cases(w, group_keys, reps, device.type == "cuda", per_batch))
         entry["times"] = times
+        if per_batch is not None:
+            entry["batch_times"] = per_batch
         results["models"].append(entry)
         _write(args, results, started)  # what is measured so far survives a run cut short
         if args.no_memory:

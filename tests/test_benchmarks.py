@@ -49,7 +49,7 @@ def test_quick_run_writes_every_row(tmp_path):
         assert len(matching) == 1, case.label
         cells = [c.strip() for c in matching[0].strip("|").split("|")]
         assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) > 0  # ms, ratios
-        assert cells[5] != "n/a"  # peak memory was measured
+        assert float(cells[6]) >= 0  # peak memory was measured
     for method in METHODS:
         assert any(r.startswith(f"| {method} | defaults |") for r in rows), method
     assert any(r.startswith("| probe | solver='sklearn' |") for r in rows)
@@ -63,6 +63,20 @@ def test_quick_run_writes_every_row(tmp_path):
     # the ratio of minima, from the raw times
     row = next(r for r in rows if r.startswith(f"| {CASES[2].label} |"))
     assert row.split("|")[4].strip() == f"{min(times[CASES[2].key]) / min(bare):.3f}"
+    # on the CPU every batch is timed with every case: 2 rounds x 2 forward (1 generate) batches, and the
+    # paired ratio is the median of the per-batch ratios, the number the targets are judged on
+    batches = results["models"][0]["batch_times"]
+    assert len(batches["bare"]) == 4 and len(batches["gen_plain"]) == 2
+    for key, got in zip(("tl_device", "tl_stop"), (CASES[5], CASES[8]), strict=True):
+        assert got.key == key
+        pairs = sorted(x / b for x, b in zip(batches[key], batches["bare"], strict=True))
+        row = next(r for r in rows if r.startswith(f"| {got.label} |"))
+        paired, interval = row.split("|")[6].split()
+        assert float(paired) == round((pairs[1] + pairs[2]) / 2, 3)
+        low, high = map(float, interval.strip("()").split("-"))
+        assert pairs[0] - 1e-3 <= low <= float(paired) <= high <= pairs[-1] + 1e-3
+    judged = [r for r in rows if r.startswith(f"| tiny | {CASES[8].label} |")]  # the Targets table
+    assert judged and all(f"| {float(paired):.3f} |" in r for r in judged)
 
 
 def test_host_profile_runs_on_the_cpu():
