@@ -648,7 +648,7 @@ def extract_trait(
     paths = decoder_layer_paths(model)
     layers = sorted(_check_layers(layers, len(paths)))  # a sweep, reported by layer
 
-    acts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    acts: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
     def read(split: str, at: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return pair_activations(
