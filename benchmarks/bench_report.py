@@ -362,8 +362,8 @@ def draw(results: dict, path: Path) -> None:
         for yi, goal in zip(y, goals, strict=True):
             if goal is not None:
                 ax.plot([goal, goal], [yi - 0.4, yi + 0.4], color="#C44E52", lw=2)
-        for yi, r in zip(y, ratios, strict=True):
-            ax.text(r, yi, f" {r:.2f}", va="center", fontsize=8)
+        for yi, r, (_, above) in zip(y, ratios, errors, strict=True):
+            ax.text(r + above, yi, f" {r:.2f}", va="center", fontsize=8)  # right of the interval
         ax.axvline(1.0, color="black", lw=0.8, ls="--")
         ax.set_yticks(y, labels, fontsize=8)
         ax.set_xlabel(
