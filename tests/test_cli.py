@@ -105,3 +105,12 @@ def test_evaluate_checks_the_data_against_the_vector_before_loading_the_model(mo
         main(["evaluate", str(vector), "--data", str(data), "--split", "test"])
     assert main(["evaluate", str(vector), "--data", str(data), "--split", "train"]) == 2
     assert "lines 6" in capsys.readouterr().err  # the train row without an answer, by its line
+    # an output file that cannot be written is refused before the model loads, for every command
+    missing = tmp_path / "no_such_dir" / "out.png"
+    for command in (
+        ["evaluate", str(vector), "--data", str(data), "--split", "test", "--plot", str(missing)],
+        ["monitor", str(vector), "--text", "hi", "--out", str(missing)],
+        ["steer", str(vector), "--prompt", "hi", "--dose-response", "--out", str(missing)],
+    ):
+        assert main(command) == 2, command
+        assert f"its folder {missing.parent} does not exist" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also write a PNG histogram of the two classes' projections, with the threshold")  # fmt: skip
     _add_model(p)
 
     p = sub.add_parser("monitor", help="per-token projections of a text or a generation, as an HTML heatmap",
@@ -200,6 +203,16 @@ def _info(message: str) -> None:
     print(f"traitlens: {message}", file=sys.stderr)
 
 
+def _check_output(path: Path | None, *, plot: bool = False) -> None:
+    """Refuse an output file that cannot be written, or a plot without matplotlib, before any model work."""
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: its folder {path.parent} does not exist")
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise ImportError(f"writing {path} needs matplotlib: pip install 'traitlens[pipeline]'")
+
+
 def _dataset(args):
     from traitlens.dataset import load_dataset
 
@@ -257,6 +270,7 @@ def cmd_evaluate(args) -> None:
     from traitlens.vector import load_vector
 
     saved = load_vector(args.vector)  # a bad file or dataset fails here, before the slow model load
+    _check_output(args.plot, plot=True)
     dataset = _dataset(args)
     scored = dataset.split(args.split)
     try:  # rows of the scored split that cannot be read there, named by file line
@@ -297,6 +311,16 @@ def cmd_evaluate(args) -> None:
             f"{args.split} itself, which is optimistic"
         )
     metrics = evaluate_vector(vector.vector.float(), *acts, threshold=threshold)
+    if args.plot is not None:
+        from traitlens.report import plot_projections
+
+        title = (
+            f"{vector.method}, {vector.module} on {dataset.name}/{args.split}: accuracy {metrics['accuracy']:.2f}, "
+            f"AUROC {metrics['auroc']:.2f}"
+        )
+        _info(
+            f"plot: {plot_projections(vector.vector.float(), *acts, metrics['threshold'], title, args.plot)}"
+        )
     if args.json:
         print(json.dumps(metrics, indent=2))
         return
@@ -319,6 +343,7 @@ def cmd_monitor(args) -> None:
     from traitlens.monitor import generate_with_projections, token_heatmap_html, token_projections
     from traitlens.vector import load_vector
 
+    _check_output(args.out)
     model, tokenizer = _load(args)
     vector = load_vector(args.vector, model=model)
     if args.text is not None:
@@ -361,6 +386,7 @@ def cmd_steer(args) -> None:
             "(--op add); drop --op, or drop --dose-response to compare generations with --op "
             f"{args.op}"
         )
+    _check_output(args.out if args.dose_response else None, plot=True)  # --out is the plot's file
     model, tokenizer = _load(args)
     vector = load_vector(args.vector, model=model)
     prompts = _prompts(args)

@@ -49,18 +49,24 @@ def plot_histogram(result: ExtractionResult, path: Path) -> Path:
     """Test projections of positives and negatives onto the chosen vector, with its train threshold."""
     i = result.index(result.best_layer)
     vector = result.vectors[result.best_method][i]
-    pos, neg = (projection(side[0], vector) for side in result.activations["test"])  # the chosen layer
+    pos, neg = (side[0] for side in result.activations["test"])  # the chosen layer
+    title = f"{result.best_method}, layer {result.best_layer}: test accuracy {result.test['accuracy']:.2f}"
+    return plot_projections(vector, pos, neg, result.thresholds[result.best_method][i], title, path)
+
+
+def plot_projections(
+    vector: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, threshold: float, title: str, path: Path
+) -> Path:
+    """Histogram of the projections of ``pos`` and ``neg`` (``[n, hidden]``) onto the unit ``vector``, with
+    the accuracy ``threshold`` as a dashed line."""
+    pos, neg = projection(pos, vector), projection(neg, vector)
     fig = figure((7, 4))
     ax = fig.subplots()
     bins = torch.linspace(float(min(pos.min(), neg.min())), float(max(pos.max(), neg.max())), 25).tolist()
-    ax.hist(pos.tolist(), bins=bins, alpha=0.6, label="positive", color="tab:red")
-    ax.hist(neg.tolist(), bins=bins, alpha=0.6, label="negative", color="tab:blue")
-    ax.axvline(result.thresholds[result.best_method][i], color="black", linestyle="--", label="threshold")
-    ax.set(
-        xlabel="projection onto the unit vector",
-        ylabel="test examples",
-        title=f"{result.best_method}, layer {result.best_layer}: test accuracy {result.test['accuracy']:.2f}",
-    )
+    ax.hist(pos.tolist(), bins=bins, alpha=0.6, label=f"positive ({len(pos)})", color="tab:red")
+    ax.hist(neg.tolist(), bins=bins, alpha=0.6, label=f"negative ({len(neg)})", color="tab:blue")
+    ax.axvline(threshold, color="black", linestyle="--", label="threshold")
+    ax.set(xlabel="projection onto the unit vector", ylabel="examples", title=title)
     ax.legend()
     fig.savefig(path, dpi=110)
     return path

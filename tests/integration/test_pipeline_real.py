@@ -103,7 +103,12 @@ def test_live_token_texts_add_up_to_the_text_also_when_it_ends_inside_a_characte
 def test_cli_evaluate_monitor_modules(run, tmp_path, capsys):
     out, summary = run
     vector = str(out / "trait_vector.safetensors")
-    assert main(["evaluate", vector, "--trait", "sentiment", "--split", "test", "--json"]) == 0
+    plot = tmp_path / "projections.png"
+    assert (
+        main(["evaluate", vector, "--trait", "sentiment", "--split", "test", "--json", "--plot", str(plot)])
+        == 0
+    )
+    assert plot.read_bytes().startswith(b"\x89PNG")
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["accuracy"] == pytest.approx(summary["chosen"]["test"]["accuracy"])
     page = tmp_path / "m.html"
