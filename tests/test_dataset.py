@@ -588,3 +588,24 @@ def test_shipped_datasets_are_readable_at_their_default_position(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_position(ds, expected, default=True)
+
+
+def test_extract_trait_on_a_peft_model_names_modules_as_in_the_model_inside(toy_tokenizer):
+    """A vector extracted on a PEFT (LoRA) wrapper names model.layers.N, so it loads on the plain or merged
+    model and on the wrapper alike."""
+    import peft
+
+    model = make_tiny_model("llama")
+    model.resize_token_embeddings(len(toy_tokenizer))  # the toy tokenizer's 600 ids
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    data = load_dataset("sentiment")
+    result = extract_trait(wrapped, toy_tokenizer, data, layers=[1, 2], methods=["mean_diff"], progress=False)
+    assert result.module_paths == ["model.layers.1", "model.layers.2"]
+    vector = result.trait_vector()  # a model built from a config has no name: its class names it
+    assert vector.model == result.model_name == "LlamaForCausalLM"
+    vector.check_model(model)
+    assert vector.module_in(wrapped) == f"base_model.model.model.layers.{vector.layer}"
+    plain = extract_trait(model, toy_tokenizer, data, layers=[1, 2], methods=["mean_diff"], progress=False)
+    assert plain.module_paths == result.module_paths and torch.equal(
+        plain.vectors["mean_diff"], result.vectors["mean_diff"]
+    )

@@ -465,10 +465,20 @@ def test_saving_again_without_a_sidecar_removes_the_stale_one_and_nothing_else(t
     assert side.exists()
     make(layer=5).save(path)  # the sidecar would describe layer 12
     assert not side.exists() and load_vector(path).layer == 5
-    for text in ('{"important": true}', "not json", '["traitlens.vector"]'):  # the user's files stay
+    mine = json.dumps({**make().metadata(), "note": "mine"})  # of this format, but not this file's
+    for text in ('{"important": true}', "not json", '["traitlens.vector"]', mine):  # the user's files stay
         side.write_text(text)
         make().save(path)
         assert side.read_text() == text
+    # names without .safetensors get their own sidecar: saving one never touches another's
+    for layer in (12, 13):
+        make(layer=layer).save(tmp_path / f"v.layer{layer}", sidecar=True)
+    assert json.loads((tmp_path / "v.layer12.json").read_text())["layer"] == 12
+    make(layer=14).save(tmp_path / "v.layer14")
+    assert json.loads((tmp_path / "v.layer13.json").read_text())["layer"] == 13
+    make(metrics={"auroc": float("nan")}).save(path, sidecar=True)  # NaN metrics: still recognised as stale
+    make().save(path)
+    assert not side.exists()
 
 
 def test_saving_through_a_symbolic_link_writes_the_target_and_keeps_the_link(tmp_path):
@@ -483,6 +493,10 @@ def test_saving_through_a_symbolic_link_writes_the_target_and_keeps_the_link(tmp
     dangling.symlink_to(tmp_path / "store" / "new.safetensors")
     make().save(dangling)
     assert dangling.is_symlink() and load_vector(tmp_path / "store" / "new.safetensors") == make()
+    nowhere = tmp_path / "nowhere.safetensors"
+    nowhere.symlink_to(tmp_path / "no_such_dir" / "v.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"its folder .*no_such_dir does not exist"):
+        make().save(nowhere)
 
 
 def test_save_checks_the_sidecar_name_and_folder_before_writing_anything(tmp_path):

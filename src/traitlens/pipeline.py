@@ -52,7 +52,7 @@ from traitlens.hooks import HookManager, _text_config, decoder_layer_paths, inpu
 from traitlens.methods import METHODS as METHOD_CLASSES
 from traitlens.methods import RandomBaselineMethod, get_method
 from traitlens.metrics import _accuracy, _auroc, _midpoint, evaluate_vector, midpoint_threshold
-from traitlens.models import cache_keyword
+from traitlens.models import cache_keyword, transformers_model_path
 from traitlens.positions import POSITION_RULES, select_positions
 from traitlens.stats import ContrastiveStats
 from traitlens.vector import TraitVector, save_tensors
@@ -647,6 +647,9 @@ def extract_trait(
     position, methods = check_extraction(dataset, position, methods)
     paths = decoder_layer_paths(model)
     layers = sorted(_check_layers(layers, len(paths)))  # a sweep, reported by layer
+    # vectors name their module as in the transformers model: model.layers.N also inside a PEFT wrapper
+    body = transformers_model_path(model)
+    inner = f"{body}." if body else ""
 
     acts: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -721,9 +724,12 @@ def extract_trait(
         )
     return ExtractionResult(
         trait=dataset.name,
-        model_name=str(getattr(model.config, "_name_or_path", type(model).__name__)),
+        # a model built from a config has no name: its class names it (the model inside a PEFT wrapper's)
+        model_name=str(
+            getattr(model.config, "_name_or_path", "") or type(model.get_submodule(body)).__name__
+        ),
         revision=getattr(model.config, "_commit_hash", None),
-        module_paths=[paths[layer] for layer in layers],
+        module_paths=[paths[layer].removeprefix(inner) for layer in layers],
         layers=layers,
         position=position,
         methods=methods,

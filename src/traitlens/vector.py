@@ -20,8 +20,8 @@ One ``.safetensors`` file, so that tensor and metadata cannot get separated:
   ``method_params``, ``dataset``, ``dataset_hash``, ``split_sizes``, ``metrics``, ``trait``,
   ``traitlens_version``, ``extra``).
 
-``save(..., sidecar=True)`` also writes the same JSON, indented, to ``<name>.json`` next to the file, for
-people and tools that want to read it without safetensors. Loading never reads the sidecar: the header is
+``save(..., sidecar=True)`` also writes the same JSON, indented, next to the file (``x.json`` for
+``x.safetensors``, else the name with ``.json`` appended), for people and tools that want to read it without safetensors. Loading never reads the sidecar: the header is
 the one source of truth. Loading never unpickles anything (there is no ``torch.load`` here), so a file
 from ``torch.save`` is refused with a message saying so.
 
@@ -450,29 +450,35 @@ class TraitVector:
         """Write the vector to ``path`` (a ``.safetensors`` file; see the module docstring for the format).
 
         Args:
-            path: the file to write (overwritten if it exists). The suffix ``.safetensors`` is conventional
-                but not added or required.
-            sidecar: also write the metadata, indented, to ``path`` with the suffix ``.json``. It is for
-                reading only; ``load`` ignores it. Without it, a traitlens sidecar left there by an earlier
-                save is removed, so that it cannot describe a vector the file no longer holds.
+            path: the file to write (overwritten if it exists; a symbolic link is written through). The
+                suffix ``.safetensors`` is conventional but not added or required.
+            sidecar: also write the metadata, indented, to a JSON file next to ``path``: ``x.json`` for
+                ``x.safetensors``, ``x.json`` appended to any other name (``x.layer12.json``). It is for
+                reading only; ``load`` ignores it. Without it, the sidecar an earlier save of this file
+                wrote is removed (one that holds exactly the file's old metadata), so that it cannot
+                describe a vector the file no longer holds.
 
         Returns the path written. Raises ``TypeError`` naming the key if a metadata value cannot be written
         as JSON.
         """
         self.__post_init__()  # fields may have been reassigned since construction
         path = Path(path)
-        side = path.with_suffix(".json")
-        if sidecar and side == path:  # checked before anything is written: the file may be the user's JSON
+        side = _sidecar_path(path)
+        if (
+            sidecar and path.suffix == ".json"
+        ):  # checked before anything is written: it may be the user's JSON
             raise ValueError(f"path {str(path)!r} ends in .json; with sidecar=True use a .safetensors name")
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"cannot write {path}: its folder {path.parent} does not exist")
+        folder = Path(os.path.realpath(path)).parent  # through a symbolic link, the target's
+        if not folder.is_dir():
+            raise FileNotFoundError(f"cannot write {path}: its folder {folder} does not exist")
         meta = self.metadata()
         text = json.dumps(meta, ensure_ascii=False)
         tensor = self.vector.detach().to("cpu").contiguous()
+        stale = not sidecar and _describes(side, path)  # read before the file is replaced
         save_tensors({TENSOR_NAME: tensor}, path, metadata={HEADER_KEY: text})
         if sidecar:
             side.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        elif side != path and _is_sidecar(side):
+        elif stale:
             side.unlink()
         return path
 
@@ -571,13 +577,21 @@ def save_tensors(
     os.chmod(path, 0o666 & ~umask)
 
 
-def _is_sidecar(path: Path) -> bool:
-    """Whether ``path`` holds a JSON object of this format, as ``save(..., sidecar=True)`` writes."""
+def _sidecar_path(path: str | os.PathLike) -> Path:
+    """Where ``save(path, sidecar=True)`` writes the metadata as JSON: ``x.json`` for ``x.safetensors``,
+    and ``x.json`` appended to any other name, so that ``v.layer12`` and ``v.layer13`` do not share one."""
+    path = Path(path)
+    return path.with_suffix(".json") if path.suffix == ".safetensors" else path.with_name(path.name + ".json")
+
+
+def _describes(side: Path, path: Path) -> bool:
+    """Whether ``side`` holds exactly the metadata of the vector file now at ``path`` (compared as JSON text,
+    so that NaN metrics compare equal)."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # absent, unreadable, not text or not JSON: not ours
+        found = json.loads(side.read_text(encoding="utf-8"))
+        return json.dumps(found, sort_keys=True) == json.dumps(read_metadata(path), sort_keys=True)
+    except (OSError, ValueError):  # no file or sidecar, not JSON, not a traitlens vector: not this file's
         return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def _safetensors():
