@@ -114,3 +114,11 @@ def test_evaluate_checks_the_data_against_the_vector_before_loading_the_model(mo
     ):
         assert main(command) == 2, command
         assert f"its folder {missing.parent} does not exist" in capsys.readouterr().err
+    assert (
+        main(["evaluate", str(vector), "--data", str(data), "--split", "test", "--plot", str(tmp_path)]) == 2
+    )
+    assert "it is a folder; give a file name" in capsys.readouterr().err
+    assert main(["steer", str(vector), "--prompt", "hi", "--out", str(tmp_path / "d.png")]) == 2
+    assert "--out names the dose-response plot; add --dose-response" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(missing)]) == 2  # before reading the run
+    assert f"its folder {missing.parent} does not exist" in capsys.readouterr().err

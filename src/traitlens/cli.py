@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dose-response", action="store_true", help="report projection and perplexity per coefficient"
     )
     p.add_argument(
-        "--out", type=Path, default=Path("dose_response.png"), help="PNG of the dose-response plot"
+        "--out", type=Path, default=None, help="PNG of the dose-response plot (default: dose_response.png)"
     )
     _add_model(p)
 
@@ -207,6 +207,8 @@ def _check_output(path: Path | None, *, plot: bool = False) -> None:
     """Refuse an output file that cannot be written, or a plot without matplotlib, before any model work."""
     if path is None:
         return
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: its folder {path.parent} does not exist")
     if plot and importlib.util.find_spec("matplotlib") is None:
@@ -386,7 +388,10 @@ def cmd_steer(args) -> None:
             "(--op add); drop --op, or drop --dose-response to compare generations with --op "
             f"{args.op}"
         )
-    _check_output(args.out if args.dose_response else None, plot=True)  # --out is the plot's file
+    if args.out is not None and not args.dose_response:
+        raise ValueError("--out names the dose-response plot; add --dose-response, or drop --out")
+    plot = args.out or Path("dose_response.png")
+    _check_output(plot if args.dose_response else None, plot=True)
     model, tokenizer = _load(args)
     vector = load_vector(args.vector, model=model)
     prompts = _prompts(args)
@@ -406,8 +411,8 @@ def cmd_steer(args) -> None:
             print(
                 f"{row['coeff']:8.2f} {row['projection']:11.3f} {row['perplexity']:11.2f}  {row['example'][:60]!r}"
             )
-        plot_dose_response(rows, args.out, title=f"{vector.trait or 'trait'} vector, layer {vector.layer}")
-        _info(f"plot: {args.out}")
+        plot_dose_response(rows, plot, title=f"{vector.trait or 'trait'} vector, layer {vector.layer}")
+        _info(f"plot: {plot}")
         return
     rows = compare_generations(model, tokenizer, prompts, vector, args.coeff, op=args.op, **settings)
     for prompt in prompts:
@@ -427,6 +432,7 @@ def cmd_export(args) -> None:
 
     from traitlens.controlvector import save_control_vector
 
+    _check_output(args.out)
     source = args.run / "all_layers.safetensors"
     if not source.is_file():
         raise FileNotFoundError(f"{source} not found; give an output folder of 'traitlens extract'")

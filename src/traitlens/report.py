@@ -41,7 +41,7 @@ def plot_layers(result: ExtractionResult, path: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{result.trait}: {result.model_name}, position {result.position}")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, format="png", dpi=110)
     return path
 
 
@@ -68,7 +68,7 @@ def plot_projections(
     ax.axvline(threshold, color="black", linestyle="--", label="threshold")
     ax.set(xlabel="projection onto the unit vector", ylabel="examples", title=title)
     ax.legend()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, format="png", dpi=110)
     return path
 
 
@@ -90,7 +90,7 @@ def plot_cosines(result: ExtractionResult, path: Path) -> Path:
             ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
     fig.colorbar(image, ax=ax)
     ax.set_title(f"cosine between methods, layer {result.best_layer}")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, format="png", dpi=110)
     return path
 
 

@@ -103,7 +103,7 @@ def test_live_token_texts_add_up_to_the_text_also_when_it_ends_inside_a_characte
 def test_cli_evaluate_monitor_modules(run, tmp_path, capsys):
     out, summary = run
     vector = str(out / "trait_vector.safetensors")
-    plot = tmp_path / "projections.png"
+    plot = tmp_path / "projections"  # written as named, without a suffix added
     assert (
         main(["evaluate", vector, "--trait", "sentiment", "--split", "test", "--json", "--plot", str(plot)])
         == 0
