@@ -290,7 +290,12 @@ def cmd_evaluate(args) -> None:
         vector.check_model(model)
     except ValueError as err:
         raise ValueError(f"{args.vector}: {err}") from None
-    read = {"module": vector.module, "position": vector.position, "batch_size": args.batch_size}
+    read = {
+        "module": vector.module,
+        "position": vector.position,
+        "batch_size": args.batch_size,
+        "progress": f"{dataset.name} {args.split}",  # on stderr: --json output stays clean
+    }
     try:  # the output of the module the vector was read at, as the pipeline reads it
         if vector.position == "all":  # a row per token: the sides do not pair up
             acts = [
