@@ -453,7 +453,7 @@ class TraitVector:
             path: the file to write (overwritten if it exists; a symbolic link is written through). The
                 suffix ``.safetensors`` is conventional but not added or required.
             sidecar: also write the metadata, indented, to a JSON file next to ``path``: ``x.json`` for
-                ``x.safetensors``, ``x.json`` appended to any other name (``x.layer12.json``). It is for
+                ``x.safetensors``, ``.json`` appended to any other name (``x.layer12.json``). It is for
                 reading only; ``load`` ignores it. Without it, the sidecar an earlier save of this file
                 wrote is removed (one that holds exactly the file's old metadata), so that it cannot
                 describe a vector the file no longer holds.
@@ -464,9 +464,8 @@ class TraitVector:
         self.__post_init__()  # fields may have been reassigned since construction
         path = Path(path)
         side = _sidecar_path(path)
-        if (
-            sidecar and path.suffix == ".json"
-        ):  # checked before anything is written: it may be the user's JSON
+        # checked before anything is written: a .json file may be the user's own
+        if sidecar and path.suffix == ".json":
             raise ValueError(f"path {str(path)!r} ends in .json; with sidecar=True use a .safetensors name")
         folder = Path(os.path.realpath(path)).parent  # through a symbolic link, the target's
         if not folder.is_dir():
@@ -579,7 +578,7 @@ def save_tensors(
 
 def _sidecar_path(path: str | os.PathLike) -> Path:
     """Where ``save(path, sidecar=True)`` writes the metadata as JSON: ``x.json`` for ``x.safetensors``,
-    and ``x.json`` appended to any other name, so that ``v.layer12`` and ``v.layer13`` do not share one."""
+    and ``.json`` appended to any other name, so that ``v.layer12`` and ``v.layer13`` do not share one."""
     path = Path(path)
     return path.with_suffix(".json") if path.suffix == ".safetensors" else path.with_name(path.name + ".json")
 
