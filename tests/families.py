@@ -554,6 +554,21 @@ def timed(run, blank: dict) -> dict:
         signal.signal(signal.SIGALRM, previous)
 
 
+def script_families(parser: argparse.ArgumentParser, spec: str | None) -> list[str]:
+    """For the scripts: transformers' logging and warnings quieted, 2 threads, and the model types of
+    ``spec`` (comma-separated; default: every causal-LM type), refused through ``parser`` when one is none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    names = spec.split(",") if spec else list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    unknown = [f for f in names if f not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+    if unknown:
+        parser.error(f"not causal-LM model types: {unknown}")
+    return names
+
+
 def write_results(
     results: list[dict], elapsed: float, statuses: tuple[str, ...], unit: str, out: str
 ) -> None:
@@ -618,21 +633,12 @@ def header() -> str:
 
 
 def main() -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", help="comma-separated model types (default: all causal-LM types)")
     parser.add_argument("--attn", default="eager,sdpa", help="attention implementations (default eager,sdpa)")
     parser.add_argument("--out", default="runs/families.json", help="JSON file (default runs/families.json)")
     args = parser.parse_args()
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
-    families = args.families.split(",") if args.families else list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    unknown = [f for f in families if f not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
-    if unknown:
-        parser.error(f"not causal-LM model types: {unknown}")
+    families = script_families(parser, args.families)
     tokenizer = make_word_tokenizer()
     results = []
     start = time.perf_counter()

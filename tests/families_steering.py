@@ -58,11 +58,9 @@ cores for all families), from the repository root:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 import traceback
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -637,20 +635,11 @@ def header() -> str:
 
 
 def main() -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", help="comma-separated model types (default: all causal-LM types)")
     parser.add_argument("--out", default="runs/families_steering.json", help="JSON file")
     args = parser.parse_args()
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
-    names = args.families.split(",") if args.families else list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    unknown = [f for f in names if f not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
-    if unknown:
-        parser.error(f"not causal-LM model types: {unknown}")
+    names = families.script_families(parser, args.families)
     tokenizer = make_word_tokenizer()
     results = []
     start = time.perf_counter()
