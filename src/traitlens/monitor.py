@@ -106,8 +106,7 @@ def token_projections(
 ) -> TokenScores:
     """Projection of every token of ``text`` (a plain string or a prompt-style ``Example``) onto
     ``vector`` at ``vector.module``."""
-    vector.check_model(model)
-    path = vector.module_in(model)
+    path = vector.check_model(model)  # the module's path in model (under a PEFT wrapper's model)
     enc = encode_examples(tokenizer, [text], chat=chat)
     capture = ActivationCapture(dtype=torch.float32)
     hidden = _capture_pass(model, [path], [0], capture, enc.model_inputs())[0, 0]  # [seq, hidden]
@@ -160,8 +159,7 @@ def generate_with_projections(
             f"{type(model).__name__} takes none by the names it knows (cache, past_key_values); generate the "
             "text yourself and score it with token_projections"
         )
-    vector.check_model(model)
-    path = vector.module_in(model)
+    path = vector.check_model(model)  # the module's path in model (under a PEFT wrapper's model)
     enc = encode_examples(tokenizer, [prompt], chat=chat)
     device = input_device(model)
     unit = vector.vector.float().to(device)

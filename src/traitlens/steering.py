@@ -595,8 +595,7 @@ def _targets(model, vector, layer, module) -> dict[str, tuple[torch.Tensor, int 
     tensor = _as_tensor(vector)
     if layer is None and module is None:
         if hasattr(vector, "check_model"):  # a TraitVector steers where it was read, on a model it fits
-            vector.check_model(model)
-            module = vector.module_in(model)
+            module = vector.check_model(model)  # its path in model (under a PEFT wrapper's model)
         else:
             module = getattr(vector, "module", None)
         if module is None:

@@ -407,17 +407,18 @@ class TraitVector:
         unit = (v32 / norm).to(self.vector.dtype)
         return self._derive(unit, {"op": "normalize", "norm_before": float(norm)}, scale=1 / float(norm))
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module) -> str:
         """Raise a ``ValueError`` naming the model this vector was made for if it does not fit ``model``: no
         module where it was read, or, read at a decoder layer, a length other than ``config.hidden_size``
         (other modules' outputs, such as an MLP's inner activations, can be wider or narrower: their width
-        is checked where the vector is used)."""
+        is checked where the vector is used). Returns the module's path in ``model`` (``module_in``)."""
         path = self.module_in(model)
         try:
             at_layer = path in decoder_layer_paths(model)
         except ValueError:  # no ModuleList of layers: only the module's presence can be checked
             at_layer = False
         self._check_width(model, at_layer)
+        return path
 
     def module_in(self, model: torch.nn.Module) -> str:
         """The path of the module this vector was read at, in ``model``: ``module`` itself, or, in a wrapper
