@@ -1,8 +1,10 @@
-"""Focused check of one CPU target of issue #5: traitlens capture of every layer's full output vs the bare
-forward pass (bundled model, 8 batches of 8 x 64 random tokens), alternating the two over ``--rounds``
-rounds in one process. Each round captures the whole workload into one capture; every batch is timed bare
-and with capture back to back (in a seeded random order), so each batch gives one paired ratio. Prints the
-per-round times and ratios and the median of the per-batch ratios with a bootstrap interval.
+"""Focused check of one CPU target of issue #5: traitlens capture of every layer's full output
+(``ActivationCapture(device=None)``, the suite's ``tl_device`` case) vs the bare forward pass, on the suite's
+CPU workload (bundled model, 8 batches of 8 x 64 random tokens), over ``--rounds`` rounds in one process,
+timed as the suite times the CPU (``run.time_cases`` with per-batch pairs: every batch bare and with
+capture back to back, in a seeded random order). Prints the per-round times and ratios and the median of
+the per-batch ratios with a bootstrap interval. (The runs of f23286d in docs/benchmarks.md used a loop of
+its own, which kept every batch in one capture without ``get``.)
 
 The cost of keeping every layer's output on a CPU is fresh memory: about 280 MB per run that the kernel
 must fault in and zero. So the check runs in three fresh processes that differ only in how memory is
@@ -21,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 from bench_report import bootstrap_median
 
@@ -33,52 +34,21 @@ SETTINGS = {
 
 
 def measure(rounds: int) -> None:
-    import random
-
     import torch
+    from bench_cases import BUNDLED, make_workload
+    from run import PROFILES, SIZE_KEYS, time_cases
 
-    from traitlens import ActivationCapture, HookManager, decoder_layer_paths, load_model
-
-    model, _ = load_model()
-    generator = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(3, 40000, (8, 64), generator=generator)} for _ in range(8)]
-    paths = decoder_layer_paths(model)
-
-    def bare(batch, capture):
-        model(**batch)
-
-    def capture_all(batch, capture):
-        with HookManager(model) as hooks:
-            for i, path in enumerate(paths):
-                hooks.add_forward_hook(path, capture.make_hook(str(i)))
-            model(**batch)
-
-    with torch.no_grad():
-        for batch in batches[:2]:  # warm-up
-            bare(batch, None), capture_all(batch, ActivationCapture(device=None))
-        # Each round captures the whole workload into one capture, as a user's run would, but every batch is
-        # timed on its own, bare and with capture one after the other in a seeded random order: the two
-        # sides of a pair are a second apart, so drift on this shared machine (seconds to minutes) hits both.
-        times: dict[str, list[float]] = {"bare": [], "capture": []}
-        order = random.Random(0)
-        for _ in range(rounds):
-            capture = ActivationCapture(device=None)
-            for batch in batches:
-                cases = [("bare", bare), ("capture", capture_all)]
-                for name, run in order.sample(cases, 2):
-                    start = time.perf_counter()
-                    run(batch, capture)
-                    times[name].append(time.perf_counter() - start)
-            del capture
-    n = len(batches)
-    per_round = {name: [sum(t[i : i + n]) for i in range(0, len(t), n)] for name, t in times.items()}
-    print("  bare s (per round)   ", [round(x, 2) for x in per_round["bare"]])
-    print("  capture s (per round)", [round(x, 2) for x in per_round["capture"]])
-    round_ratios = [c / b for b, c in zip(per_round["bare"], per_round["capture"], strict=True)]
+    w = make_workload(BUNDLED, "cpu", torch.float32, **{k: PROFILES["cpu"][k] for k in SIZE_KEYS})
+    batch_times: dict[str, list[float]] = {}
+    per_round = time_cases(w, ["bare", "tl_device"], rounds, False, batch_times)  # the suite's CPU timing
+    bare, capture = per_round["bare"], per_round["tl_device"]
+    print("  bare s (per round)   ", [round(x, 2) for x in bare])
+    print("  capture s (per round)", [round(x, 2) for x in capture])
+    round_ratios = [c / b for b, c in zip(bare, capture, strict=True)]
     print("  per-round ratios", [round(x, 3) for x in round_ratios])
-    medians = statistics.median(per_round["capture"]) / statistics.median(per_round["bare"])
+    medians = statistics.median(capture) / statistics.median(bare)
     print(f"  ratio of medians {medians:.3f}; median per-round ratio {statistics.median(round_ratios):.3f}")
-    pairs = [c / b for b, c in zip(times["bare"], times["capture"], strict=True)]
+    pairs = [c / b for b, c in zip(batch_times["bare"], batch_times["tl_device"], strict=True)]
     low, high = bootstrap_median(pairs)
     print(
         f"  per-batch pairs: {len(pairs)}, ratios {min(pairs):.3f}-{max(pairs):.3f}, median "
