@@ -12,7 +12,6 @@ grows with the batches. ``MALLOC_MMAP_THRESHOLD_`` fixes the threshold; it is re
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import random
@@ -22,40 +21,22 @@ import sys
 WAYS = ("capture", "plain", "collect")
 
 
-def _mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-
-
 def measure(way: str, n_batches: int) -> None:
     import torch
+    from run import _reset_peak_rss, _return_freed_memory, _status_kb
 
     from traitlens import ActivationCapture, HookManager, decoder_layer_paths, load_model
     from traitlens.capture import output_tensor
     from traitlens.pipeline import collect_activations
     from traitlens.positions import last_token_index
 
+    def _mb(field: str) -> float:
+        return _status_kb(field) / 1024
+
     model, tokenizer = load_model()
     paths = decoder_layer_paths(model)
     rng = random.Random(0)
-    words = [
-        "the",
-        "a",
-        "good",
-        "bad",
-        "film",
-        "day",
-        "night",
-        "happy",
-        "sad",
-        "very",
-        "quite",
-        "really",
-        "not",
-        "long",
-        "short",
-        "story",
-    ]
+    words = "the a good bad film day night happy sad very quite really not long short story".split()  # noqa: SIM905
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(40, 60))) for _ in range(8 * n_batches)]
     batches = [
         tokenizer(texts[i : i + 8], padding=True, return_tensors="pt") for i in range(0, len(texts), 8)
@@ -63,9 +44,8 @@ def measure(way: str, n_batches: int) -> None:
     with torch.no_grad():
         model(**batches[0])  # one-time allocations
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM)
+    _return_freed_memory()
+    _reset_peak_rss()
     before = _mb("VmRSS")
     kept = []
     with torch.no_grad():
