@@ -23,7 +23,7 @@ from traitlens.capture import ActivationCapture, _HostSlabs
 
 
 def ways():
-    slabs = _HostSlabs(pin_memory=True, first=1 << 20, smallest=0)  # as ActivationCapture's pinned slabs
+    slabs = _HostSlabs(pin_memory=True, first=1 << 20)  # as ActivationCapture's pinned slabs
     side = torch.cuda.Stream()
     event = torch.cuda.Event()
 

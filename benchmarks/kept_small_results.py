@@ -1,10 +1,12 @@
 """Memory of small results kept across batches: the last token of every layer, batch after batch, on the
 bundled model, each way in a fresh process. Prints the extra peak and the resident memory after the run,
-against the bytes of the rows kept.
+against the bytes of the rows kept, and the loop's time.
 
 On Linux, glibc raises its mmap threshold once a large block is freed (up to 32 MiB), so the forward pass's
 large temporaries come from the heap, where small tensors kept between batches fragment it: the process
-grows with the batches. ``MALLOC_MMAP_THRESHOLD_`` fixes the threshold; it is read at process start.
+grows with the batches, unless they are kept outside the heap (``ActivationCapture``'s small slabs).
+``MALLOC_MMAP_THRESHOLD_`` fixes the threshold (it is read at process start), at the cost of an mmap and
+fresh pages for every large temporary.
 
     python benchmarks/kept_small_results.py [--batches 96] [--fixed-threshold]
 """
@@ -17,6 +19,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 WAYS = ("capture", "plain", "collect")
 
@@ -47,6 +50,7 @@ def measure(way: str, n_batches: int) -> None:
     _return_freed_memory()
     _reset_peak_rss()
     before = _mb("VmRSS")
+    start = time.perf_counter()
     kept = []
     with torch.no_grad():
         if way == "collect":
@@ -68,10 +72,11 @@ def measure(way: str, n_batches: int) -> None:
                     if way == "capture":
                         kept.append([capture.get(str(i)) for i in range(len(paths))])
                         capture.clear()
+    seconds = time.perf_counter() - start
     rows = 8 * n_batches * len(paths) * model.config.hidden_size * 4 / 2**20
     print(
         f"{way:8s} {n_batches} batches: rows {rows:.0f} MB, extra peak {_mb('VmHWM') - before:.0f} MB, "
-        f"resident after {_mb('VmRSS') - before:.0f} MB",
+        f"resident after {_mb('VmRSS') - before:.0f} MB, {seconds:.1f} s",
         flush=True,
     )
 

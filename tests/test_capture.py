@@ -246,9 +246,9 @@ def test_host_slabs_hand_out_disjoint_aligned_views_that_outlive_the_allocator()
     from traitlens.capture import _HostSlabs
 
     slabs = _HostSlabs(pin_memory=False, first=1 << 20)  # the bookkeeping is the same; pinning needs a GPU
-    big = 1 << 18  # elements of at least 256 KiB go into slabs
-    shapes = [(3, 5), (big // 2,), (2, big // 2), (600_000,), (big,), (4, 3)]
-    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.uint8, torch.uint8]
+    big = 1 << 18
+    shapes = [(big // 2,), (2, big // 2), (600_000,), (big,), (4, 3), (3, 5)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.uint8, torch.uint8, torch.float32]
     pieces = [slabs.empty(torch.Size(s), d) for s, d in zip(shapes, dtypes, strict=True)]
     for piece, shape, dtype in zip(pieces, shapes, dtypes, strict=True):
         assert piece.shape == shape and piece.dtype == dtype and piece.is_contiguous()
@@ -258,14 +258,14 @@ def test_host_slabs_hand_out_disjoint_aligned_views_that_outlive_the_allocator()
     for i, piece in enumerate(pieces):
         assert bool((piece == i + 1).all())
     storage = [p.untyped_storage() for p in pieces]
-    assert storage[0].nbytes() == 60 and storage[5].nbytes() == 12  # small chunks: their own allocations
     # the 0.5 MiB chunk opened a slab for four of its size (2 MiB); the next 0.5 MiB went in with it
-    assert storage[1].nbytes() == 1 << 21 and storage[1].data_ptr() == storage[2].data_ptr()
+    assert storage[0].nbytes() == 1 << 21 and storage[0].data_ptr() == storage[1].data_ptr()
     # the 2.4 MB chunk did not fit the 1 MiB left: it opened a 16 MiB slab (4 x 2.4 MB, rounded up to a
-    # power of two), and the 256 KiB one after it went into that slab's free tail
-    assert storage[3].nbytes() == 1 << 24 and storage[3].data_ptr() == storage[4].data_ptr()
+    # power of two), and the 256 KiB one and the small ones after it went into that slab's free tail
+    assert storage[2].nbytes() == 1 << 24
+    assert {s.data_ptr() for s in storage[2:]} == {storage[2].data_ptr()}
     del slabs  # the allocator is gone; the pieces keep their slabs alive
-    assert bool((pieces[2] == 3).all())
+    assert bool((pieces[1] == 2).all())
 
 
 def test_host_slabs_grow_geometrically_up_to_the_largest_size():
@@ -287,7 +287,7 @@ def test_host_slabs_hold_several_large_chunks_each():
     memory it needs): a slab opened by a chunk holds at least four of its size."""
     from traitlens.capture import _HostSlabs
 
-    slabs = _HostSlabs(pin_memory=False, first=1 << 20, smallest=0)
+    slabs = _HostSlabs(pin_memory=False, first=1 << 20)
     chunk = torch.Size([(1 << 21) + 4096])  # 2 MiB + 4 KiB: a power of two above it would be 4 MiB
     pieces = [slabs.empty(chunk, torch.uint8) for _ in range(8)]
     slab_of = [p.untyped_storage().data_ptr() for p in pieces]
@@ -298,14 +298,14 @@ def test_host_slabs_hold_several_large_chunks_each():
     class Small(_HostSlabs):  # chunks above LARGEST / 4 get room for two, not four: pinned memory is bounded
         LARGEST = 1 << 22
 
-    big = Small(pin_memory=False, first=1 << 20, smallest=0).empty(chunk, torch.uint8)
+    big = Small(pin_memory=False, first=1 << 20).empty(chunk, torch.uint8)
     assert big.untyped_storage().nbytes() == 1 << 23  # 2 x (2 MiB + 4 KiB), rounded up to a power of two
 
 
-def test_host_slabs_without_a_small_size_put_every_chunk_in_a_slab_as_pinned_ones_do():
+def test_host_slabs_put_every_chunk_however_small_in_a_slab():
     from traitlens.capture import _HostSlabs
 
-    slabs = _HostSlabs(pin_memory=False, first=1 << 20, smallest=0)  # what the pinned slabs are set to
+    slabs = _HostSlabs(pin_memory=False, first=1 << 20)
     shapes = [(16, 1, 576), (3,), (16, 1, 576), (0, 5), (7, 9)]
     dtypes = [torch.bfloat16, torch.float64, torch.float32, torch.float32, torch.int8]
     pieces = [slabs.empty(torch.Size(s), d) for s, d in zip(shapes, dtypes, strict=True)]
@@ -320,22 +320,61 @@ def test_host_slabs_without_a_small_size_put_every_chunk_in_a_slab_as_pinned_one
     assert all(end <= start for (_, end), (start, _) in itertools.pairwise(ends))  # disjoint
 
 
-def test_get_copies_a_small_single_chunk_out_of_a_shared_slab_and_returns_large_ones_as_they_are():
+def test_get_returns_a_single_chunk_as_stored_and_joins_small_results_into_the_small_slabs():
     capture = ActivationCapture()
-    capture._host = type(capture._host)(pin_memory=False, first=1 << 20, smallest=0)  # as on a GPU, pinned
-    small, big = torch.randn(16, 576), torch.randn(8, 64, 576)
+    small, big = torch.randn(16, 576), torch.randn(8, 64, 576)  # 36 KiB and 1.1 MiB
     capture.store("small", small)
     capture.store("big", big)
     capture.store("passes", small)
-    capture.store("passes", small)  # two chunks: joined by get into a new tensor anyway
+    capture.store("passes", small)  # two chunks: joined by get
     out, stored = capture.get("small"), capture.get("small", concat=False)[0]
-    assert stored.untyped_storage().nbytes() == 1 << 20  # stored in the slab ...
-    assert out.untyped_storage().nbytes() == out.nbytes  # ... handed out in memory of its own
+    assert out.data_ptr() == stored.data_ptr()  # no copy
+    assert out.untyped_storage().nbytes() == 1 << 20  # a piece of a 1 MiB slab
     torch.testing.assert_close(out, small, rtol=0, atol=0)
     whole = capture.get("big")
-    assert whole.data_ptr() == capture.get("big", concat=False)[0].data_ptr()  # no copy of a large chunk
+    assert whole.data_ptr() == capture.get("big", concat=False)[0].data_ptr()
+    assert whole.untyped_storage().nbytes() == 1 << 28  # a piece of a 256 MiB slab
     joined = capture.get("passes")
-    assert joined.shape == (32, 576) and joined.untyped_storage().nbytes() == joined.nbytes
+    assert joined.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()  # the same small slab
+    torch.testing.assert_close(joined, torch.cat([small, small]), rtol=0, atol=0)
+    again = capture.get("passes")  # a new piece each time: the first result is not overwritten
+    assert again.data_ptr() != joined.data_ptr()
+    large = ActivationCapture()
+    large.store("x", big)
+    large.store("x", big)
+    assert large.get("x").untyped_storage().nbytes() == 2 * big.nbytes  # 256 KiB or more: new memory
+
+
+def test_a_small_single_chunk_copied_from_a_gpu_is_handed_out_of_the_pinned_slab():
+    """A last token copied from a GPU sits in a pinned slab of 1 MiB or more: ``get`` copies it into the
+    capture's small host slab, so that a kept result does not hold pinned memory. Simulated on the CPU."""
+    capture = ActivationCapture()
+    capture._pinned = type(capture._pinned)(pin_memory=False, first=1 << 20)  # as on a GPU, pinned
+    small, big = torch.randn(16, 576), torch.randn(8, 64, 576)
+    for name, x in (("small", small), ("big", big)):
+        capture._store.setdefault(name, []).append(capture._pinned.empty(x.shape, x.dtype).copy_(x))
+        capture._lengths.setdefault(name, []).append(0)
+    out, stored = capture.get("small"), capture.get("small", concat=False)[0]
+    assert out.untyped_storage().data_ptr() != stored.untyped_storage().data_ptr()
+    assert out.untyped_storage().data_ptr() == capture._small._slab.data_ptr()
+    torch.testing.assert_close(out, small, rtol=0, atol=0)
+    assert capture.get("big").data_ptr() == capture.get("big", concat=False)[0].data_ptr()  # large: as stored
+
+
+def test_small_results_kept_batch_after_batch_fill_shared_slabs_that_outlive_clear_and_the_capture():
+    capture = ActivationCapture()
+    rows = [torch.full((8, 576), float(i)) for i in range(80)]  # 18 KiB each, as a last token per batch
+    kept = []
+    for row in rows:
+        capture.store("last", row)
+        kept.append(capture.get("last"))
+        capture.clear()
+    slabs = {k.untyped_storage().data_ptr() for k in kept}
+    assert len(slabs) == 2  # 80 x 18 KiB (64-byte aligned) fill one 1 MiB slab and start a second
+    assert all(k.untyped_storage().nbytes() == 1 << 20 for k in kept)
+    del capture
+    for row, k in zip(rows, kept, strict=True):
+        torch.testing.assert_close(k, row, rtol=0, atol=0)
 
 
 def test_chunks_from_a_gpu_are_joined_into_pinned_blocks_of_their_own_within_a_size_range(tiny, monkeypatch):
@@ -353,7 +392,7 @@ def test_chunks_from_a_gpu_are_joined_into_pinned_blocks_of_their_own_within_a_s
         return out
 
     capture = ActivationCapture()
-    capture._pinned = type(capture._pinned)(pin_memory=False, first=1 << 20, smallest=0)
+    capture._pinned = type(capture._pinned)(pin_memory=False, first=1 << 20)
     capture._pinned.empty(torch.Size([16]), torch.uint8)  # as by a copy from a GPU
     monkeypatch.setattr(torch, "empty", empty)
 
@@ -397,20 +436,23 @@ def test_chunks_from_a_gpu_are_joined_into_pinned_blocks_of_their_own_within_a_s
     torch.testing.assert_close(both, torch.cat([torch.cat(steps, dim=1)] * 2), rtol=0, atol=0)
 
 
-def test_capture_fills_its_slab_across_clear_and_small_chunks_stand_alone():
+def test_capture_fills_its_slabs_across_clear():
     capture = ActivationCapture()
     big, small = torch.randn(8, 64, 576), torch.randn(8, 576)  # 1.2 MB and 18 KB
     capture.store("a", big)
-    first = capture.get("a")
+    capture.store("b", small)
+    first, first_small = capture.get("a"), capture.get("b")
     capture.clear()
     capture.store("a", big * 2)
-    capture.store("b", small)
-    second, alone = capture.get("a"), capture.get("b", concat=False)[0]  # the stored chunk itself
+    capture.store("b", small * 2)
+    second, second_small = capture.get("a"), capture.get("b")
     assert second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()  # the same slab
-    assert alone.untyped_storage().nbytes() == small.numel() * 4
+    assert second_small.untyped_storage().data_ptr() == first_small.untyped_storage().data_ptr()
+    assert first_small.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()  # small: apart
     torch.testing.assert_close(first, big, rtol=0, atol=0)  # not overwritten by what came after clear()
     torch.testing.assert_close(second, big * 2, rtol=0, atol=0)
-    torch.testing.assert_close(alone, small, rtol=0, atol=0)
+    torch.testing.assert_close(first_small, small, rtol=0, atol=0)
+    torch.testing.assert_close(second_small, small * 2, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", ["cpu", None])

@@ -26,7 +26,7 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
 - anything else raises a ``ValueError`` that says what to do instead.
 
 Stored chunks are detached; by default they go to the CPU (as in traitlens 0.4). Every chunk stored in
-host memory is a copy the capture owns (mostly pieces of larger slabs; see ``_HostSlabs``), so a later hook
+host memory is a copy the capture owns, a piece of a larger slab (see ``_HostSlabs``), so a later hook
 that edits the module's output in place does not change it. From a GPU, hooks never wait for the host: a
 chunk is copied into pinned memory with ``non_blocking=True``, chunks of 16 MiB or more on a side CUDA stream
 (after a snapshot on the GPU) so that the copy overlaps the rest of the forward pass, smaller ones (decode
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -102,7 +103,9 @@ class ActivationCapture:
         self._side: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
         # per CUDA stream that copies were queued on: an event recorded after the latest one
         self._pending: dict[torch.cuda.Stream, torch.cuda.Event] = {}
-        self._pinned = _HostSlabs(pin_memory=True, first=1 << 20, smallest=0)
+        self._pinned = _HostSlabs(pin_memory=True, first=1 << 20)
+        # chunks and results on the CPU: under SMALLEST in 1 MiB slabs, larger ones in 256 MiB ones
+        self._small = _HostSlabs(pin_memory=False, first=1 << 20, largest=1 << 20)
         self._host = _HostSlabs(pin_memory=False, first=_HostSlabs.LARGEST)
 
     @property
@@ -165,7 +168,7 @@ class ActivationCapture:
             x = x if self.dtype is None else x.to(self.dtype)  # cast on the GPU: fewer bytes to move
             x = self._copy_to_host(x, source=activations)
         elif target.type == "cpu":  # copied (and cast) into memory the capture owns; see _HostSlabs
-            x = self._host.empty(x.shape, self.dtype or x.dtype).copy_(x)
+            x = self._host_empty(x.shape, self.dtype or x.dtype).copy_(x)
         else:
             x = x.to(device=target, dtype=self.dtype)
             if isinstance(selector, (int, slice)) and _shares_memory(x, activations):
@@ -175,6 +178,12 @@ class ActivationCapture:
         # joined along the sequence, even when a batch of one-token texts follows longer ones
         steps = activations.ndim == 3 and not isinstance(selector, torch.Tensor)
         self._lengths.setdefault(name, []).append(activations.shape[1] if steps else 0)
+
+    def _host_empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Host memory of the capture's for a chunk or result: a piece of a small slab under ``SMALLEST``
+        bytes, else of a large one."""
+        small = math.prod(shape) * dtype.itemsize < _HostSlabs.SMALLEST
+        return (self._small if small else self._host).empty(shape, dtype)
 
     def _copy_to_host(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Start copying ``x`` into pinned host memory without a host sync; ``get`` waits for it.
@@ -225,13 +234,16 @@ class ActivationCapture:
         the list of chunks in the order the hooks saw them.
 
         A single chunk is returned as stored, not copied (an in-place edit of it changes what ``get``
-        returns next), except one under 256 KiB that shares a slab (``_HostSlabs``), which is copied out of
-        it; a larger one is a piece of a slab that it keeps alive (``torch.save`` and pickle write the whole
-        slab: ``.clone()`` what you save). Chunks are joined into new host memory;
-        chunks copied from a GPU into pinned memory of their own when the result is 256 KiB to 64 MiB,
-        where blocks freed by earlier results are reused, while new ordinary memory has every page faulted
-        in on first write (for a 1B model's every-token ``generate`` capture, half a gigabyte per batch: ~3x
-        the time of the copy itself; see ``_pinned_join``)."""
+        returns next). It is a piece of one of the capture's slabs (``_HostSlabs``) and keeps that slab
+        alive: ``torch.save`` and pickle write the whole slab (up to 1 MiB for a result under 256 KiB, up
+        to 256 MiB for a larger one), so ``.clone()`` what you save, or a few results kept out of many.
+        Results under 256 KiB (a last token, a single pass's chunk copied from a GPU, a join) are pieces
+        of the capture's small slabs, outside the heap that the forward pass's temporaries come from:
+        small tensors kept there batch after batch fragment it, and the process grows far past what they
+        hold (``docs/benchmarks.md``). Larger joins go into new host memory; from a GPU, into pinned memory
+        of their own up to 64 MiB, where blocks freed by earlier results are reused, while new ordinary
+        memory has every page faulted in on first write (for a 1B model's every-token ``generate``
+        capture, half a gigabyte per batch: ~3x the time of the copy itself; see ``_pinned_join``)."""
         if name not in self._store:
             raise KeyError(
                 f"no activations captured under {name!r}; captured: {short_list(self._store)}"
@@ -241,11 +253,16 @@ class ActivationCapture:
         chunks = self._store[name]
         if not concat:
             return list(chunks)
-        if len(chunks) == 1:
-            return _out_of_slab(chunks[0])
+        on_host = chunks[0].device.type == "cpu"
         # copied from a GPU: this capture has pinned slabs (asking a tensor is_pinned() could create a CUDA
         # context on a machine whose GPU the user is not using)
-        joined = _pinned_join if self._pinned.opened and chunks[0].device.type == "cpu" else None
+        from_gpu = on_host and self._pinned.opened
+        if len(chunks) == 1:
+            chunk = chunks[0]
+            if from_gpu and chunk.nbytes < _HostSlabs.SMALLEST:  # out of the pinned slab it would keep alive
+                return self._small.empty(chunk.shape, chunk.dtype).copy_(chunk)
+            return chunk
+        joined = functools.partial(self._join_memory, from_gpu=from_gpu) if on_host else None
         groups = _generation_runs(chunks, self._lengths[name])
         if len(groups) > 1 and all(length == 1 for length in self._lengths[name]):
             warnings.warn(
@@ -268,6 +285,16 @@ class ActivationCapture:
             "step), call clear() between passes, or keep a fixed number of positions per pass (e.g. "
             "positions=last_token_index(attention_mask) with forward passes, positions=-1 with generate)"
         )
+
+    def _join_memory(
+        self, shape: tuple[int, ...], chunks: list[torch.Tensor], from_gpu: bool
+    ) -> torch.Tensor | None:
+        """Where host chunks are joined: a piece of a small slab for a result under ``SMALLEST`` bytes, else
+        ``_pinned_join``'s choice for chunks copied from a GPU, else ``None`` (new memory)."""
+        dtype = functools.reduce(torch.promote_types, (c.dtype for c in chunks))
+        if math.prod(shape) * dtype.itemsize < _HostSlabs.SMALLEST:
+            return self._small.empty(shape, dtype)
+        return _pinned_join(shape, chunks) if from_gpu else None
 
     def clear(self, name: str | None = None) -> None:
         """Forget everything, or only what is stored under ``name``."""
@@ -331,22 +358,12 @@ def _pinned_join(shape: tuple[int, ...], chunks: list[torch.Tensor]) -> torch.Te
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
-def _out_of_slab(chunk: torch.Tensor) -> torch.Tensor:
-    """``chunk``, or a copy of it when it is a small piece of a larger slab: a kept result of ``get`` should not
-    keep a whole slab alive (a last token per batch, gathered over a dataset, would hold a slab per batch)."""
-    small = chunk.numel() * chunk.element_size() < _HostSlabs.SMALLEST
-    if small and chunk.device.type == "cpu" and chunk.untyped_storage().nbytes() > chunk.nbytes:
-        return chunk.clone()  # ordinary memory: a pinned copy would cost a cudaHostAlloc per call when cold
-    return chunk
-
-
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class _HostSlabs:
-    """Host memory for stored chunks: pieces of larger slabs, except (when not pinned) chunks under
-    ``smallest`` bytes, which get an allocation of their own.
+    """Host memory for stored chunks and ``get``'s small results: pieces of larger slabs.
 
     Pinned (for copies from a GPU): PyTorch's caching host allocator rounds every pinned allocation up to a
     power of two, so pinning each large chunk separately can nearly double the host memory that captured
@@ -356,15 +373,15 @@ class _HostSlabs:
     double up to 256 MiB, and are made larger where needed to hold at least four chunks of the size that
     opens them (a power of two: so 4 to 7 such chunks), or two for chunks over 64 MiB (2 or 3 of them).
 
-    Not pinned (activations already on the CPU): keeping the model's own output tensors slows the forward
+    Not pinned (activations already on the CPU), each slab is an anonymous memory map of its own, outside
+    the heap, whose untouched pages cost no memory. Keeping the model's own output tensors slows the forward
     pass (the retained outputs sit among the allocator's recycled buffers; see ``docs/benchmarks.md``), so
-    chunks of 256 KiB or more are copied into 256 MiB slabs, whose untouched pages cost no memory; smaller
-    ones come from the ordinary allocator.
+    chunks of 256 KiB or more are copied into 256 MiB slabs. Smaller ones, and ``get``'s small results, go
+    into 1 MiB slabs (``largest``): small tensors kept in the heap across batches fragment it.
 
     A slab is freed once no chunk in it is alive and the capture has moved on to another (or is deleted):
     the capture keeps filling its current slab across ``clear()``. Keeping a single chunk keeps its whole
-    slab alive; ``ActivationCapture.get`` therefore copies a small single chunk out of its slab, and a few
-    chunks kept from a large capture should be ``.clone()``d.
+    slab alive: a few chunks kept from a large capture should be ``.clone()``d.
     """
 
     ALIGN = 64
@@ -372,9 +389,9 @@ class _HostSlabs:
     SMALLEST = 1 << 18
     LARGEST = 1 << 28
 
-    def __init__(self, pin_memory: bool, first: int, smallest: int = SMALLEST):
+    def __init__(self, pin_memory: bool, first: int, largest: int = LARGEST):
         self.pin_memory = pin_memory
-        self.smallest = smallest
+        self.largest = largest
         self._slab: torch.Tensor | None = None
         self._typed: dict[torch.dtype, torch.Tensor] = {}  # the current slab viewed as each dtype
         self._used = 0
@@ -387,11 +404,6 @@ class _HostSlabs:
 
     def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < self.smallest:
-            if torch.is_inference_mode_enabled():  # as for slabs: usable outside inference mode too
-                with torch.inference_mode(False):
-                    return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
-            return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         start = -(-self._used // self.ALIGN) * self.ALIGN
         if self._slab is None or start + nbytes > self._slab.numel():
             # room for several chunks of this size: a power of two barely above one large chunk would leave up
@@ -401,9 +413,9 @@ class _HostSlabs:
             size = max(self._next, 1 << (chunks * nbytes - 1).bit_length())
             # a slab opened under inference mode must also serve passes outside it
             with torch.inference_mode(False):
-                self._slab = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+                self._slab = _new_slab(size, self.pin_memory)
             self._typed = {}
-            self._next = min(2 * self._next, self.LARGEST)
+            self._next = min(2 * self._next, self.largest)
             start = 0
         self._used = start + nbytes
         typed = self._typed.get(dtype)
@@ -412,6 +424,18 @@ class _HostSlabs:
                 typed = self._typed[dtype] = self._slab.view(dtype)
         # one as_strided instead of slice + view + view: this runs in every hook call
         return typed.as_strided(shape, _contiguous_strides(shape), start // dtype.itemsize)
+
+
+def _new_slab(nbytes: int, pin_memory: bool) -> torch.Tensor:
+    """``nbytes`` of pinned memory, or of an anonymous private memory map (unmapped when the last tensor
+    viewing it is gone)."""
+    if pin_memory:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    if hasattr(mmap, "MAP_ANONYMOUS"):
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:  # Windows: -1 is an anonymous map there
+        region = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(region, dtype=torch.uint8)
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
