@@ -206,8 +206,13 @@ def generate_with_projections(
             length = sequence.shape[0]
             step = {keyword: out["cache"] if "cache" in out else out["past_key_values"], "use_cache": True}
             step["attention_mask"] = torch.ones(1, length, dtype=torch.long, device=sequence.device)
-            if "position_ids" in inspect.signature(inner.forward).parameters:
+            # where models take them (transformers 4.x: cache_position; a hybrid model's cache cannot say
+            # how long the sequence is)
+            parameters = inspect.signature(inner.forward).parameters
+            if "position_ids" in parameters:
                 step["position_ids"] = torch.tensor([[length - 1]], device=sequence.device)
+            if "cache_position" in parameters:
+                step["cache_position"] = torch.tensor([length - 1], device=sequence.device)
             inner(input_ids=sequence[-1:].unsqueeze(0), **step)
     values = torch.cat(scores).cpu()
     prompt_len = enc.input_ids.shape[1]
