@@ -9,7 +9,6 @@ vector's module, in float32.
 from __future__ import annotations
 
 import html
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -169,8 +168,12 @@ def generate_with_projections(
     live_text = _TokenText(tokenizer)
     last_feed = False  # set for the pass that feeds the last token
 
+    where: dict[str, torch.Tensor] = {}  # the positions generate gave its latest pass, where it gave them
+
     def read_ids(module, args, kwargs):
         fed.append(kwargs["input_ids"][0])
+        where.clear()
+        where.update((k, kwargs[k]) for k in ("position_ids", "cache_position") if kwargs.get(k) is not None)
 
     def score(module, args, output):
         if len(scores) == len(fed):  # a second call in one forward pass
@@ -202,17 +205,13 @@ def generate_with_projections(
         sequence = out.sequences[0]
         if sequence.shape[0] > enc.input_ids.shape[1]:  # the last sampled token was never fed: feed it
             last_feed = True
-            # as a step of generate: its cache, a mask over the whole sequence, its position where taken
+            # as a step of generate: its cache, a mask over the whole sequence, and the positions generate
+            # gave its last pass, one further on (models count positions their own way: RoBERTa's start
+            # after the pad index; transformers 4's hybrid models need cache_position)
             length = sequence.shape[0]
             step = {keyword: out["cache"] if "cache" in out else out["past_key_values"], "use_cache": True}
             step["attention_mask"] = torch.ones(1, length, dtype=torch.long, device=sequence.device)
-            # where models take them (transformers 4.x: cache_position; a hybrid model's cache cannot say
-            # how long the sequence is)
-            parameters = inspect.signature(inner.forward).parameters
-            if "position_ids" in parameters:
-                step["position_ids"] = torch.tensor([[length - 1]], device=sequence.device)
-            if "cache_position" in parameters:
-                step["cache_position"] = torch.tensor([length - 1], device=sequence.device)
+            step.update((k, v[..., -1:] + 1) for k, v in where.items())
             inner(input_ids=sequence[-1:].unsqueeze(0), **step)
     values = torch.cat(scores).cpu()
     prompt_len = enc.input_ids.shape[1]
