@@ -168,12 +168,18 @@ def generate_with_projections(
     live_text = _TokenText(tokenizer)
     last_feed = False  # set for the pass that feeds the last token
 
-    where: dict[str, torch.Tensor] = {}  # the positions generate gave its latest pass, where it gave them
+    # the last position generate gave its latest pass, where it gave one (copied before the pass: XGLM adds
+    # its offset to position_ids in place)
+    where: dict[str, torch.Tensor] = {}
 
     def read_ids(module, args, kwargs):
         fed.append(kwargs["input_ids"][0])
         where.clear()
-        where.update((k, kwargs[k]) for k in ("position_ids", "cache_position") if kwargs.get(k) is not None)
+        where.update(
+            (k, kwargs[k][..., -1:].clone())
+            for k in ("position_ids", "cache_position")
+            if kwargs.get(k) is not None
+        )
 
     def score(module, args, output):
         if len(scores) == len(fed):  # a second call in one forward pass
@@ -211,7 +217,7 @@ def generate_with_projections(
             length = sequence.shape[0]
             step = {keyword: out["cache"] if "cache" in out else out["past_key_values"], "use_cache": True}
             step["attention_mask"] = torch.ones(1, length, dtype=torch.long, device=sequence.device)
-            step.update((k, v[..., -1:] + 1) for k, v in where.items())
+            step.update((k, v + 1) for k, v in where.items())
             inner(input_ids=sequence[-1:].unsqueeze(0), **step)
     values = torch.cat(scores).cpu()
     prompt_len = enc.input_ids.shape[1]
