@@ -667,6 +667,12 @@ def test_a_peft_wrapped_model_is_steered_during_its_generate_as_the_model_inside
             expected = model.generate(input_ids=ids, **settings)
         assert torch.equal(got, expected)
     assert not torch.equal(got, wrapped.generate(input_ids=ids, **settings))  # the steering does something
+    # a module path as in the plain model names the same layer in the wrapper; one neither has is refused
+    with steer(wrapped, v, module="model.layers.1", coeff=4.0, positions="prompt") as handle:
+        assert list(handle.interventions) == ["base_model.model.model.layers.1"]
+        assert torch.equal(wrapped.generate(input_ids=ids, **settings), expected)
+    with pytest.raises(ValueError, match=r"no module 'model\.layers\.9'"):
+        steer(wrapped, v, module="model.layers.9")
     from traitlens.monitor import generate_with_projections
     from traitlens.vector import TraitVector
 

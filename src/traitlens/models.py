@@ -57,6 +57,14 @@ def transformers_model_path(model: torch.nn.Module) -> str:
     return next((name for name, module in model.named_modules() if isinstance(module, PreTrainedModel)), "")
 
 
+def locate_module(model: torch.nn.Module, path: str) -> str | None:
+    """``path`` if ``model`` has a module there, else ``path`` under the transformers model inside ``model``
+    (in a PEFT wrapper, ``model.layers.3`` is ``base_model.model.model.layers.3``), else ``None``."""
+    inner = transformers_model_path(model)
+    modules = dict(model.named_modules())
+    return next((p for p in (path, f"{inner}.{path}" if inner else None) if p in modules), None)
+
+
 def cache_keyword(model: torch.nn.Module) -> str | None:
     """The keyword ``model``'s forward takes its key/value cache by: ``"cache"`` (transformers >= 5.2x),
     ``"past_key_values"`` (earlier versions), or ``None`` when it takes none."""

@@ -71,7 +71,7 @@ import torch
 from traitlens._validation import check_choice, check_vector, shape_of, short_list
 from traitlens.capture import output_tensor
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, residual_width, resolve_module
-from traitlens.models import cache_keyword, transformers_model_path
+from traitlens.models import cache_keyword, locate_module, transformers_model_path
 from traitlens.positions import to_device
 
 POSITIONS = ("all", "prompt", "generated")
@@ -524,7 +524,8 @@ def steer(
             given here); or a mapping ``{layer index or module path: [hidden] tensor or TraitVector}`` for a
             vector per layer (e.g. ``load_control_vector(path).directions``).
         layer: decoder layer index (or indices) whose output is steered; negative counts from the end.
-        module: dotted module path(s) instead of ``layer``, e.g. ``"model.layers.12.mlp"``.
+        module: dotted module path(s) instead of ``layer``, e.g. ``"model.layers.12.mlp"``; in a wrapper such
+            as a PEFT model, also a path in the transformers model inside it.
         coeff: for ``op="add"`` the multiplier of the vector; for ``op="clamp"`` the value the component
             along the unit vector is set to; ignored by ``op="ablate"``.
         op: ``"add"``, ``"ablate"`` or ``"clamp"``.
@@ -624,12 +625,13 @@ def _as_tensor(vector) -> torch.Tensor:
 def _where(model: torch.nn.Module, key) -> tuple[str, int | None]:
     """Module path and layer index of a ``layer`` (int) or ``module`` (str) key."""
     if isinstance(key, str):
-        resolve_module(model, key)
+        path = locate_module(model, key) or key  # in a PEFT wrapper, also a path in the model inside
+        resolve_module(model, path)  # raises, with the closest paths, if neither has it
         try:
             paths = decoder_layer_paths(model)
         except ValueError:  # a model without a ModuleList of layers: any module path still works
             paths = []
-        return key, paths.index(key) if key in paths else None
+        return path, paths.index(path) if path in paths else None
     if isinstance(key, int) and not isinstance(key, bool):
         paths = decoder_layer_paths(model)
         if not -len(paths) <= key < len(paths):

@@ -54,7 +54,7 @@ import torch
 
 from traitlens._validation import check_vector, did_you_mean, shape_of, short_list
 from traitlens.hooks import decoder_layer_paths, residual_width
-from traitlens.models import transformers_model_path
+from traitlens.models import locate_module
 
 TENSOR_NAME = "vector"
 """Name of the one tensor in a traitlens vector file."""
@@ -424,11 +424,10 @@ class TraitVector:
         """The path of the module this vector was read at, in ``model``: ``module`` itself, or, in a wrapper
         such as a PEFT model, ``module`` under the transformers model it holds (``model.layers.3`` is
         ``base_model.model.model.layers.3`` there). Raises a ``ValueError`` when ``model`` has neither."""
+        path = locate_module(model, self.module)
+        if path is not None:
+            return path
         modules = [n for n, _ in model.named_modules() if n]
-        inner = transformers_model_path(model)
-        for path in (self.module, f"{inner}.{self.module}" if inner else None):
-            if path in modules:
-                return path
         raise ValueError(
             f"vector was read at module {self.module!r}, which {type(model).__name__} does not have"
             f"{did_you_mean(self.module, modules)} (modules: {short_list(modules)}); it was made for "
