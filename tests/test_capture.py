@@ -414,7 +414,7 @@ def test_chunks_from_a_gpu_are_joined_into_pinned_blocks_of_their_own_within_a_s
     joined = capture.get("big")  # 2 x 4 x 64 x 576 float32, 1.1 MiB, joined along batch
     assert joined_into_pinned(joined)
     torch.testing.assert_close(joined, torch.cat(capture.get("big", concat=False)), rtol=0, atol=0)
-    gen = capture.get("gen")  # [2, 8, 32] float32, 2 KiB: under 256 KiB, ordinary memory
+    gen = capture.get("gen")  # [2, 8, 32] float32, 2 KiB: under 256 KiB, a piece of a small slab
     assert not joined_into_pinned(gen)
     torch.testing.assert_close(gen, torch.cat(steps, dim=1), rtol=0, atol=0)
     monkeypatch.setattr(capture_module, "JOIN_PINNED_MAX", 1 << 20)  # over 1 MiB: ordinary memory

@@ -344,8 +344,9 @@ JOIN_PINNED_MAX = 64 << 20
 
 
 def _pinned_join(shape: tuple[int, ...], chunks: list[torch.Tensor]) -> torch.Tensor | None:
-    """Where chunks copied from a GPU are joined: a pinned block of PyTorch's caching host allocator for a
-    result of 256 KiB to 64 MiB, else ``None`` (new ordinary memory).
+    """Where chunks copied from a GPU are joined (results under 256 KiB go into the capture's small slabs
+    before this is asked; see ``ActivationCapture._join_memory``): a pinned block of PyTorch's caching host
+    allocator for a result up to 64 MiB, else ``None`` (new ordinary memory).
 
     The allocator hands out pinned blocks freed by earlier results again, already in RAM; new ordinary memory
     has every page faulted in on first write. A block of its own, not a piece of the capture's slabs: a kept
@@ -353,7 +354,7 @@ def _pinned_join(shape: tuple[int, ...], chunks: list[torch.Tensor]) -> torch.Te
     next to it. The upper bound keeps that rounding off one-off joins (every batch of a dataset joined at
     once); pinned memory is locked in RAM."""
     dtype = functools.reduce(torch.promote_types, (c.dtype for c in chunks))
-    if not _HostSlabs.SMALLEST <= math.prod(shape) * dtype.itemsize <= JOIN_PINNED_MAX:
+    if math.prod(shape) * dtype.itemsize > JOIN_PINNED_MAX:
         return None
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
