@@ -21,9 +21,10 @@ One ``.safetensors`` file, so that tensor and metadata cannot get separated:
   ``traitlens_version``, ``extra``).
 
 ``save(..., sidecar=True)`` also writes the same JSON, indented, next to the file (``x.json`` for
-``x.safetensors``, else the name with ``.json`` appended), for people and tools that want to read it without safetensors. Loading never reads the sidecar: the header is
-the one source of truth. Loading never unpickles anything (there is no ``torch.load`` here), so a file
-from ``torch.save`` is refused with a message saying so.
+``x.safetensors``, else the name with ``.json`` appended), for people and tools that want to read it
+without safetensors. Loading never reads the sidecar: the header is the one source of truth. Loading never
+unpickles anything (there is no ``torch.load`` here), so a file from ``torch.save`` is refused with a message
+saying so.
 
 Any safetensors reader can read the file: ``safetensors.torch.load_file(path)["vector"]`` gives the tensor
 and ``json.loads(safe_open(path, "pt").metadata()["traitlens"])`` the metadata.
