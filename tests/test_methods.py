@@ -430,6 +430,44 @@ def test_pca_diff_pairing():
     assert torch.equal(result["vector"], again["vector"])
 
 
+def test_pca_diff_random_pairing_is_oriented_by_every_row_not_only_the_paired_ones():
+    # 4 positives against 9 negatives: the 4 negatives drawn can lie on the other side of the positives than
+    # all 9 do; the orientation must follow the class means (the methods' contract), not the subsample's
+    generator, wrong = torch.Generator().manual_seed(0), 0
+    for seed in range(60):
+        pos = torch.randn(4, 3, generator=generator) + 0.2
+        neg = torch.randn(9, 3, generator=generator)
+        vector = PCADiffMethod(pairing="random", seed=seed).extract(pos, neg)["vector"]
+        wrong += float((pos.mean(0) - neg.mean(0)) @ vector) < 0
+    assert wrong == 0
+
+
+def test_classes_without_spread_give_the_mean_difference_direction():
+    pos, neg = torch.ones(5, 3), torch.zeros(5, 3)  # every row of a class alike: no within-class variance
+    expected = torch.full((3,), 3**-0.5)
+    assert cos(GradientMethod().extract(pos, neg)["vector"], expected) > 0.9999  # was NaN (Adam: not exact)
+    for solver in ("torch", "sklearn"):  # the torch iteration failed; scikit-learn's gave a zero vector
+        with pytest.warns(UserWarning, match="span 1 dimensions, fewer than n_components=3.*fitting 1"):
+            result = ICAMethod(solver=solver).extract(pos, neg)
+        assert result["all_components"].shape == (1, 3)
+        torch.testing.assert_close(result["vector"] / result["vector"].norm(), expected)
+    with pytest.raises(ValueError, match="every row is the same"):
+        ICAMethod().extract(pos, pos)
+
+
+def test_ica_fits_only_the_dimensions_the_activations_span():
+    generator = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(3, 8, generator=generator), torch.randn(3, 8, generator=generator)
+    pos, neg = pos.repeat(2, 1), neg.repeat(2, 1)  # 12 rows, 6 distinct: 5 dimensions about their mean
+    for solver in ("torch", "sklearn"):
+        with pytest.warns(UserWarning, match="span 5 dimensions, fewer than n_components=8"):
+            result = ICAMethod(solver=solver).extract(pos, neg)
+        assert result["all_components"].shape == (5, 8) and result["vector"].norm() > 0.1
+        assert result["pos_proj"].shape == (6, 5)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"component_idx=6, but .* only 5"):
+        ICAMethod(component_idx=6).extract(pos, neg)
+
+
 @pytest.mark.parametrize("shrinkage", [0.05, 0.5, 1.0])
 def test_separation_gradient_equals_autograd(shrinkage):
     pos, neg, _ = planted(n=20, hidden=12, shift=0.5, big=3.0, seed=14)
@@ -553,6 +591,12 @@ def test_bad_input_raises_an_error_naming_the_argument_and_its_shape(name, param
             ValueError, match=rf"pos_acts has 1 rows.*{type(method).__name__} needs at least 2"
         ):
             method.extract(pos[:1], neg)
+    with pytest.raises(ValueError, match=r"no features \(hidden size 0\): \(5, 0\)"):
+        method.extract(pos[:, :0], neg[:, :0])
+    with pytest.raises(
+        TypeError, match=r"pos_acts must be a floating-point tensor, got dtype torch\.complex64"
+    ):
+        method.extract(torch.complex(pos, pos), neg)
 
 
 def test_bad_hyper_parameters_are_named():

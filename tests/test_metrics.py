@@ -138,6 +138,20 @@ def test_degenerate_spread_gives_no_nan():
     assert p_value(e0, same, same) == 1.0
     assert effect_size(e0, same + torch.tensor([1.0, 0]), same) == math.inf
     assert p_value(e0, same + torch.tensor([1.0, 0]), same) == 0.0
+    # rows that are all alike: their scores' own rounded mean makes var() ~1e-33, not 0, which gave d = -1.2 and
+    # p = 0.05 for two identical classes, and d ~ 6e15, p ~ 1e-95 for two different constants
+    ones = torch.ones(2, dtype=torch.float64)
+    flat_pos, flat_neg = (
+        torch.full((7, 2), 0.1, dtype=torch.float64),
+        torch.full((5, 2), 0.1, dtype=torch.float64),
+    )
+    assert (effect_size(ones, flat_pos, flat_neg), p_value(ones, flat_pos, flat_neg)) == (0.0, 1.0)
+    assert (effect_size(ones, flat_pos, flat_neg * 0), p_value(ones, flat_pos, flat_neg * 0)) == (
+        math.inf,
+        0.0,
+    )
+    scores = evaluate_vector(ones, flat_pos, flat_neg)
+    assert (scores["effect_size"], scores["p_value"]) == (0.0, 1.0)
     # a zero vector projects everything to 0: chance level, no NaN
     assert accuracy(torch.zeros(2), same, same) == 0.5
     assert auroc(torch.zeros(2), same, same) == 0.5

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -34,9 +36,40 @@ def test_merge_equals_one_pass_and_state_dict_round_trips():
     b = RunningMoments(outer=True).update(rows[:, 13:])
     merged = RunningMoments.from_state_dict(a.state_dict()) + b
     assert merged.count == whole.count and a.count == 13  # inputs unchanged
-    torch.testing.assert_close(merged.sum, whole.sum, rtol=1e-14, atol=1e-10)
-    torch.testing.assert_close(merged.outer_sum, whole.outer_sum, rtol=1e-14, atol=1e-8)
+    torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(merged.covariance(), whole.covariance(), rtol=1e-12, atol=1e-10)
     assert (RunningMoments() + RunningMoments()).count == 0
+
+
+def test_covariance_stays_accurate_far_from_the_origin():
+    # residual dimensions reach ~1e4 with a far smaller spread; raw sums of outer products minus n mean mean^T
+    # lost ~eps (mean / std)^2 of the covariance here (relative error 4e-4) and went negative for equal rows
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(1, 80, 4, generator=g, dtype=torch.float64) * 0.01 + 1e4
+    reference = np.cov(rows[0].numpy(), rowvar=False)
+    streamed = RunningMoments(outer=True)
+    for chunk in rows.split(7, dim=1):
+        streamed.update(chunk)
+    merged = RunningMoments(outer=True).update(rows[:, :30]) + RunningMoments(outer=True).update(rows[:, 30:])
+    for moments in (streamed, merged):
+        np.testing.assert_allclose(moments.covariance()[0].numpy(), reference, rtol=1e-8, atol=1e-12)
+    equal = RunningMoments(outer=True).update(torch.full((7, 2), 1000.1, dtype=torch.float64))
+    equal = equal + RunningMoments(outer=True).update(torch.full((3, 2), 1000.1, dtype=torch.float64))
+    assert equal.covariance().abs().max() == 0 and (equal.mean == 1000.1).all()
+
+
+def test_state_dict_of_the_raw_sums_written_before_centring_still_loads():
+    rows = _rows(4)
+    count, total = rows.shape[1], rows.double().sum(1)
+    old = {
+        "count": torch.tensor(count),
+        "outer": torch.tensor(True),
+        "sum": total,
+        "outer_sum": rows.double().transpose(1, 2) @ rows.double(),
+    }
+    moments, reference = RunningMoments.from_state_dict(old), RunningMoments(outer=True).update(rows)
+    torch.testing.assert_close(moments.mean, reference.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moments.covariance(), reference.covariance(), rtol=1e-6, atol=1e-6)
 
 
 def test_running_moments_errors():
@@ -77,3 +110,26 @@ def test_unpaired_updates_skip_differences():
         stats.pca_diff()
     merged = ContrastiveStats.from_state_dict(stats.state_dict()) + stats
     assert merged.neg.count == 12
+
+
+def test_effect_size_of_classes_without_spread_matches_the_metric():
+    pos = torch.full((7, 2), 0.1, dtype=torch.float64)
+    vector = torch.ones(1, 2)
+    for neg, expected in ((torch.full((5, 2), 0.1, dtype=torch.float64), 0.0), (torch.zeros(5, 2), math.inf)):
+        stats = ContrastiveStats(outer=True).update(pos, neg)
+        assert float(stats.effect_size(vector)[0]) == expected == effect_size(vector[0], pos, neg)
+
+
+def test_a_bad_update_changes_nothing_and_says_why():
+    stats = ContrastiveStats(outer=True).update(_rows(0, n=4), _rows(1, n=4))
+    with pytest.raises(ValueError, match="same layers and hidden size"):  # caught at the first update
+        ContrastiveStats().update(_rows(0, n=4), _rows(1, n=4, hidden=5))
+    with pytest.raises(ValueError, match=r"neg must have shape \[layer, n, hidden\]=\[3, n, 8\]"):
+        stats.update(_rows(0, n=4), _rows(1, n=4, hidden=5))
+    nan = _rows(1, n=4)
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="neg contains 1 non-finite"):
+        stats.update(_rows(0, n=4), nan)
+    assert (stats.pos.count, stats.neg.count, stats.diff.count) == (4, 4, 4)
+    with pytest.raises(ValueError, match=r"vectors must have shape \[layer, hidden\]=\[3, 8\]"):
+        stats.effect_size(torch.ones(8))

@@ -72,7 +72,7 @@ def check_tensor(
         elif ndim == 2 and x.ndim == 3:
             hint = "; select one position per example first (e.g. x[:, -1]) or flatten with x.flatten(0, 1)"
         raise ValueError(f"{name} must have shape {expected}, got {shape_of(x)}{hint}")
-    if floating and not (x.is_floating_point() or x.is_complex()):
+    if floating and not x.is_floating_point():  # complex too: its imaginary part would be dropped silently
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if finite and x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
@@ -108,6 +108,8 @@ def check_pos_neg(
             f"pos_acts and neg_acts must have the same hidden size, got pos_acts {shape_of(pos)} "
             f"and neg_acts {shape_of(neg)}"
         )
+    if pos.shape[1] == 0:
+        raise ValueError(f"pos_acts and neg_acts have no features (hidden size 0): {shape_of(pos)}")
     who = f"{method} needs" if method else "need"
     for arg, x in (("pos_acts", pos), ("neg_acts", neg)):
         if x.shape[0] < min_per_class:

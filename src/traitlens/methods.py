@@ -440,12 +440,13 @@ class ICAMethod(ExtractionMethod):
     """Independent component analysis (FastICA) of the pooled activations.
 
     Positives and negatives are stacked ``[n, hidden]``; FastICA whitens them by PCA to ``n_components``
-    dimensions (default 10, capped at ``n - 1`` and ``hidden``) and unmixes them into independent sources
-    (Hyvärinen & Oja 2000: parallel fixed-point iteration with symmetric decorrelation, ``logcosh``
-    contrast, sources scaled to unit variance; scikit-learn's defaults). Each component's direction is its
-    column of the mixing matrix (the pattern a source adds to the activations, in activation units). By
-    default the component that best separates the classes is chosen: largest ``|mean_pos - mean_neg| /
-    pooled std`` of its source values (``separation_scores``).
+    dimensions (default 10, capped at ``n - 1``, ``hidden`` and, with a warning, the number of dimensions
+    the activations span) and unmixes them into independent sources (Hyvärinen & Oja 2000: parallel
+    fixed-point iteration with symmetric decorrelation, ``logcosh`` contrast, sources scaled to unit
+    variance; scikit-learn's defaults). Each component's direction is its column of the mixing matrix (the
+    pattern a source adds to the activations, in activation units). By default the component that best
+    separates the classes is chosen: largest ``|mean_pos - mean_neg| / pooled std`` of its source values
+    (``separation_scores``).
 
     Two solvers compute the decomposition; everything after it is shared. ``solver='torch'`` (default) runs
     on the activations' device: whitening by an eigendecomposition in float64 (of the ``[n, n]`` Gram matrix
@@ -523,6 +524,11 @@ class ICAMethod(ExtractionMethod):
         scores = (pos_proj.mean(0) - neg_proj.mean(0)).abs() / pooled_var.sqrt().clamp_min(1e-12)  # [k]
         if component_idx is None:
             component_idx = int(scores.argmax())
+        elif component_idx >= len(mixing):  # fewer components than asked for: the activations span fewer
+            raise ValueError(
+                f"component_idx={component_idx}, but the activations span only {len(mixing)} components (see the "
+                "warning)"
+            )
         vector, flipped = _orient(mixing[component_idx], pos, neg)
         return {
             "vector": vector,
@@ -558,27 +564,23 @@ def _fastica_torch(
     centered = x.double() - x.mean(0, dtype=torch.float64)  # [n, hidden]
     # PCA whitening to k dimensions, from the smaller of the two Gram matrices (float64: residual streams
     # span several orders of magnitude, and squaring them for the Gram matrix doubles that).
+    eigenvalues, eigenvectors = torch.linalg.eigh(
+        centered @ centered.T if n <= hidden else centered.T @ centered
+    )
+    sing = eigenvalues[-k:].flip(0).clamp_min(0).sqrt()  # [k] singular values d_k, descending
+    k = _spanned(sing, k)
+    sing = sing[:k]
     if n <= hidden:
-        eigenvalues, eigenvectors = torch.linalg.eigh(centered @ centered.T)  # ascending, [n], [n, n]
         v = eigenvectors[:, -k:].flip(1)  # [n, k]: left singular vectors of centered
         basis = centered.T @ v  # [hidden, k] = U_k diag(d_k)
-        sing = eigenvalues[-k:].flip(0).clamp_min(0).sqrt()  # [k] singular values d_k
         signs = _largest_entry_signs(basis)
         whitened = (v * signs).T * math.sqrt(n)  # [k, n], rows of unit variance
     else:
-        eigenvalues, eigenvectors = torch.linalg.eigh(centered.T @ centered)  # [hidden], [hidden, hidden]
         u = eigenvectors[:, -k:].flip(1)  # [hidden, k]
-        sing = eigenvalues[-k:].flip(0).clamp_min(0).sqrt()  # [k]
         signs = _largest_entry_signs(u)
         basis = u * sing  # [hidden, k] = U_k diag(d_k)
-        whitened = (centered @ (u * signs / sing.clamp_min(1e-300))).T * math.sqrt(n)  # [k, n]
+        whitened = (centered @ (u * signs / sing)).T * math.sqrt(n)  # [k, n]
     basis = basis * signs
-    if float(sing[-1]) <= 1e-6 * float(sing[0]):
-        warnings.warn(
-            f"ICAMethod: the activations span fewer than n_components={k} dimensions (singular value "
-            f"{float(sing[-1]):.3g} vs largest {float(sing[0]):.3g}); lower n_components",
-            stacklevel=4,
-        )
 
     data = whitened.float()  # [k, n]
     w = _sym_decorrelation(torch.randn(k, k, generator=_generator(seed), dtype=torch.float64).to(x.device))
@@ -597,6 +599,25 @@ def _fastica_torch(
     sources = sources / scale[:, None]
     mixing = (scale[:, None] * w) @ basis.T / math.sqrt(n)  # [k, hidden]
     return sources.T.float(), mixing.float(), n_iter, converged
+
+
+def _spanned(sing: torch.Tensor, k: int) -> int:
+    """How many of the ``k`` largest singular values ``sing`` (descending) of the centred activations are
+    above 1e-6 of the largest: the components FastICA can fit. Whitening divides by each of them, so one at
+    rounding level turns rounding into a source (and made the torch solver's iteration fail, scikit-learn's
+    return a zero vector). Fewer than ``k``: a warning, and that many components are fitted."""
+    spanned = int((sing[:k] > 1e-6 * sing[0]).sum())
+    if spanned == 0:
+        raise ValueError(
+            "ICAMethod: the activations do not vary (every row is the same); there is nothing to unmix"
+        )
+    if spanned < k:
+        warnings.warn(
+            f"ICAMethod: the activations span {spanned} dimensions, fewer than n_components={k} (singular values "
+            f"below 1e-6 of the largest, {float(sing[0]):.3g}, beyond that); fitting {spanned} components",
+            stacklevel=5,
+        )
+    return spanned
 
 
 def _largest_entry_signs(vectors: torch.Tensor) -> torch.Tensor:
@@ -622,6 +643,8 @@ def _fastica_sklearn(
     from sklearn.decomposition import FastICA
     from sklearn.exceptions import ConvergenceWarning
 
+    centered = x.double() - x.mean(0, dtype=torch.float64)
+    k = _spanned(torch.linalg.svdvals(centered), k)
     ica = FastICA(n_components=k, whiten="unit-variance", max_iter=max_iter, tol=tol, random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -676,7 +699,13 @@ class GradientMethod(ExtractionMethod):
         delta = pos.mean(0) - neg.mean(0)  # [hidden]
         centered = torch.cat([pos - pos.mean(0), neg - neg.mean(0)])  # [n, hidden]
         dof = len(centered) - 2
-        mean_var = max(float((centered**2).sum()) / (dof * pos.shape[1]), 1e-30)  # trace(S) / hidden
+        mean_var = float((centered**2).sum()) / (dof * pos.shape[1])  # trace(S) / hidden
+        # sep(v) does not change when the activations are scaled: fit in units where trace(S) / hidden = 1,
+        # so that no term under- or overflows float32 (at zero spread q^1.5 underflowed and the vector came
+        # out NaN). Without any spread, shrinkage alone is left under the root: the mean difference's direction.
+        if mean_var > 0:
+            delta, centered = delta / math.sqrt(mean_var), centered / math.sqrt(mean_var)
+        mean_var = 1.0
 
         param = torch.randn(pos.shape[1], generator=_generator(seed)).to(pos.device)
         param = param / param.norm()
@@ -790,13 +819,15 @@ class PCADiffMethod(ExtractionMethod):
         if pairing == "random":
             generator = _generator(seed)
             n = min(len(pos), len(neg))
-            pos = pos[torch.randperm(len(pos), generator=generator)[:n].to(pos.device)]
-            neg = neg[torch.randperm(len(neg), generator=generator)[:n].to(neg.device)]
-        diffs = pos - neg  # [n_pairs, hidden]
+            pick_pos = torch.randperm(len(pos), generator=generator)[:n].to(pos.device)
+            pick_neg = torch.randperm(len(neg), generator=generator)[:n].to(neg.device)
+            diffs = pos[pick_pos] - neg[pick_neg]
+        else:
+            diffs = pos - neg  # [n_pairs, hidden]
         if center:
             diffs = diffs - diffs.mean(0)
         _, singular, vh = torch.linalg.svd(diffs, full_matrices=False)
-        vector, flipped = _orient(vh[0], pos, neg)
+        vector, flipped = _orient(vh[0], pos, neg)  # by every row, also those left out of the pairs
         power = singular**2
         return {
             "vector": vector,

@@ -83,13 +83,23 @@ def _auroc(pos_s: torch.Tensor, neg_s: torch.Tensor) -> torch.Tensor:
     return twice_u.sum(-1).double() / (2 * len(pos_s) * len(neg_s))
 
 
+def _moments(scores: torch.Tensor) -> tuple[float, float]:
+    """Mean and unbiased variance of ``[n]`` scores, taken about the first score: a class of equal scores
+    gets exactly its score and exactly 0 (about their own rounded mean, ``var`` of equal values is ~1e-33,
+    as large as the rounding of the difference of two such means, which made d and p of equal classes
+    arbitrary)."""
+    shifted = scores - scores[0]
+    return float(scores[0] + shifted.mean()), float(shifted.var())
+
+
 def _cohens_d(pos_s: torch.Tensor, neg_s: torch.Tensor) -> float:
     n_pos, n_neg = len(pos_s), len(neg_s)
-    pooled_var = ((n_pos - 1) * pos_s.var() + (n_neg - 1) * neg_s.var()) / (n_pos + n_neg - 2)
-    diff = float(pos_s.mean() - neg_s.mean())
+    (mean_pos, var_pos), (mean_neg, var_neg) = _moments(pos_s), _moments(neg_s)
+    pooled_var = ((n_pos - 1) * var_pos + (n_neg - 1) * var_neg) / (n_pos + n_neg - 2)
+    diff = mean_pos - mean_neg
     if pooled_var <= 0:
         return 0.0 if diff == 0 else math.copysign(math.inf, diff)
-    return diff / math.sqrt(float(pooled_var))
+    return diff / math.sqrt(pooled_var)
 
 
 def _welch_p(pos_s: torch.Tensor, neg_s: torch.Tensor) -> float:
@@ -99,8 +109,9 @@ def _welch_p(pos_s: torch.Tensor, neg_s: torch.Tensor) -> float:
     from scipy.special import stdtr
 
     n_pos, n_neg = len(pos_s), len(neg_s)
-    a, b = float(pos_s.var()) / n_pos, float(neg_s.var()) / n_neg
-    diff = float(pos_s.mean() - neg_s.mean())
+    (mean_pos, var_pos), (mean_neg, var_neg) = _moments(pos_s), _moments(neg_s)
+    a, b = var_pos / n_pos, var_neg / n_neg
+    diff = mean_pos - mean_neg
     if a + b == 0:
         return 1.0 if diff == 0 else 0.0
     t = diff / math.sqrt(a + b)

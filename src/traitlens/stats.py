@@ -1,14 +1,19 @@
 """Streaming statistics: per-layer running moments of activations, in float64, mergeable.
 
-Memory does not grow with the number of examples: a ``RunningMoments`` holds a count, the sum of rows
-``[layer, hidden]`` and, when asked, the sum of their outer products ``[layer, hidden, hidden]``. Two of them
-merge by adding those (so shards computed on different workers combine into the statistics of the whole
-dataset, up to float64 rounding). ``ContrastiveStats`` keeps one for the positives, one for the negatives
-and one for the paired differences ``pos_i - neg_i``, which is all that mean difference, PCA-diff and the
-moment-based metrics need.
+Memory does not grow with the number of examples: a ``RunningMoments`` holds a count, the mean of rows
+``[layer, hidden]`` and, when asked, the sum of outer products of the rows minus that mean
+``[layer, hidden, hidden]``. Each update and each merge combines two such parts by the pairwise rule of
+Chan, Golub & LeVeque (1979), so shards computed on different workers combine into the statistics of the
+whole dataset, and the covariance stays accurate where the mean is large next to the spread (residual
+dimensions reach ~1e4): a sum of raw outer products minus ``n mean mean^T`` loses about
+``eps (mean / std)^2`` of it, and turns negative for constant rows. ``ContrastiveStats`` keeps one for the
+positives, one for the negatives and one for the paired differences ``pos_i - neg_i``, which is all that mean
+difference, PCA-diff and the moment-based metrics need.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -16,9 +21,9 @@ from traitlens._validation import check_tensor, shape_of
 
 
 class RunningMoments:
-    """Count, sum and (with ``outer=True``) sum of outer products of rows, per layer, in float64.
+    """Count, mean and (with ``outer=True``) centred sum of outer products of rows, per layer, in float64.
 
-    ``update`` takes ``[layer, n, hidden]`` (or ``[n, hidden]`` for a single layer). The sums stay on the
+    ``update`` takes ``[layer, n, hidden]`` (or ``[n, hidden]`` for a single layer). The moments stay on the
     device of the first update unless ``device`` is given.
     """
 
@@ -26,32 +31,56 @@ class RunningMoments:
         self.outer = outer
         self.device = None if device is None else torch.device(device)
         self.count = 0
-        self.sum: torch.Tensor | None = None  # [layer, hidden] float64
-        self.outer_sum: torch.Tensor | None = None  # [layer, hidden, hidden] float64
+        self._mean: torch.Tensor | None = None  # [layer, hidden] float64
+        self.m2: torch.Tensor | None = None  # [layer, hidden, hidden] float64: sum of (x - mean)(x - mean)^T
 
-    def update(self, rows: torch.Tensor) -> RunningMoments:
-        rows = check_tensor(rows, "rows")
+    def check(self, rows: torch.Tensor, name: str = "rows") -> torch.Tensor:
+        """``rows`` as ``[layer, n, hidden]`` float64 on this object's device, or a ``ValueError`` saying why
+        they cannot be added (changes nothing)."""
+        rows = check_tensor(rows, name)
         if rows.ndim == 2:
             rows = rows.unsqueeze(0)
         if rows.ndim != 3:
-            raise ValueError(f"rows must have shape [layer, n, hidden] or [n, hidden], got {shape_of(rows)}")
-        x = rows.to(device=self.device or rows.device, dtype=torch.float64)
-        if self.sum is None:
-            self.sum = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float64, device=x.device)
-            if self.outer:
-                self.outer_sum = torch.zeros(
-                    x.shape[0], x.shape[2], x.shape[2], dtype=torch.float64, device=x.device
-                )
-        elif (x.shape[0], x.shape[2]) != tuple(self.sum.shape):
             raise ValueError(
-                f"rows must have shape [layer, n, hidden]=[{self.sum.shape[0]}, n, {self.sum.shape[1]}] like "
-                f"the earlier updates, got {shape_of(rows)}"
+                f"{name} must have shape [layer, n, hidden] or [n, hidden], got {shape_of(rows)}"
             )
-        self.count += x.shape[1]
-        self.sum += x.sum(dim=1)
+        if self._mean is not None and (rows.shape[0], rows.shape[2]) != tuple(self._mean.shape):
+            raise ValueError(
+                f"{name} must have shape [layer, n, hidden]=[{self._mean.shape[0]}, n, {self._mean.shape[1]}] "
+                f"like the earlier updates, got {shape_of(rows)}"
+            )
+        device = self.device or (rows.device if self._mean is None else self._mean.device)
+        return rows.to(device=device, dtype=torch.float64)
+
+    def update(self, rows: torch.Tensor) -> RunningMoments:
+        return self._update(self.check(rows))
+
+    def _update(self, x: torch.Tensor) -> RunningMoments:
+        """``update`` of rows that passed ``check``."""
+        if x.shape[1] == 0:
+            return self
+        # the mean taken about the first row: exact for equal rows, whose centred sum is then exactly 0
+        first = x[:, :1]
+        mean = first.squeeze(1) + (x - first).mean(dim=1)
+        m2 = None
         if self.outer:
-            self.outer_sum += x.transpose(1, 2) @ x
+            centred = x - mean.unsqueeze(1)
+            m2 = centred.transpose(1, 2) @ centred
+        self._add(x.shape[1], mean, m2)
         return self
+
+    def _add(self, count: int, mean: torch.Tensor, m2: torch.Tensor | None) -> None:
+        """Combine the moments of ``count`` more rows into these (Chan, Golub & LeVeque 1979)."""
+        if self._mean is None:
+            self.count, self._mean, self.m2 = count, mean.clone(), None if m2 is None else m2.clone()
+            return
+        total = self.count + count
+        delta = mean.to(self._mean.device) - self._mean
+        if self.m2 is not None:
+            self.m2 += m2.to(self.m2.device)
+            self.m2 += (delta.unsqueeze(2) * delta.unsqueeze(1)) * (self.count * count / total)
+        self._mean += delta * (count / total)
+        self.count = total
 
     def _require(self, what: str) -> None:
         if self.count == 0:
@@ -61,7 +90,7 @@ class RunningMoments:
     def mean(self) -> torch.Tensor:
         """``[layer, hidden]`` float64."""
         self._require("mean")
-        return self.sum / self.count
+        return self._mean.clone()
 
     def covariance(self, ddof: int = 1) -> torch.Tensor:
         """``[layer, hidden, hidden]`` float64 (needs ``outer=True`` and more than ``ddof`` rows)."""
@@ -70,9 +99,14 @@ class RunningMoments:
         self._require("covariance")
         if self.count <= ddof:
             raise ValueError(f"covariance with ddof={ddof} needs more than {ddof} rows, got {self.count}")
-        mean = self.mean
-        centered = self.outer_sum - self.count * mean.unsqueeze(2) * mean.unsqueeze(1)
-        return centered / (self.count - ddof)
+        return self.m2 / (self.count - ddof)
+
+    def second_moment(self) -> torch.Tensor:
+        """The uncentred second moment ``mean of x x^T``: ``[layer, hidden, hidden]`` float64."""
+        if not self.outer:
+            raise ValueError("second_moment needs RunningMoments(outer=True)")
+        self._require("second_moment")
+        return self.m2 / self.count + self._mean.unsqueeze(2) * self._mean.unsqueeze(1)
 
     def merge(self, other: RunningMoments) -> RunningMoments:
         """A new ``RunningMoments`` holding both (neither input changes)."""
@@ -84,18 +118,11 @@ class RunningMoments:
         for part in (self, other):
             if part.count == 0:
                 continue
-            if merged.sum is None:
-                merged.sum = part.sum.clone()
-                merged.outer_sum = None if part.outer_sum is None else part.outer_sum.clone()
-            else:
-                if part.sum.shape != merged.sum.shape:
-                    raise ValueError(
-                        f"cannot merge moments of shapes {shape_of(merged.sum)} and {shape_of(part.sum)}"
-                    )
-                merged.sum += part.sum.to(merged.sum.device)
-                if merged.outer_sum is not None:
-                    merged.outer_sum += part.outer_sum.to(merged.outer_sum.device)
-            merged.count += part.count
+            if merged._mean is not None and part._mean.shape != merged._mean.shape:
+                raise ValueError(
+                    f"cannot merge moments of shapes {shape_of(merged._mean)} and {shape_of(part._mean)}"
+                )
+            merged._add(part.count, part._mean, part.m2)
         return merged
 
     __add__ = merge
@@ -103,18 +130,28 @@ class RunningMoments:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (for safetensors files or sending between processes)."""
         state = {"count": torch.tensor(self.count, dtype=torch.int64), "outer": torch.tensor(self.outer)}
-        if self.sum is not None:
-            state["sum"] = self.sum.cpu()
-        if self.outer_sum is not None:
-            state["outer_sum"] = self.outer_sum.cpu()
+        if self._mean is not None:
+            state["mean"] = self._mean.cpu()
+        if self.m2 is not None:
+            state["m2"] = self.m2.cpu()
         return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> RunningMoments:
+        """Also reads the raw sums that traitlens 0.5 wrote before its moments were centred (``sum``,
+        ``outer_sum``), e.g. the shards of an extraction started with it."""
         moments = cls(outer=bool(state["outer"]))
         moments.count = int(state["count"])
-        moments.sum = state.get("sum")
-        moments.outer_sum = state.get("outer_sum")
+        if "sum" in state and moments.count:
+            moments._mean = state["sum"].double() / moments.count
+            if "outer_sum" in state:
+                mean = moments._mean
+                moments.m2 = state["outer_sum"].double() - moments.count * mean.unsqueeze(2) * mean.unsqueeze(
+                    1
+                )
+        elif moments.count:
+            moments._mean = state["mean"]
+            moments.m2 = state.get("m2")
         return moments
 
 
@@ -135,10 +172,18 @@ class ContrastiveStats:
         self.diff = RunningMoments(outer=outer, device=device)
 
     def update(self, pos: torch.Tensor, neg: torch.Tensor) -> ContrastiveStats:
-        self.pos.update(pos)
-        self.neg.update(neg)
-        if pos.shape == neg.shape:
-            self.diff.update(pos.double() - neg.double())
+        """Add ``pos`` and ``neg`` (each ``[layer, n, hidden]`` or ``[n, hidden]``). Both are checked before
+        anything is added, so an update that raises leaves the statistics as they were."""
+        pos_rows, neg_rows = self.pos.check(pos, "pos"), self.neg.check(neg, "neg")
+        if (pos_rows.shape[0], pos_rows.shape[2]) != (neg_rows.shape[0], neg_rows.shape[2]):
+            raise ValueError(
+                f"pos and neg must have the same layers and hidden size, got pos {shape_of(pos_rows)} and "
+                f"neg {shape_of(neg_rows)} (as [layer, n, hidden])"
+            )
+        self.pos._update(pos_rows)
+        self.neg._update(neg_rows)
+        if pos_rows.shape == neg_rows.shape:
+            self.diff._update(pos_rows - neg_rows)
         return self
 
     def mean_difference(self) -> torch.Tensor:
@@ -153,8 +198,7 @@ class ContrastiveStats:
             raise ValueError("pca_diff needs ContrastiveStats(outer=True)")
         if self.diff.count == 0:
             raise ValueError("pca_diff needs paired updates (pos and neg of the same shape); none was made")
-        second = self.diff.outer_sum / self.diff.count  # [layer, hidden, hidden]
-        _, vectors = torch.linalg.eigh(second)
+        _, vectors = torch.linalg.eigh(self.diff.second_moment())  # [layer, hidden, hidden]
         top = vectors[..., -1]  # [layer, hidden]
         sign = torch.sign((top * (self.pos.mean - self.neg.mean)).sum(-1, keepdim=True))
         return (top * torch.where(sign == 0, 1.0, sign)).float()
@@ -167,14 +211,23 @@ class ContrastiveStats:
         """
         if not self.pos.outer:
             raise ValueError("effect_size needs ContrastiveStats(outer=True)")
-        units = vectors.double().to(self.pos.sum.device)
+        gap = self.pos.mean - self.neg.mean
+        vectors = check_tensor(vectors, "vectors")
+        if vectors.shape != gap.shape:
+            raise ValueError(
+                f"vectors must have shape [layer, hidden]={list(gap.shape)}, one per layer, got {shape_of(vectors)}"
+            )
+        units = vectors.double().to(gap.device)
         units = units / units.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-        gap = ((self.pos.mean - self.neg.mean) * units).sum(-1)
+        gap = (gap * units).sum(-1)
         var_pos = torch.einsum("lh,lhk,lk->l", units, self.pos.covariance(), units)
         var_neg = torch.einsum("lh,lhk,lk->l", units, self.neg.covariance(), units)
         n_pos, n_neg = self.pos.count, self.neg.count
         pooled = ((n_pos - 1) * var_pos + (n_neg - 1) * var_neg) / (n_pos + n_neg - 2)
-        return gap / pooled.sqrt()
+        # no spread in either class: 0 for equal means, +/-inf otherwise (as the row-based metric)
+        spread = pooled > 0
+        flat = torch.where(gap == 0, 0.0, gap.sign() * math.inf)
+        return torch.where(spread, gap / torch.where(spread, pooled, 1.0).sqrt(), flat)
 
     def merge(self, other: ContrastiveStats) -> ContrastiveStats:
         """A new ``ContrastiveStats`` holding both (neither input changes: use the result, e.g.
