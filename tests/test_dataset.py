@@ -438,6 +438,8 @@ def test_encode_errors(toy_tokenizer):
         encode_examples(tok, [""])
     with pytest.raises(ValueError, match="max_length"):
         encode_examples(tok, ["a"], max_length=0)
+    with pytest.raises(ValueError, match=r"chat=True .* examples\[1\] is a plain text"):  # was not templated
+        encode_examples(tok, [EXAMPLES[0], "a"], chat=True)
     plain_tok = copy.deepcopy(tok)
     plain_tok.chat_template = None
     with pytest.raises(ValueError, match="has no chat template"):

@@ -400,6 +400,13 @@ def test_relative_strength_uses_the_measured_norm(tiny):
     for i in range(TINY_LAYERS):
         expected = np.median(np.linalg.norm(outputs[i].double().numpy(), axis=-1)[real])
         assert norms[i] == pytest.approx(expected, rel=1e-5)
+    # each text is read as it reads alone, whatever side the tokenizer pads on (absolute position embeddings
+    # shifted by left padding changed GPT-2's norms by ~1%)
+    alone = residual_norms(model, _FakeTokenizer(), texts, batch_size=1)
+    assert norms == pytest.approx(alone, rel=1e-5)
+    assert residual_norms(model, _FakeTokenizer("left"), texts, batch_size=3) == pytest.approx(
+        alone, rel=1e-5
+    )
     v, ids = _vector(), _ids()
     (raw,), (out,), _ = _steered_run(model, family, lambda: model(input_ids=ids), v, coeff=0.5, norm=norms)
     torch.testing.assert_close(
@@ -414,6 +421,10 @@ def test_argument_errors(tiny):
         steer(model, v, layer=LAYER, positions="generate")
     with pytest.raises(ValueError, match=">= 0"):
         steer(model, v, layer=LAYER, positions=[-1])
+    with pytest.raises(TypeError, match="not a boolean mask"):  # was read as the indices 0 and 1
+        steer(model, v, layer=LAYER, positions=torch.tensor([False, False, True]))
+    with pytest.raises(ValueError, match=r"1-D tensor of token indices.*got shape \(2, 1\)"):  # was flattened
+        steer(model, v, layer=LAYER, positions=torch.tensor([[0], [3]]))
     with pytest.raises(ValueError, match=r"layer must be in \[-3, 2\]"):
         steer(model, v, layer=3)
     with pytest.raises(ValueError, match="say where"):
@@ -446,17 +457,34 @@ def test_argument_errors(tiny):
             ValueError, match=rf"one sequence fed token by token .* take {next(iter(option))}="
         ):
             generate_with_projections(model, _FakeTokenizer(), here, "a b c", **option)
+    with pytest.raises(ValueError, match="text is an empty string"):  # was 'examples[0] is ...'
+        token_projections(model, _FakeTokenizer(), here, "")
+    with pytest.raises(ValueError, match="prompt is an empty string"):
+        generate_with_projections(model, _FakeTokenizer(), here, "")
     assert _hook_count(model) == 0
 
 
 class _FakeTokenizer:
-    """Maps each whitespace-separated word to an id; right-pads with 0."""
+    """Maps each whitespace-separated word to an id; a list of texts comes back right-padded with 0, as a
+    batch; a single text as its ids (as ``encode_examples`` asks). No pad token, no chat template."""
 
-    def __call__(self, texts, return_tensors="pt", padding=True):
-        rows = [[3 + (sum(map(ord, w)) % 120) for w in t.split()] for t in texts]
+    chat_template = None
+
+    def __init__(self, padding_side: str = "right"):
+        self.padding_side = padding_side
+
+    def __call__(self, texts, return_tensors="pt", padding=True, add_special_tokens=True):
+        if isinstance(texts, str):
+            return {"input_ids": [3 + (sum(map(ord, w)) % 120) for w in texts.split()]}
+        rows = [self(t)["input_ids"] for t in texts]
         width = max(map(len, rows))
-        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+
+        def pad(row, value):
+            fill = [value] * (width - len(row))
+            return fill + row if self.padding_side == "left" else row + fill
+
+        ids = torch.tensor([pad(r, 0) for r in rows])
+        mask = torch.tensor([pad([1] * len(r), 0) for r in rows])
         return {"input_ids": ids, "attention_mask": mask}
 
 

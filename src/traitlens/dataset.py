@@ -566,6 +566,14 @@ def tokenize_examples(
     if len(examples) == 0:
         raise ValueError("examples is empty; give at least one text or Example")
     use_template = _use_chat_template(tokenizer, chat)
+    if chat is True:  # asked for explicitly: a plain text, which is never templated, would ignore it silently
+        plain = next((i for i, item in enumerate(examples) if isinstance(item, str)), None)
+        if plain is not None:
+            raise ValueError(
+                f"chat=True renders prompt-style examples with the chat template, but examples[{plain}] is a "
+                "plain text, which is tokenized as it is; to have it answered as a user message, pass "
+                "Example(prompt=text), or leave chat unset for plain texts"
+            )
     eos = getattr(tokenizer, "eos_token_id", None)
     if end_of_turn and eos is None:
         raise ValueError("end_of_turn=True needs a tokenizer with an eos_token_id")

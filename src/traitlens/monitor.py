@@ -100,11 +100,20 @@ def _token_strings(tokenizer, ids: list[int]) -> list[str]:
     return strings
 
 
+def _check_text(text: object, name: str) -> None:
+    """The argument's own name in the message (``encode_examples`` would say ``examples[0]``)."""
+    if not isinstance(text, (str, Example)):
+        raise TypeError(f"{name} must be a str or an Example, got {type(text).__name__}")
+    if text == "":
+        raise ValueError(f"{name} is an empty string: there is no token to score")
+
+
 def token_projections(
     model: torch.nn.Module, tokenizer, vector: TraitVector, text: str | Example, *, chat: bool | None = None
 ) -> TokenScores:
     """Projection of every token of ``text`` (a plain string or a prompt-style ``Example``) onto
     ``vector`` at ``vector.module``."""
+    _check_text(text, "text")
     path = vector.check_model(model)  # the module's path in model (under a PEFT wrapper's model)
     enc = encode_examples(tokenizer, [text], chat=chat)
     capture = ActivationCapture(dtype=torch.float32)
@@ -158,6 +167,7 @@ def generate_with_projections(
             f"{type(model).__name__} takes none by the names it knows (cache, past_key_values); generate the "
             "text yourself and score it with token_projections"
         )
+    _check_text(prompt, "prompt")
     path = vector.check_model(model)  # the module's path in model (under a PEFT wrapper's model)
     enc = encode_examples(tokenizer, [prompt], chat=chat)
     device = input_device(model)

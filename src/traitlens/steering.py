@@ -70,6 +70,7 @@ import torch
 
 from traitlens._validation import check_choice, check_vector, shape_of, short_list
 from traitlens.capture import output_tensor
+from traitlens.dataset import encode_examples
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, residual_width, resolve_module
 from traitlens.models import cache_keyword, locate_module, transformers_model_path
 from traitlens.positions import to_device
@@ -448,7 +449,17 @@ def _check_positions(positions):
     if isinstance(positions, str):
         return check_choice(positions, "positions", POSITIONS)
     if isinstance(positions, torch.Tensor):
-        indices = positions.flatten()
+        if positions.dtype == torch.bool:  # .long() would make a mask's False/True the indices 0 and 1
+            raise TypeError(
+                "positions must be token indices, not a boolean mask; pass mask.nonzero().flatten() for the "
+                "same positions in every row"
+            )
+        if positions.ndim > 1:  # flattening [batch, k] would steer every row at every row's positions
+            raise ValueError(
+                f"positions must be a 1-D tensor of token indices, the same for every row, got shape "
+                f"{tuple(positions.shape)}; steer rows with different positions in separate calls"
+            )
+        indices = positions.reshape(-1)
     elif isinstance(positions, Iterable):
         indices = list(positions)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
@@ -695,9 +706,10 @@ def residual_norms(
         for index, path in chosen.items():
             hooks.add_forward_hook(path, recorder(index))
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True)
-            model(**{k: v.to(device) for k, v in batch.items()})
-            real = batch["attention_mask"].bool()  # on the CPU, where each layer's norms go once
+            # right-padded as each text alone starts, pads filled with EOS where the tokenizer has no pad
+            batch = encode_examples(tokenizer, list(texts[start : start + batch_size]))
+            model(**{k: v.to(device) for k, v in batch.model_inputs().items()})
+            real = batch.attention_mask.bool()  # on the CPU, where each layer's norms go once
             for values in norms.values():
                 values[-1] = values[-1].cpu()[real]
     return {i: float(torch.quantile(torch.cat(v).double(), 0.5)) for i, v in norms.items()}
