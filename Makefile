@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(VENV)/bin/traitlens extract --trait sentiment --out runs/sentiment
+	$(VENV)/bin/traitlens extract --trait sentiment --out runs/sentiment --overwrite
 
 test: setup
 	$(PY) -m ruff check src tests benchmarks

@@ -17,6 +17,8 @@ def test_layer_lists_and_ranges():
         _parse_layers("5-3")
     with pytest.raises(argparse.ArgumentTypeError, match=r"layers must look like '12' or '5,10-20', got 'a'"):
         _parse_layers("a")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"got '10-'"):  # was read as [10]
+        _parse_layers("10-")
 
 
 def test_export_says_why_layer_0_is_left_out_and_prints_the_norms(tmp_path, capsys):
@@ -69,6 +71,90 @@ def test_extract_checks_the_data_before_loading_the_model(monkeypatch, capsys):
     with pytest.raises(SystemExit):  # refused by argparse
         main(["extract", "--trait", "sentiment", "--batch-size", "0"])
     assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
+    # a method given twice crashed after every fit, leaving a run without summary.json
+    assert main(["extract", "--trait", "sentiment", "--methods", "probe", "probe"]) == 2
+    assert "methods must each be given once" in capsys.readouterr().err
+
+
+def test_extract_refuses_a_split_without_signal_at_its_position_before_loading(monkeypatch, tmp_path, capsys):
+    import traitlens.cli
+    from traitlens.cli import main
+
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(traitlens.cli, "_load", no_load)
+    plain = [{"pos": f"good {i}", "neg": f"bad {i}", "split": "train"} for i in range(2)]
+    answers = [{"prompt": f"q{i}", "pos": "yes", "neg": "no", "split": s}
+               for i, s in enumerate(["train", "train", "val", "val", "test", "test"])]  # fmt: skip
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in plain + answers))
+    # the whole file has rows whose prompts differ, so this failed only after the model loaded and train ran
+    assert main(["extract", "--data", str(data), "--position", "prompt_last"]) == 2
+    err = capsys.readouterr().err
+    assert "the two sides of every 'val' row of dataset 'mixed' read the same tokens" in err
+    assert err.count("warning:") == 1  # the rows of train without signal, named once
+
+
+def test_extract_keeps_an_earlier_run_unless_told_to_replace_it(monkeypatch, tmp_path, capsys):
+    import traitlens.cli
+    from traitlens.cli import RUN_FILES, main
+
+    class Loaded(Exception):
+        pass
+
+    def no_load(args):
+        raise Loaded
+
+    monkeypatch.setattr(traitlens.cli, "_load", no_load)
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    for out in (afile, afile / "sub"):  # failed after the whole extraction
+        assert main(["extract", "--trait", "sentiment", "--out", str(out)]) == 2
+        assert "afile" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "vectors").mkdir(parents=True)
+    (run / "vectors" / "ica_layer10.safetensors").write_text("old")
+    (run / "summary.json").write_text("{}")
+    (run / "shards").mkdir()  # the Ray backend's finished shards: reused, not removed
+    (run / "notes.txt").write_text("the user's own")
+    assert main(["extract", "--trait", "sentiment", "--out", str(run)]) == 2  # before the model loads
+    assert f"{run} already holds a run (summary.json, vectors); pass --overwrite" in capsys.readouterr().err
+    assert (run / "vectors" / "ica_layer10.safetensors").is_file()
+    with pytest.raises(Loaded):
+        main(["extract", "--trait", "sentiment", "--out", str(run), "--overwrite"])
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "shards"]  # the old run's files are gone
+    assert "summary.json" in RUN_FILES and "vectors" in RUN_FILES
+    with pytest.raises(Loaded):  # the shipped name given as --data, as no file is called that
+        main(["extract", "--data", "sentiment", "--out", str(tmp_path / "new")])
+
+
+def test_steer_checks_its_inputs_before_loading_the_model(monkeypatch, tmp_path, capsys):
+    import torch
+
+    import traitlens.cli
+    from traitlens import TraitVector
+    from traitlens.cli import main
+
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(traitlens.cli, "_load", no_load)
+    vector = TraitVector(torch.ones(576), model="m", module="model.layers.3", layer=3, position="prompt_last",
+                         method="mean_diff").save(tmp_path / "v.safetensors")  # fmt: skip
+    for argv, message in (
+        (["steer", str(tmp_path / "nope.safetensors"), "--prompt", "hi"], "nope.safetensors"),
+        (["monitor", str(tmp_path / "nope.safetensors"), "--text", "hi"], "nope.safetensors"),
+        (["steer", str(vector), "--prompts-file", str(tmp_path / "nope.txt")], "nope.txt"),
+        (["steer", str(vector), "--prompt", ""], "--prompt: a prompt is an empty string"),
+        (
+            ["steer", str(vector), "--prompt", "hi", "--coeff", "nan"],
+            "--coeff must be finite numbers, got [nan]",
+        ),
+        (["steer", str(vector), "--prompt", "hi", "--op", "ablate", "--coeff", "1"], "takes no --coeff"),
+    ):
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
 
 
 def test_evaluate_checks_the_data_against_the_vector_before_loading_the_model(monkeypatch, tmp_path, capsys):
@@ -122,3 +208,36 @@ def test_evaluate_checks_the_data_against_the_vector_before_loading_the_model(mo
     assert "--out names the dose-response plot; add --dose-response" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--out", str(missing)]) == 2  # before reading the run
     assert f"its folder {missing.parent} does not exist" in capsys.readouterr().err
+
+
+def test_a_vector_of_another_model_is_noted(capsys):
+    from types import SimpleNamespace
+
+    import torch
+
+    from traitlens import TraitVector
+    from traitlens.cli import _note_other_model
+
+    vector = TraitVector(torch.ones(4), model="org/model-a", module="model.layers.1", position="prompt_last",
+                         method="mean_diff")  # fmt: skip
+    for loaded, noted in (("org/model-b", True), ("/local/copy/model-a", False), ("", False)):
+        _note_other_model(vector, SimpleNamespace(config=SimpleNamespace(_name_or_path=loaded)))
+        err = capsys.readouterr().err
+        assert ("made for model 'org/model-a', and the model here is 'org/model-b'" in err) == noted, loaded
+
+
+def test_warnings_are_one_line_each_and_shown_once(monkeypatch, capsys):
+    import warnings
+
+    import traitlens.cli
+    from traitlens.cli import main
+
+    def twice(args):  # as extract's data checks: before the model loads, and again in extract_trait
+        for _ in range(2):
+            warnings.warn("rows 3-4 read the same tokens on both sides", UserWarning, stacklevel=1)
+
+    monkeypatch.setattr(traitlens.cli, "cmd_modules", twice)
+    assert main(["modules"]) == 0
+    assert (
+        capsys.readouterr().err == "traitlens modules: warning: rows 3-4 read the same tokens on both sides\n"
+    )

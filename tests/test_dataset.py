@@ -155,7 +155,20 @@ BAD_ROWS = [
     ({"prompt": "Q?", "system_pos": "Be nice.", "split": "train"}, "missing field 'system_neg'"),
     ({"prompt": "Q?", "split": "train"}, "needs answers 'pos' and 'neg' and/or system prompts"),
     ({"prompt": "Q?", "system_pos": "S.", "system_neg": "S.", "split": "train"}, "are the same"),
+    ('{"pos": "Yes.", "neg": "No.", "split": "train", "split": "test"}', "'split' given more than once"),
 ]
+
+
+def test_a_byte_order_mark_is_read_past_and_a_json_array_is_named(tmp_path):
+    path = _write(tmp_path, [GOOD, {**GOOD, "pos": "A good day."}])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as some Windows editors save UTF-8
+    assert len(load_dataset(path).pairs) == 2
+    path.write_text(json.dumps([GOOD, {**GOOD, "pos": "A good day."}], indent=2))
+    with pytest.raises(DatasetError) as info:  # was one 'invalid JSON' per line
+        load_dataset(path)
+    assert [p.message for p in info.value.problems] == [
+        "the file is one JSON array, not JSON Lines: write each row as an object on a line of its own"
+    ]
 
 
 @pytest.mark.parametrize(("row", "expected"), BAD_ROWS)

@@ -34,3 +34,20 @@ def test_the_bundled_model_refuses_arguments_that_choose_another_file(kwargs, sh
     # Refused before anything is read: the bundled model is one file, there is no revision of it.
     with pytest.raises(ValueError, match=rf"bundled model is the one file .*got {re.escape(shown)}"):
         load_model(**kwargs)
+
+
+def test_a_device_or_folder_that_cannot_work_is_refused_before_loading(tmp_path):
+    import torch
+
+    with pytest.raises(
+        ValueError, match="'foo' is not one torch knows"
+    ):  # was torch's RuntimeError, at .to()
+        load_model(device="foo")
+    if not torch.cuda.is_available():  # was an AssertionError after the whole load
+        with pytest.raises(ValueError, match=r"device 'cuda': this torch .* has no usable cuda device"):
+            load_model(device="cuda")
+    # a name written as a path: the hub's messages spoke of repo id syntax or tokenizer backends
+    with pytest.raises(FileNotFoundError, match="no model folder '/nonexistent/model': it does not exist"):
+        load_model("/nonexistent/model")
+    with pytest.raises(FileNotFoundError, match=r"holds no config\.json"):
+        load_model(str(tmp_path))

@@ -10,8 +10,11 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 EPILOG = "Run 'traitlens COMMAND --help' for the options of each command."
@@ -22,8 +25,8 @@ def _parse_layers(text: str) -> list[int]:
     layers: list[int] = []
     try:
         for part in text.split(","):
-            start, _, end = part.partition("-")
-            first, last = int(start), int(end or start)
+            start, dash, end = part.partition("-")
+            first, last = int(start), int(end if dash else start)  # "10-" is no range: int("") raises
             if last < first:
                 raise argparse.ArgumentTypeError(f"layer range {part!r} is empty: give it as {last}-{first}")
             layers.extend(range(first, last + 1))
@@ -95,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<trait>)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report and plots")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the output folder (without it, such a folder is refused)")  # fmt: skip
     p.add_argument("--backend", default="local", choices=("local", "ray"),
                    help="where activations are computed: this process, or a Ray cluster (needs traitlens[ray])")  # fmt: skip
     p.add_argument("--ray-address", default=None,
@@ -142,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", nargs="+", help="one or more user messages")
     what.add_argument("--prompts-file", type=Path, help="a text file with one prompt per line")
     p.add_argument(
-        "--coeff", type=float, nargs="+", default=[-0.3, 0.3],
+        "--coeff", type=float, nargs="+", default=None,
         help="coefficients, relative to the typical residual norm at the vector's layer (measured on the "
         "prompts) unless --absolute (default: -0.3 0.3)",
     )  # fmt: skip
@@ -199,6 +204,15 @@ def _load(args):
     return model, tokenizer
 
 
+def _note_other_model(vector, model) -> None:
+    """Say so when the vector was made for a model of another name: one of the same width loads without
+    complaint, and its directions mean nothing here. Names compare by their last part, so a hub id and a
+    local copy of it (``org/name``, ``/models/name``) count as one."""
+    made_for, loaded = str(vector.model or ""), str(getattr(model.config, "_name_or_path", "") or "")
+    if made_for and loaded and Path(made_for).name != Path(loaded).name:
+        _info(f"note: this vector was made for model {made_for!r}, and the model here is {loaded!r}")
+
+
 def _info(message: str) -> None:
     print(f"traitlens: {message}", file=sys.stderr)
 
@@ -218,7 +232,40 @@ def _check_output(path: Path | None, *, plot: bool = False) -> None:
 def _dataset(args):
     from traitlens.dataset import load_dataset
 
-    return load_dataset(args.data if args.data is not None else (args.trait or "sentiment"))
+    if args.data is not None:  # a shipped name given as --data, when no file has that name, is that dataset
+        return load_dataset(args.data if args.data.exists() else str(args.data))
+    return load_dataset(args.trait or "sentiment")
+
+
+# what 'extract' writes into its folder (ExtractionResult.save, then write_report); OUT/shards, the Ray
+# backend's finished shards, is kept: a rerun with the same settings resumes from it
+RUN_FILES = (
+    "summary.json", "trait_vector.safetensors", "all_layers.safetensors", "vectors",
+    "report.html", "layers.png", "histogram.png", "cosines.png",
+)  # fmt: skip
+
+
+def _prepare_run_folder(out: Path, *, overwrite: bool) -> None:
+    """Make ``out`` (before the model loads, so that a path that cannot be a folder fails first), refuse one
+    that holds a finished run unless ``overwrite``, and then clear that run's files: a run over an older one
+    would otherwise leave its vectors and report beside the new ones."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    old = [name for name in RUN_FILES if (out / name).exists()]
+    if not old:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}); pass --overwrite "
+            "to replace it, or --out another folder"
+        )
+    for name in old:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        else:
+            (out / name).unlink()
+    _info(f"replacing the run in {out}")
 
 
 def cmd_extract(args) -> None:
@@ -227,6 +274,7 @@ def cmd_extract(args) -> None:
     dataset = _dataset(args)
     check_extraction(dataset, args.position, args.methods)  # before the model loads
     out = args.out or Path("runs") / dataset.name
+    _prepare_run_folder(out, overwrite=args.overwrite)
     cluster = None
     if args.backend == "ray":
         from traitlens.distributed import RayCluster, require_ray
@@ -284,12 +332,14 @@ def cmd_evaluate(args) -> None:
             f"dataset {dataset.name!r} has {len(scored)} {args.split!r} pair{'' if len(scored) == 1 else 's'}; "
             "scoring needs at least 2 (choose another --split)"
         )
+    if args.split != "test" and saved.dataset_hash == dataset.sha256:  # in-sample: said before the wait
+        used = "fitted" if args.split == "train" else "chosen among methods and layers"
+        _info(
+            f"note: this vector was {used} on this {args.split!r} split, so its scores there are not held out"
+        )
     model, tokenizer = _load(args)
-    vector = saved
-    try:  # now also checked against the model
-        vector.check_model(model)
-    except ValueError as err:
-        raise ValueError(f"{args.vector}: {err}") from None
+    vector = load_vector(args.vector, model=model)  # now also checked against the model
+    _note_other_model(vector, model)
     read = {
         "module": vector.module,
         "position": vector.position,
@@ -351,8 +401,10 @@ def cmd_monitor(args) -> None:
     from traitlens.vector import load_vector
 
     _check_output(args.out)
+    load_vector(args.vector)  # a bad file fails here, before the slow model load
     model, tokenizer = _load(args)
-    vector = load_vector(args.vector, model=model)
+    vector = load_vector(args.vector, model=model)  # now also checked against the model
+    _note_other_model(vector, model)
     if args.text is not None:
         scores = token_projections(model, tokenizer, vector, args.text)
         for token, value in zip(scores.tokens, scores.scores.tolist(), strict=True):
@@ -374,6 +426,8 @@ def cmd_monitor(args) -> None:
 
 def _prompts(args) -> list[str]:
     if args.prompt is not None:
+        if not all(args.prompt):
+            raise ValueError("--prompt: a prompt is an empty string")
         return args.prompt
     lines = [line.strip() for line in args.prompts_file.read_text().splitlines()]
     prompts = [line for line in lines if line]
@@ -383,6 +437,7 @@ def _prompts(args) -> list[str]:
 
 
 def cmd_steer(args) -> None:
+    from traitlens.dataset import Example
     from traitlens.dose_response import compare_generations, dose_response, plot_dose_response
     from traitlens.steering import residual_norms
     from traitlens.vector import load_vector
@@ -395,10 +450,15 @@ def cmd_steer(args) -> None:
         )
     if args.out is not None and not args.dose_response:
         raise ValueError("--out names the dose-response plot; add --dose-response, or drop --out")
+    if args.op == "ablate" and args.coeff is not None:
+        raise ValueError("--op ablate removes the vector's component and takes no --coeff; drop --coeff")
+    coeffs = [-0.3, 0.3] if args.coeff is None else args.coeff
+    bad = [c for c in coeffs if not math.isfinite(c)]
+    if bad:
+        raise ValueError(f"--coeff must be finite numbers, got {bad}")
     plot = args.out or Path("dose_response.png")
     _check_output(plot if args.dose_response else None, plot=True)
-    model, tokenizer = _load(args)
-    vector = load_vector(args.vector, model=model)
+    vector = load_vector(args.vector)  # bad files fail here, before the slow model load
     prompts = _prompts(args)
     relative = not args.absolute and args.op != "ablate"  # ablation takes no coefficient
     if vector.layer is None and relative:
@@ -406,10 +466,16 @@ def cmd_steer(args) -> None:
             f"{args.vector} was read at {vector.module!r}, which is in no decoder layer, so there is no "
             "residual norm to make --coeff relative to; pass --absolute"
         )
-    norm = residual_norms(model, tokenizer, prompts, vector.layer)[vector.layer] if relative else None
+    model, tokenizer = _load(args)
+    vector = load_vector(args.vector, model=model)  # now also checked against the model
+    _note_other_model(vector, model)
+    # measured on the prompts as they are generated from (chat-templated, as compare_generations renders
+    # them): a one-token raw prompt is all first token, whose norm is an outlier (~100x at layer 20)
+    as_generated = [Example(prompt=p) for p in prompts]
+    norm = residual_norms(model, tokenizer, as_generated, vector.layer)[vector.layer] if relative else None
     settings = {"positions": args.positions, "norm": norm, "max_new_tokens": args.max_new_tokens}
     if args.dose_response:
-        coeffs = sorted(set(args.coeff) | {0.0})
+        coeffs = sorted(set(coeffs) | {0.0})
         rows = dose_response(model, tokenizer, prompts, vector, coeffs, **settings)
         print(f"{'coeff':>8} {'projection':>11} {'perplexity':>11}  example")
         for row in rows:
@@ -419,7 +485,7 @@ def cmd_steer(args) -> None:
         plot_dose_response(rows, plot, title=f"{vector.trait or 'trait'} vector, layer {vector.layer}")
         _info(f"plot: {plot}")
         return
-    rows = compare_generations(model, tokenizer, prompts, vector, args.coeff, op=args.op, **settings)
+    rows = compare_generations(model, tokenizer, prompts, vector, coeffs, op=args.op, **settings)
     for prompt in prompts:
         print(f"=== {prompt}")
         for row in (r for r in rows if r["prompt"] == prompt):
@@ -487,16 +553,30 @@ def cmd_modules(args) -> None:
     from traitlens.hooks import list_modules
 
     model, _ = _load(args)
-    for name in list_modules(model, args.pattern):
+    names = list_modules(model, args.pattern)
+    for name in names:
         print(name)
+    if not names:
+        _info(f"no module path of {type(model).__name__} matches {args.pattern!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = globals()[f"cmd_{args.command}"]
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # one line per warning, each once (the data checks run before the model loads and again inside
+        # extract_trait), without Python's source line
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"traitlens {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        command(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            command(args)
     except (ValueError, OSError, ImportError) as err:  # bad input: one line; anything else is a bug
         print(f"traitlens {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -305,15 +305,29 @@ def _parse(path: Path, data: bytes) -> tuple[Pair, ...]:
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DatasetError(path, [Problem(path, line, f"not valid UTF-8 ({err.reason})")]) from None
+    text = text.removeprefix("\ufeff")  # the byte order mark some Windows editors write
+    if text.lstrip().startswith("["):  # a JSON array would otherwise give an 'invalid JSON' for every line
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            message = (
+                "the file is one JSON array, not JSON Lines: write each row as an object on a line of its own"
+            )
+            raise DatasetError(path, [Problem(path, 1, message)])
     # JSON Lines ends lines with "\n" only: str.splitlines would also break inside strings at U+2028,
     # U+2029, U+0085 and other characters that json.dumps(ensure_ascii=False) writes raw
     for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue  # blank lines are allowed (e.g. a trailing newline); they hold no row
         try:
-            row = json.loads(raw)
+            row = json.loads(raw, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as err:
             problems.append(Problem(path, number, f"invalid JSON ({err.msg} at column {err.colno})"))
+            continue
+        except ValueError as err:  # from _unique_keys
+            problems.append(Problem(path, number, str(err)))
             continue
         pair, row_problems = _check_row(row, number)
         problems.extend(Problem(path, number, m) for m in row_problems)
@@ -326,6 +340,16 @@ def _parse(path: Path, data: bytes) -> tuple[Pair, ...]:
         problems.sort(key=lambda p: p.line)
         raise DatasetError(path, problems)
     return tuple(pairs)
+
+
+def _unique_keys(items: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict, refusing a key given twice (``json`` would keep the last value silently)."""
+    row = dict(items)
+    if len(row) < len(items):
+        keys = [key for key, _ in items]
+        twice = sorted({key for key in keys if keys.count(key) > 1})  # only on the way to an error
+        raise ValueError(f"{short_list(twice)} given more than once in one object")
+    return row
 
 
 def _check_row(row: object, line: int) -> tuple[Pair | None, list[str]]:

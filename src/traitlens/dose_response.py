@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from traitlens._plot import figure
+from traitlens._progress import progress_bar
 from traitlens.capture import output_tensor
 from traitlens.dataset import Example, encode_examples, pad_rows
 from traitlens.hooks import HookManager, input_device
@@ -42,12 +43,13 @@ def compare_generations(
     max_new_tokens: int = 40,
     chat: bool | None = None,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> list[dict]:
     """Baseline and steered generations for each prompt.
 
     ``vector``, ``layer``, ``module``, ``op``, ``positions`` and ``norm`` are those of ``steer``; ``chat``:
     render the prompts with the tokenizer's chat template (``None``: when it has one; ``False``: continue
-    the raw text).
+    the raw text); ``progress``: a bar over the settings (on stderr; needs tqdm).
 
     Returns one row per prompt and setting, prompts in order, the baseline first:
     ``{"prompt": str, "coeff": float | None (baseline), "text": str}``. ``op="ablate"`` takes no coefficient,
@@ -57,7 +59,7 @@ def compare_generations(
     coeffs = [0.0] if op == "ablate" else _check_coeffs(coeffs)
     settings: list[float | None] = [None, *coeffs]
     texts: dict[float | None, list[str]] = {}
-    for coeff in settings:
+    for coeff in progress_bar(settings, "generations" if progress else False, unit="setting"):
         if coeff is None:
             generated = _generate(model, tokenizer, prompts, max_new_tokens, chat, batch_size)
         else:
@@ -87,6 +89,7 @@ def dose_response(
     max_new_tokens: int = 32,
     chat: bool | None = None,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> list[dict]:
     """Trait expression and coherence of steered generations, one row per coefficient.
 
@@ -100,7 +103,8 @@ def dose_response(
       unsteered model (low: text the model itself finds likely; it rises when steering breaks coherence).
 
     Returns ``[{"coeff", "projection", "perplexity", "n_tokens", "example"}]`` in the order of ``coeffs``,
-    where ``example`` is the text generated from the first prompt.
+    where ``example`` is the text generated from the first prompt. ``progress``: a bar over the
+    coefficients (on stderr; needs tqdm).
     """
     prompts = _check_prompts(prompts)
     coeffs = _check_coeffs(coeffs)
@@ -111,7 +115,7 @@ def dose_response(
     unit = direction.detach().to(torch.float32)
     unit = unit / unit.norm()
     rows = []
-    for coeff in coeffs:
+    for coeff in progress_bar(coeffs, "dose-response" if progress else False, unit="coeff"):
         with steer(model, direction, module=path, coeff=coeff, positions=positions, norm=norm):
             generated = _generate(model, tokenizer, prompts, max_new_tokens, chat, batch_size)
         projection, nll, count = _score(model, tokenizer, generated, path, unit, batch_size)
@@ -173,8 +177,10 @@ def _check_coeffs(coeffs) -> list[float]:
     if isinstance(coeffs, (int, float)):
         coeffs = [coeffs]
     coeffs = list(coeffs)
-    if not coeffs or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coeffs):
-        raise ValueError(f"coeffs must be a non-empty list of numbers, got {coeffs!r}")
+    if not coeffs or not all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coeffs
+    ):
+        raise ValueError(f"coeffs must be a non-empty list of finite numbers, got {coeffs!r}")
     return [float(c) for c in coeffs]
 
 

@@ -106,6 +106,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device is not None:  # before minutes of loading
+        device = _usable_device(device)
     if name is None or name == BUNDLED:
         given = {"revision": revision, **from_pretrained_kwargs}
         refused = {key: value for key, value in given.items() if key in _FILE_ARGUMENTS and value is not None}
@@ -119,6 +121,7 @@ def load_model(
             dtype=torch.float32 if dtype is None else _as_dtype(dtype), **from_pretrained_kwargs
         )
     else:
+        _check_folder(name)
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(
             name, revision=revision, dtype=dtype or "auto", **from_pretrained_kwargs
@@ -130,6 +133,44 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, or a ``ValueError`` saying why this torch cannot use it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device {device!r} is not one torch knows (e.g. 'cpu', 'cuda', 'cuda:1'): {err}"
+        ) from None
+    if device.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, device.type, None)
+    available, count = getattr(backend, "is_available", None), getattr(backend, "device_count", None)
+    if available is not None and not available():
+        raise ValueError(
+            f"device {str(device)!r}: this torch ({torch.__version__}) has no usable {device.type} device"
+        )
+    if device.index is not None and count is not None and device.index >= count():
+        raise ValueError(f"device {str(device)!r}: this machine has {count()} {device.type} device(s)")
+    return device
+
+
+def _check_folder(name: str) -> None:
+    """A name written as a path (``/``, ``./``, ``../`` or ``~``) must be an existing folder with a model: the hub's
+    own errors for such a name speak of repo id syntax or tokenizer backends."""
+    path = Path(name).expanduser()
+    if not (name.startswith(("/", "./", "../", "~")) or path.exists()):
+        return  # a hub id
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"no model folder {name!r}: {'it is a file' if path.exists() else 'it does not exist'}"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{name!r} holds no config.json, so it is no Hugging Face model folder (save one with "
+            "model.save_pretrained and tokenizer.save_pretrained)"
+        )
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

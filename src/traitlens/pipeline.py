@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from traitlens import __version__
+from traitlens._progress import progress_bar
 from traitlens._validation import check_choice, short_list
 from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import normalize_vectors
@@ -199,7 +200,7 @@ def _activation_batches(model, tokenizer, tokens, order, paths, layers, position
     checked ``position``) at ``_hooked_layers``, ``batch_size`` at a time in the order of the indices
     ``order``."""
     capture = ActivationCapture(device="cpu", dtype=torch.float32)
-    for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
+    for start in progress_bar(range(0, len(order), batch_size), progress, unit="batch"):
         rows = [tokens[i] for i in order[start : start + batch_size]]
         yield _one_pass(model, tokenizer, rows, paths, layers, position, capture)
 
@@ -213,7 +214,7 @@ def _pair_batches(model, tokenizer, sides, order, paths, layers, position, batch
     (``_shared_prompt_pass``); otherwise each side gets its own pass."""
     capture = ActivationCapture(device="cpu", dtype=torch.float32)
     share = position == "response_mean" and _takes_cache(model)
-    for start in _progress(range(0, len(order), batch_size), progress, unit="batch"):
+    for start in progress_bar(range(0, len(order), batch_size), progress, unit="batch"):
         pos, neg = ([side[i] for i in order[start : start + batch_size]] for side in sides)
         if share and all(p[0] == n[0] for p, n in zip(pos, neg, strict=True)):
             yield _shared_prompt_pass(model, tokenizer, pos, neg, paths, layers, capture)
@@ -686,7 +687,7 @@ def extract_trait(
     details: dict[str, list[dict]] = {m: [] for m in methods}
     (train_pos, train_neg), (val_pos, val_neg) = acts["train"], acts["val"]
     jobs = [(m, i) for i in range(len(layers)) for m in methods]
-    for method, i in _progress(jobs, "methods x layers" if progress else False, unit="fit"):
+    for method, i in progress_bar(jobs, "methods x layers" if progress else False, unit="fit"):
         out = get_method(method).extract(train_pos[i], train_neg[i], seed=seed)
         vector = out["vector"].float().cpu()
         threshold = midpoint_threshold(vector, train_pos[i], train_neg[i])
@@ -762,9 +763,20 @@ def check_extraction(
     position = default_position(dataset) if default else position
     check_position(dataset, position, default=default)  # every row readable there
     check_one_row_per_example(position, "extract_trait")
+    if position in ("prompt_last", "prompt_mean"):  # the whole file has signal there; does every split?
+        for split in SPLITS:
+            rows = dataset.split(split)
+            if rows and not any(p.prompts_differ for p in rows):
+                raise ValueError(
+                    f"at position {position!r} the two sides of every {split!r} row of dataset {dataset.name!r} "
+                    "read the same tokens (they differ only in their answers), so that split would measure "
+                    "nothing there: give it rows whose prompts differ, or use position='response_mean'"
+                )
     methods = list(methods)
     for method in methods:
         check_choice(method, "method", METHODS)
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods must each be given once, got {methods}")
     if not [m for m in methods if m != CONTROL]:
         raise ValueError(f"methods must include at least one method besides {CONTROL!r}, got {methods}")
     if CONTROL not in methods:
@@ -880,13 +892,3 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     if len(set(checked)) != len(checked):
         raise ValueError(f"layers must each be given once, got {checked}")
     return checked
-
-
-def _progress(items, label: bool | str, unit: str):
-    if not label:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the pipeline extra brings tqdm; without it, no bar
-        return items
-    return tqdm(items, desc=label if isinstance(label, str) else None, unit=unit, leave=False)

@@ -70,7 +70,7 @@ import torch
 
 from traitlens._validation import check_choice, check_vector, shape_of, short_list
 from traitlens.capture import output_tensor
-from traitlens.dataset import encode_examples
+from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, residual_width, resolve_module
 from traitlens.models import cache_keyword, locate_module, transformers_model_path
 from traitlens.positions import to_device
@@ -673,12 +673,16 @@ def _norm_for(norm, layer_index: int | None, path: str) -> float:
 def residual_norms(
     model: torch.nn.Module,
     tokenizer,
-    texts: Sequence[str],
+    texts: Sequence[str | Example],
     layers: int | Sequence[int] | None = None,
     *,
     batch_size: int = 8,
 ) -> dict[int, float]:
-    """The typical residual norm at each decoder layer's output, measured on ``texts``.
+    """The typical residual norm at each decoder layer's output, measured on ``texts``: plain texts, or
+    prompt-style ``Example``s, rendered as ``encode_examples`` renders them (with the chat template, where
+    the tokenizer has one). Measure on what will be steered: a short plain text is mostly its first token,
+    whose norm is an outlier (the bundled model's layer 20: ~24000 for ``"hi"``, ~240 for the chat-templated
+    prompt).
 
     Returns ``{layer: median L2 norm over every real (non-pad) token}``, keyed by layer indices counted
     from 0 (a negative layer given comes back as its index from the front: -1 as 29 on a 30-layer model,

@@ -179,5 +179,6 @@ def test_cli_extract_with_the_ray_backend(real_model, small, tmp_path, capsys):
     assert summary["chosen"]["test"]["accuracy"] >= 0.75
     assert len([p for p in (out / "shards").iterdir() if p.is_dir()]) == 5
     written = {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*/stats.safetensors")}
-    assert main(argv) == 0  # everything is done: the rerun reuses every shard
+    assert main(argv) == 2  # a finished run is kept, unless told to replace it
+    assert main([*argv, "--overwrite"]) == 0  # everything is done: the rerun reuses every shard
     assert written == {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*/stats.safetensors")}

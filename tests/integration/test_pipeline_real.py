@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from traitlens import TraitVector, load_dataset, load_vector
-from traitlens.cli import main
+from traitlens.cli import RUN_FILES, main
 from traitlens.dataset import encode_examples
 from traitlens.metrics import evaluate_vector
 from traitlens.monitor import token_projections
@@ -51,6 +51,7 @@ def test_saved_vectors_reload_bit_identically(run, real_model):
     assert (out / "vectors" / f"random_baseline_layer{vector.layer}.safetensors").is_file()
     assert (out / "report.html").stat().st_size > 10_000
     assert all((out / name).is_file() for name in ("layers.png", "histogram.png", "cosines.png"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)  # what --overwrite clears is all of it
 
 
 def test_monitor_projects_positive_texts_higher(run, real_model):
