@@ -41,6 +41,24 @@ def test_passes_of_equal_shape_concatenate_along_batch():
     assert [c.shape[0] for c in capture.get("l1", concat=False)] == [1, 2]
 
 
+def test_one_name_holds_the_outputs_of_one_module():
+    model = make_tiny_model("llama")
+    capture = ActivationCapture()
+    ids = torch.tensor([[5, 6, 7]])
+    with HookManager(model) as hooks, torch.no_grad():  # the same name on every layer: stacked along batch
+        for i in range(TINY_LAYERS):
+            hooks.add_forward_hook(f"model.layers.{i}", capture.make_hook("resid"))
+        with pytest.raises(ValueError, match=r"'resid' already holds outputs of another module.*make_hook"):
+            model(ids)
+    assert capture.get("resid").shape == (1, 3, TINY_HIDDEN)  # layer 0's, stored before layer 1 refused
+    capture.clear("resid")  # frees the name for another module
+    with HookManager(model) as hooks, torch.no_grad():
+        hooks.add_forward_hook("model.layers.1", capture.make_hook("resid"))
+        model(ids)
+        model(ids)  # the same module again: more examples, as before
+    assert capture.get("resid").shape == (2, 3, TINY_HIDDEN)
+
+
 def test_mixed_shapes_raise_with_advice():
     model = make_tiny_model("gpt2")
     capture = ActivationCapture()

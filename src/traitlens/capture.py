@@ -42,6 +42,7 @@ import functools
 import math
 import mmap
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
@@ -98,6 +99,9 @@ class ActivationCapture:
         self.dtype = dtype
         self.positions = positions
         self._store: dict[str, list[torch.Tensor]] = {}
+        self._sources: dict[
+            str, weakref.ref
+        ] = {}  # per name made by make_hook: the module whose outputs it holds
         # per chunk: the length of its pass before selection (0: not [batch, seq, hidden])
         self._lengths: dict[str, list[int]] = {}
         self._side: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
@@ -140,11 +144,26 @@ class ActivationCapture:
         return self._selector_on[hidden.device]
 
     def make_hook(self, name: str) -> Callable:
-        """A forward hook ``(module, args, output)`` that stores the output under ``name``."""
+        """A forward hook ``(module, args, output)`` that stores the output under ``name``.
+
+        A name holds the outputs of one module: a hook of the name called by another module (the same name
+        given to hooks on several layers) raises a ``ValueError``, since ``get`` would stack their outputs
+        along batch as if they were more examples. ``clear(name)`` frees the name for another module.
+        """
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty string, got {name!r}")
 
         def hook(module: torch.nn.Module, args, output) -> None:
+            source = self._sources.get(name)
+            if source is None or source() is None:
+                self._sources[name] = weakref.ref(module)
+            elif source() is not module:
+                raise ValueError(
+                    f"capture name {name!r} already holds outputs of another module ({type(source()).__name__}), "
+                    f"and now a {type(module).__name__} called its hook: get({name!r}) would stack both along "
+                    "batch as if they were more examples. Give each hooked module a name of its own (e.g. "
+                    f"make_hook(f'layer_{{i}}')), or clear({name!r}) before hooking another module"
+                )
             self.store(name, output_tensor(output))
 
         return hook
@@ -301,9 +320,11 @@ class ActivationCapture:
         if name is None:
             self._store.clear()
             self._lengths.clear()
+            self._sources.clear()
         else:
             self._store.pop(name, None)
             self._lengths.pop(name, None)
+            self._sources.pop(name, None)
 
     def keys(self) -> list[str]:
         return list(self._store)
