@@ -78,6 +78,14 @@ def test_layer_zero_and_bad_inputs_are_refused(tmp_path):
         save_control_vector(tmp_path / "d.gguf", {"1": torch.randn(HIDDEN)}, model_hint="llama")
     with pytest.raises(ValueError, match="empty"):
         save_control_vector(tmp_path / "e.gguf", {}, model_hint="llama")
+    with pytest.raises(ValueError, match=r"directions\[1\] is empty"):  # was written, shape [0]
+        save_control_vector(tmp_path / "f.gguf", {1: torch.empty(0)}, model_hint="llama")
+    big = torch.tensor([1e39, 1.0], dtype=torch.float64)  # finite in float64, inf in the file's float32
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        save_control_vector(tmp_path / "g.gguf", {1: big}, model_hint="llama")
+    with pytest.raises(ValueError, match=r"read at 'model.layers.5', so it belongs at layer 5, not 9"):
+        save_control_vector(tmp_path / "h.gguf", {9: _trait_vector("model.layers.5")}, model_hint="llama")
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_loading_refuses_other_files(tmp_path):
@@ -98,6 +106,13 @@ def test_loading_refuses_other_files(tmp_path):
         load_control_vector(zero)
     with pytest.raises(FileNotFoundError):
         load_control_vector(tmp_path / "missing.gguf")
+    for name, values in (("nan", [float("nan"), 1.0]), ("inf", [float("inf"), 1.0]), ("empty", [])):
+        bad = tmp_path / f"{name}.gguf"  # what save_control_vector refuses to write, refused on reading too
+        writer = GGUFWriter(bad, "controlvector")
+        writer.add_tensor("direction.1", np.array(values, dtype=np.float32))
+        _finish(writer)
+        with pytest.raises(ValueError, match=rf"{name}\.gguf: direction\.1 (contains 1 non-finite|is empty)"):
+            load_control_vector(bad)
     for name, content in (
         ("vector.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 8),
         ("empty.gguf", b""),

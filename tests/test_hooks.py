@@ -111,6 +111,33 @@ def test_stop_after_ends_the_pass_and_skips_later_modules(tiny):
     assert _hook_count(model) == 0
 
 
+def test_a_stop_goes_to_the_manager_that_set_it_through_managers_opened_inside(tiny):
+    from traitlens.steering import residual_norms
+
+    family, model = tiny
+    reached = []
+    with HookManager(model) as outer:
+        outer.stop_after(layer_path(family, 0))
+        with HookManager(model) as inner:  # its block swallowed the outer stop, and the outer went on
+            inner.add_forward_hook(layer_path(family, 1), lambda *args: None)
+            model(torch.tensor([[3, 4, 5]]))
+            reached.append("inner")  # pragma: no cover
+        reached.append("outer")  # pragma: no cover
+    assert reached == [] and _hook_count(model) == 0
+
+    class Words:  # one id per word, no pad token
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [3 + len(word) for word in text.split()]}
+
+    with HookManager(model) as outer:  # traitlens's own managers let it through too: no wrong numbers
+        outer.stop_after(layer_path(family, 0))
+        residual_norms(model, Words(), ["a bb ccc", "dd e"], 1, batch_size=1)
+        reached.append("after residual_norms")  # pragma: no cover
+    assert reached == []
+
+
 def test_decoder_layer_paths(tiny):
     from traitlens import decoder_layer_paths
 

@@ -25,6 +25,8 @@ def test_random_draws_equal_one_direction_at_a_time_through_the_public_metrics()
     scores, aurocs = [], []
     for seed in range(5, 5 + 12):
         vector = RandomBaselineMethod().extract(train_pos, train_neg, seed=seed)["vector"]
+        if (train_pos.mean(0) - train_neg.mean(0)) @ vector < 0:  # oriented on train, as every method's
+            vector = -vector
         threshold = midpoint_threshold(vector, train_pos, train_neg)
         scores.append(accuracy(vector, pos, neg, threshold=threshold))
         aurocs.append(auroc(vector, pos, neg))
@@ -34,7 +36,22 @@ def test_random_draws_equal_one_direction_at_a_time_through_the_public_metrics()
     assert out["draws_accuracy_std"] == pytest.approx(statistics.stdev(scores), abs=1e-12)
     assert out["draws_auroc_mean"] == pytest.approx(statistics.mean(aurocs), abs=1e-12)
     assert out["draws_auroc_std"] == pytest.approx(statistics.stdev(aurocs), abs=1e-12)
+    assert (out["draws_accuracy_max"], out["draws_auroc_max"]) == pytest.approx((max(scores), max(aurocs)))
     assert len(set(scores)) > 3 and len(set(aurocs)) > 3  # the draws differ, so the means test something
+
+
+def test_the_control_shows_how_far_any_direction_gets_on_the_data():
+    # classes apart along every dimension: any direction separates them, once it points the right way.
+    # Unoriented draws averaged 0.5 whatever the data (a flipped sign turns accuracy a into 1 - a), so the
+    # control passed here; oriented, it reaches what the trait vector reaches, and the vector cannot beat it
+    g = torch.Generator().manual_seed(1)
+    train_pos, train_neg = torch.randn(40, 16, generator=g) + 3.0, torch.randn(40, 16, generator=g)
+    pos, neg = torch.randn(20, 16, generator=g) + 3.0, torch.randn(20, 16, generator=g)
+    out = _random_draws(train_pos, train_neg, pos, neg, seed=0, draws=32)
+    assert out["draws_accuracy_mean"] > 0.7 and out["draws_accuracy_max"] > 0.95
+    # no difference between the classes: the oriented draws stay near chance
+    out = _random_draws(train_pos, train_pos.flip(0), pos, pos.flip(0), seed=0, draws=32)
+    assert out["draws_accuracy_mean"] == pytest.approx(0.5, abs=0.1)
 
 
 def _alphas(page: str) -> list[float]:
@@ -53,7 +70,8 @@ def test_heatmap_default_scale_is_not_washed_out_by_a_massive_first_token(n):
     )
     page = token_heatmap_html(scores)
     alphas = _alphas(page)
-    assert alphas[0] == 1.0
+    # the first token is grey: in blue at full colour it read as the most negative word of the text
+    assert page.count("rgba(128,128,128,0.25)") == 1 and "grey: the first token" in page
     assert max(alphas[1:]) == 1.0 and sum(a > 0.3 for a in alphas[1:]) >= (n - 1) / 2
     # the default scale is the 90th percentile of |deviation| over tokens 1.., as numpy computes it
     scale = float(np.quantile(rest.abs().numpy(), 0.9))
@@ -67,6 +85,13 @@ def test_heatmap_default_scale_is_not_washed_out_by_a_massive_first_token(n):
     # one token: its own deviation is the scale
     alone = TokenScores(["t"], torch.tensor([7.0]), torch.zeros(1, dtype=torch.bool), center=3.0)
     assert _alphas(token_heatmap_html(alone)) == [1.0] and "&plusmn;4.00" in token_heatmap_html(alone)
+    # a token that adds part of a character only (its text comes with the next) is a dot, not an empty span;
+    # the legend speaks of response tokens where there are some
+    split = TokenScores(
+        ["a", "", "\U0001f600"], torch.tensor([0.0, 1.0, 2.0]), torch.tensor([False, True, True])
+    )
+    assert ">\u00b7</span>" in token_heatmap_html(split) and "underlined" in token_heatmap_html(split)
+    assert "underlined" not in page
 
 
 def test_token_scores_mean_leaves_out_the_first_token():

@@ -91,6 +91,8 @@ def check_vector(
     ``hidden_of`` names where ``hidden`` comes from (``"pos_acts (20, 576)"``) for the message.
     """
     vector = check_tensor(vector, name, ndim=1, shape_doc="[hidden]")
+    if vector.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape (0,)); a direction needs at least one dimension")
     if hidden is not None and vector.shape[0] != hidden:
         source = f" to match {hidden_of}" if hidden_of else ""
         raise ValueError(f"{name} must have shape [hidden]=[{hidden}]{source}, got {shape_of(vector)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import html
 import importlib.util
 import json
 import math
@@ -305,10 +306,11 @@ def cmd_extract(args) -> None:
         f"test:   accuracy {test['accuracy']:.3f}  AUROC {test['auroc']:.3f}  effect size {test['effect_size']:.2f}"
     )
     print(
-        f"random baseline at that layer: test accuracy {control['draws_accuracy_mean']:.3f}  AUROC "
-        f"{control['draws_auroc_mean']:.3f} (means of {control['draws']} random directions, std "
-        f"{control['draws_accuracy_std']:.3f} and {control['draws_auroc_std']:.3f})"
-        + ("" if result.control_ok else "  NOT near chance on validation")
+        f"control, {control['draws']} random directions at that layer, each oriented on train: test accuracy "
+        f"{control['draws_accuracy_mean']:.3f} +/- {control['draws_accuracy_std']:.3f} (best "
+        f"{control['draws_accuracy_max']:.3f}), AUROC {control['draws_auroc_mean']:.3f} (best "
+        f"{control['draws_auroc_max']:.3f}); on validation the chosen vector "
+        + ("beats them all" if result.control_ok else "does NOT beat them all")
     )
     print(f"vector: {out / 'trait_vector.safetensors'}")
 
@@ -414,8 +416,11 @@ def cmd_monitor(args) -> None:
             model, tokenizer, vector, Example(prompt=args.prompt), max_new_tokens=args.max_new_tokens,
             on_token=lambda token, value: print(f"{value:10.3f}  {token!r}", flush=True),
         )  # fmt: skip
-    args.out.write_text(
-        "<!doctype html><meta charset='utf-8'>" + token_heatmap_html(scores, title=str(args.vector))
+    title = f"{args.vector}: {vector.trait or 'trait'} vector, {vector.method} at {vector.module}"
+    args.out.write_text(  # UTF-8 as declared, whatever the locale's encoding
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        + token_heatmap_html(scores, title=title),
+        encoding="utf-8",
     )
     means = f"mean projection (the first token left out): {scores.mean():.3f}"
     if bool(scores.response.any()):
@@ -429,7 +434,7 @@ def _prompts(args) -> list[str]:
         if not all(args.prompt):
             raise ValueError("--prompt: a prompt is an empty string")
         return args.prompt
-    lines = [line.strip() for line in args.prompts_file.read_text().splitlines()]
+    lines = [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines()]
     prompts = [line for line in lines if line]
     if not prompts:
         raise ValueError(f"{args.prompts_file} holds no prompts (one per line)")
@@ -473,6 +478,10 @@ def cmd_steer(args) -> None:
     # them): a one-token raw prompt is all first token, whose norm is an outlier (~100x at layer 20)
     as_generated = [Example(prompt=p) for p in prompts]
     norm = residual_norms(model, tokenizer, as_generated, vector.layer)[vector.layer] if relative else None
+    if norm is not None:
+        _info(
+            f"--coeff is relative to the median residual norm at layer {vector.layer} on these prompts: {norm:.1f}"
+        )
     settings = {"positions": args.positions, "norm": norm, "max_new_tokens": args.max_new_tokens}
     if args.dose_response:
         coeffs = sorted(set(coeffs) | {0.0})
@@ -482,7 +491,14 @@ def cmd_steer(args) -> None:
             print(
                 f"{row['coeff']:8.2f} {row['projection']:11.3f} {row['perplexity']:11.2f}  {row['example'][:60]!r}"
             )
-        plot_dose_response(rows, plot, title=f"{vector.trait or 'trait'} vector, layer {vector.layer}")
+        unit = f"x {norm:.1f}: median norm at layer {vector.layer}" if norm is not None else "absolute"
+        count = f"{len(prompts)} prompt" + ("s" if len(prompts) > 1 else "")
+        plot_dose_response(
+            rows,
+            plot,
+            title=f"{vector.trait or 'trait'} vector, layer {vector.layer}: {count}",
+            xlabel=f"coefficient ({unit})",
+        )
         _info(f"plot: {plot}")
         return
     rows = compare_generations(model, tokenizer, prompts, vector, coeffs, op=args.op, **settings)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from traitlens._validation import check_tensor, short_list
+from traitlens._validation import check_vector, short_list
 
 ARCHITECTURE = "controlvector"
 MODEL_HINT_KEY = f"{ARCHITECTURE}.model_hint"
@@ -126,6 +126,10 @@ def load_control_vector(path: str | os.PathLike) -> ControlVector:
             )
         layer = int(suffix)
         vector = torch.tensor(tensor.data, dtype=torch.float32).reshape(-1)
+        try:  # as save_control_vector refuses to write them: an empty, NaN or infinite direction
+            check_vector(vector, tensor.name)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         # A file may hold several directions for one layer; llama.cpp sums them.
         directions[layer] = directions[layer] + vector if layer in directions else vector
     if not directions:
@@ -178,9 +182,17 @@ def _as_directions(directions) -> dict[int, torch.Tensor]:
             )
         if layer in rows:
             raise ValueError(f"layer {layer} is given twice")
-        tensor = getattr(vector, "vector", vector)
-        tensor = check_tensor(tensor, f"directions[{layer}]", ndim=1, shape_doc="[hidden]")
-        rows[layer] = tensor.detach().to("cpu", torch.float32).contiguous()
+        if hasattr(vector, "vector") and hasattr(vector, "module") and _decoder_layer(vector) != layer:
+            raise ValueError(
+                f"directions[{layer}] is a vector read at {vector.module!r}, so it belongs at layer "
+                f"{vector.layer}, not {layer}"
+            )
+        tensor = check_vector(getattr(vector, "vector", vector), f"directions[{layer}]")
+        rows[layer] = tensor.detach().to("cpu", torch.float32).contiguous()  # what the file stores
+        if not bool(torch.isfinite(rows[layer]).all()):
+            raise ValueError(
+                f"directions[{layer}] has values beyond float32's range (3.4e38), which the file stores"
+            )
     sizes = {layer: int(v.shape[0]) for layer, v in rows.items()}
     if len(set(sizes.values())) > 1:
         shown = short_list([f"{layer}: {size}" for layer, size in sizes.items()])

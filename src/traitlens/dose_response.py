@@ -131,10 +131,13 @@ def dose_response(
     return rows
 
 
-def plot_dose_response(rows: Sequence[dict], path: str | os.PathLike, *, title: str | None = None) -> Path:
+def plot_dose_response(
+    rows: Sequence[dict], path: str | os.PathLike, *, title: str | None = None, xlabel: str = "coefficient"
+) -> Path:
     """Write the dose-response curves of ``dose_response`` rows to a PNG at ``path`` and return the path.
 
-    Left: mean trait projection against the coefficient; right: perplexity (log scale).
+    Left: mean trait projection against the coefficient; right: perplexity (log scale); both measured with
+    the unsteered model. ``xlabel`` says what the coefficient is in (e.g. the norm it is relative to).
     """
     if not rows:
         raise ValueError("rows is empty; pass the result of dose_response(...)")
@@ -145,9 +148,9 @@ def plot_dose_response(rows: Sequence[dict], path: str | os.PathLike, *, title: 
     fig = figure((9, 3.6), layout="constrained")
     left, right = fig.subplots(1, 2)
     left.plot(coeffs, [row["projection"] for row in rows], marker="o")
-    left.set(xlabel="coefficient", ylabel="mean projection of generated tokens", title="trait expression")
+    left.set(xlabel=xlabel, ylabel="mean projection (unsteered model)", title="trait expression")
     right.plot(coeffs, [row["perplexity"] for row in rows], marker="o", color="tab:red")
-    right.set(xlabel="coefficient", ylabel="perplexity (unsteered model)", title="coherence", yscale="log")
+    right.set(xlabel=xlabel, ylabel="perplexity (unsteered model)", title="coherence", yscale="log")
     # plain numbers (2.2, not 2.2x10^0); minor ticks labelled only while the range spans few decades
     right.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
     right.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))

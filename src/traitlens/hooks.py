@@ -144,12 +144,12 @@ def input_device(model: torch.nn.Module) -> torch.device:
 
 
 class StopForward(Exception):
-    """Raised by the hook of ``HookManager.stop_after`` to end a forward pass early; the manager's ``with``
-    block swallows it."""
+    """Raised by the hook of ``HookManager.stop_after`` to end a forward pass early; the ``with`` block of
+    the manager that raised it (``manager``) swallows it, and no other manager's does."""
 
-
-def _raise_stop(module: torch.nn.Module, args, output) -> None:
-    raise StopForward
+    def __init__(self, manager: HookManager | None = None):
+        super().__init__("the forward pass was stopped by HookManager.stop_after")
+        self.manager = manager
 
 
 _HookFn = Callable[..., object]
@@ -208,15 +208,22 @@ class HookManager:
         head) when only activations are wanted.
 
         Add it after the hooks that read that module (hooks run in the order they were added). The pass
-        raises ``StopForward``, which leaving this manager's ``with`` block swallows, so use one manager
-        per forward pass, or catch ``StopForward`` yourself::
+        raises ``StopForward``, which ends this manager's ``with`` block: the block swallows it, and the
+        lines after the model call in it do not run. So use one manager per forward pass, or catch
+        ``StopForward`` yourself. Managers opened inside the block (by traitlens functions too) let it
+        through, to this one::
 
             with HookManager(model) as hooks:
                 hooks.add_forward_hook("model.layers.12", capture.make_hook("l12"))
                 hooks.stop_after("model.layers.12")
-                model(**inputs)  # returns nothing: the pass stopped after layer 12
+                model(**inputs)  # raises StopForward after layer 12, which ends the block
+            activations = capture.get("l12")
         """
-        return self.add_forward_hook(module_path, _raise_stop, name=f"stop after {module_path}")
+
+        def stop(module: torch.nn.Module, args, output) -> None:
+            raise StopForward(self)
+
+        return self.add_forward_hook(module_path, stop, name=f"stop after {module_path}")
 
     def get_module(self, module_path: str) -> torch.nn.Module:
         """The submodule at ``module_path`` (same errors and suggestions as the ``add_*`` methods)."""
@@ -237,7 +244,7 @@ class HookManager:
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
         self.remove_all()
-        return exc_type is not None and issubclass(exc_type, StopForward)
+        return isinstance(exc, StopForward) and exc.manager is self  # another manager's stop is its own
 
     def __len__(self) -> int:
         return len(self._handles)

@@ -252,24 +252,41 @@ def heatmap_scale(*scores: TokenScores) -> float:
 def token_heatmap_html(scores: TokenScores, title: str | None = None, scale: float | None = None) -> str:
     """A self-contained HTML fragment: each token on a background from blue (below the center) through
     white to red (above), with its score in a tooltip. ``scale`` is the deviation that gets full colour
-    (default: ``heatmap_scale(scores)``; give one scale to heatmaps that are compared)."""
+    (default: ``heatmap_scale(scores)``; give one scale to heatmaps that are compared). A token left out of
+    the means and the scale (the first, see ``TokenScores.counted``) is drawn grey: coloured, its outlier
+    score would read as the strongest word of the text."""
     deviation = scores.scores - scores.center
     scale = scale or heatmap_scale(scores)
     spans = []
-    for token, dev, value, is_response in zip(
-        scores.tokens, deviation.tolist(), scores.scores.tolist(), scores.response.tolist(), strict=True
+    for token, dev, value, is_response, counted in zip(
+        scores.tokens,
+        deviation.tolist(),
+        scores.scores.tolist(),
+        scores.response.tolist(),
+        scores.counted.tolist(),
+        strict=True,
     ):
         alpha = min(abs(dev) / scale, 1.0)
         rgb = "214,39,40" if dev > 0 else "31,119,180"
+        background = f"rgba({rgb},{alpha:.2f})" if counted else "rgba(128,128,128,0.25)"
         border = "border-bottom:2px solid #555;" if is_response else ""
-        text = html.escape(token).replace("\n", "\u21b5<br>")
+        # a token that adds only part of a character (its text comes with the next token) gets a dot
+        text = html.escape(token).replace("\n", "\u21b5<br>") if token else "\u00b7"
         spans.append(
-            f'<span title="{value:.3f}" style="background:rgba({rgb},{alpha:.2f});{border}'
+            f'<span title="{value:.3f}" style="background:{background};{border}'
             f'white-space:pre-wrap;font-family:monospace">{text}</span>'
         )
     head = f"<h4>{html.escape(title)}</h4>" if title else ""
-    legend = (
-        f'<div style="font-size:12px;color:#555">blue: below {scores.center:.2f}, red: above; full colour at '
-        f"&plusmn;{scale:.2f}; underlined: response tokens; hover for values</div>"
-    )
+    notes = [
+        f"blue: below {scores.center:.2f} (neutral: the vector's threshold, or 0), red: above; full colour at "
+        f"{scores.center:.2f} &plusmn;{scale:.2f}"
+    ]
+    if not bool(scores.counted.all()):
+        notes.append(
+            "grey: the first token, left out of the colour scale and the means (its score is an outlier)"
+        )
+    if bool(scores.response.any()):
+        notes.append("underlined: response tokens")
+    notes.append("hover for values")
+    legend = f'<div style="font-size:12px;color:#555">{"; ".join(notes)}</div>'
     return f'<div class="traitlens-heatmap">{head}<div style="line-height:1.8">{"".join(spans)}</div>{legend}</div>'

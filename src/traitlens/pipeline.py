@@ -8,19 +8,24 @@
    and both answers on its key/value cache.
 2. ``extract_trait``: every extraction method at every layer on the train split, every (method, layer)
    scored on the validation split, the best one chosen on validation and reported once on the untouched
-   test split, which is read after the choice and at the chosen layer only. The random baseline is the
-   control: it must come out near chance.
+   test split, which is read after the choice and at the chosen layer only. Random directions are the
+   control: the chosen vector must beat them.
 
 Selection rule: highest validation accuracy, then AUROC, then effect size, then the earlier layer; the
 random baseline is never chosen. Accuracy uses the threshold fitted on the train split (the midpoint of
 the class means of the projections), so held-out splits are never used to fit anything.
 
-The control: one random direction is unoriented, so its accuracy is 0.5 only on average over directions;
-on anisotropic residual streams a single draw scatters widely (seen on SmolLM2 with the sentiment data:
-standard deviation 0.08-0.15 across seeds at one layer). ``random_baseline`` is therefore scored as the
-mean over ``control_draws`` seeded random directions (``draws_accuracy_mean`` / ``_std`` and
-``draws_auroc_mean`` / ``_std`` next to the single seed-``seed`` vector's own scores), and the accuracy mean
-is what must lie within 0.5 +/- ``CHANCE_BAND``.
+The control: random directions, each oriented on the train split as every method's vector is (so that
+positives project higher), scored on the held-out splits with its train threshold. An unoriented random
+direction scores 0.5 on average over draws whatever the data (flipping its sign turns accuracy ``a`` into
+``1 - a``), so it can show nothing; oriented, it shows how far a direction that knows nothing of the trait
+gets on this data. On a residual stream that is far: its variance sits in a few directions, along which
+the classes often differ a little (on SmolLM2 with the sentiment data, 0.59 +/- 0.10 test accuracy at layer
+18, the best of 32 draws 0.79). ``random_baseline`` is scored over ``control_draws`` seeded draws
+(``draws_accuracy_mean`` / ``_std`` / ``_max``, the same for AUROC, next to the single seed-``seed``
+vector's own unoriented scores), and the chosen vector passes the control (``control_ok``) when it beats
+every draw on validation (accuracy, then AUROC); otherwise a warning says that a random direction does as
+well.
 """
 
 from __future__ import annotations
@@ -60,8 +65,7 @@ from traitlens.vector import TraitVector, save_tensors
 
 METHODS = tuple(METHOD_CLASSES)
 CONTROL = "random_baseline"
-CHANCE_BAND = 0.15
-"""The random baseline's validation accuracy should lie within 0.5 +/- this."""
+"""The method whose row holds the control: random directions oriented on train (see the module docs)."""
 
 
 def collect_activations(
@@ -581,8 +585,10 @@ class ExtractionResult:
             "control": {
                 "method": CONTROL,
                 "layer": self.best_layer,
+                # draws_*: the random directions oriented on train, the control; the other scores are those
+                # of the single unoriented seed-`seed` vector that random_baseline returns
                 "test": self.control_test,
-                "ok": self.control_ok,
+                "ok": self.control_ok,  # the chosen vector beats every draw on validation
             },
             "validation": {
                 m: dict(zip(map(str, self.layers), self.val[m], strict=True)) for m in self.methods
@@ -715,12 +721,18 @@ def extract_trait(
             scores.update(_random_draws(train_pos[i], train_neg[i], test_pos, test_neg, seed, control_draws))
         return _clean(scores)
 
-    control_val = val[CONTROL][best_i]["draws_accuracy_mean"]
-    control_ok = abs(control_val - 0.5) <= CHANCE_BAND
+    chosen, control = val[best_method][best_i], val[CONTROL][best_i]
+    control_ok = (chosen["accuracy"], chosen["auroc"]) > (
+        control["draws_accuracy_max"],
+        control["draws_auroc_max"],
+    )
     if not control_ok:
         warnings.warn(
-            f"the random baseline reaches validation accuracy {control_val:.2f} at layer {layers[best_i]}, "
-            f"outside 0.5 +/- {CHANCE_BAND}: the validation split may be too small or too easy",
+            f"{best_method} at layer {layers[best_i]} does no better on validation (accuracy "
+            f"{chosen['accuracy']:.3f}, AUROC {chosen['auroc']:.3f}) than the best of {control['draws']} random "
+            f"directions oriented on train ({control['draws_accuracy_max']:.3f}, {control['draws_auroc_max']:.3f}): "
+            "its separation may be what any direction of this residual stream shows, not the trait; or the "
+            "validation split is too small to tell",
             stacklevel=2,
         )
     return ExtractionResult(
@@ -807,13 +819,15 @@ def _random_draws(
     draws: int,
 ) -> dict:
     """Accuracy (each with its train midpoint threshold) and AUROC of ``draws`` random directions (seeds
-    ``seed``, ``seed + 1``, ...): mean and standard deviation over the draws. What ``midpoint_threshold``,
-    ``accuracy`` and ``auroc`` give for each direction, computed for all of them in one matrix product and
-    the metrics' reductions applied per column. A random direction is unoriented, so its AUROC is taken as
-    it is: symmetric around 0.5 over draws."""
+    ``seed``, ``seed + 1``, ...), each oriented on train as the methods' vectors are (positives project
+    higher on average): mean, standard deviation and maximum over the draws. What ``midpoint_threshold``,
+    ``accuracy`` and ``auroc`` give for each oriented direction, computed for all of them in one matrix
+    product and the metrics' reductions applied per column."""
     hidden, device = train_pos.shape[1], train_pos.device
     vectors = [RandomBaselineMethod.draw(hidden, seed + k, device) for k in range(draws)]
     units = normalize_vectors(torch.stack(vectors).double())  # [draws, hidden]
+    gap = train_pos.double().mean(0) - train_neg.double().mean(0)  # [hidden]
+    units = units * torch.where(units @ gap < 0, -1.0, 1.0).unsqueeze(1)  # as _orient in methods
 
     def scores(acts: torch.Tensor) -> torch.Tensor:
         return acts.double() @ units.T  # [n, draws]
@@ -825,8 +839,10 @@ def _random_draws(
     return {
         "draws_accuracy_mean": float(values.mean()),
         "draws_accuracy_std": float(values.std()),
+        "draws_accuracy_max": float(values.max()),
         "draws_auroc_mean": float(aurocs.mean()),
         "draws_auroc_std": float(aurocs.std()),
+        "draws_auroc_max": float(aurocs.max()),
         "draws": draws,
     }
 

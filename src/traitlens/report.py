@@ -18,29 +18,40 @@ from traitlens._plot import figure
 from traitlens.compute import cosine_similarity, projection
 from traitlens.dataset import ContrastiveDataset
 from traitlens.monitor import heatmap_scale, token_heatmap_html, token_projections
-from traitlens.pipeline import CHANCE_BAND, CONTROL, ExtractionResult
+from traitlens.pipeline import CONTROL, ExtractionResult
 
 
 def plot_layers(result: ExtractionResult, path: Path) -> Path:
-    """Validation accuracy and AUROC by layer, one line per method; the random baseline's line is the mean
-    over its random directions (one unoriented direction scatters far from 0.5)."""
+    """Validation accuracy, AUROC and effect size by layer, one line per method (the selection rule's keys,
+    in its order: ties in the first are broken by the next); the random baseline's line is the mean over its
+    random directions, each oriented on train (the control), and the chosen layer is marked."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = figure((12, 4))
-    axes = fig.subplots(1, 2, sharex=True)
-    for ax, key in zip(axes, ("accuracy", "auroc"), strict=True):
+    fig = figure((16, 4))
+    axes = fig.subplots(1, 3, sharex=True)
+    chosen = f"chosen: {result.best_method} at layer {result.best_layer}"
+    for ax, key in zip(axes, ("accuracy", "auroc", "effect_size"), strict=True):
         for method in result.methods:
             control = method == CONTROL  # mean over random directions
+            if control and key == "effect_size":  # not computed for the draws
+                continue
             values = [v[f"draws_{key}_mean" if control else key] for v in result.val[method]]
             style = {"linestyle": ":", "color": "grey"} if control else {}
-            label = f"{method} (mean of {result.val[method][0]['draws']} draws)" if control else method
+            draws = result.val[method][0]["draws"] if control else 0
+            label = f"random directions (mean of {draws}, oriented)" if control else method
             ax.plot(result.layers, values, marker=".", label=label, **style)
-        ax.axhline(0.5, color="black", linewidth=0.5)
-        ax.axvline(result.best_layer, color="red", linewidth=0.8, linestyle="--")
-        ax.set(xlabel="layer", ylabel=f"validation {key}", ylim=(0, 1.02), title=f"validation {key} by layer")
+        ax.axvline(result.best_layer, color="black", linewidth=0.8, linestyle="--", label=chosen)
+        name = key.replace("_", " ")
+        ax.set(xlabel="layer", ylabel=f"validation {name}", title=f"validation {name} by layer")
+        if key != "effect_size":
+            ax.axhline(0.5, color="black", linewidth=0.5)
+            ax.set_ylim(0, 1.02)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{result.trait}: {result.model_name}, position {result.position}")
+    fig.suptitle(
+        f"{result.trait}: {result.model_name}, position {result.position} (chosen by accuracy, then AUROC, "
+        "then effect size)"
+    )
     fig.savefig(path, format="png", dpi=110)
     return path
 
@@ -80,14 +91,16 @@ def plot_cosines(result: ExtractionResult, path: Path) -> Path:
     fig = figure((6, 5))
     ax = fig.subplots()
     image = ax.imshow(matrix.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
-    ax.set_xticks(range(len(result.methods)), result.methods, rotation=45, ha="right")
-    ax.set_yticks(range(len(result.methods)), result.methods)
+    names = [f"{m} (one draw)" if m == CONTROL else m for m in result.methods]
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
     n = len(result.methods)
     for r in range(n):
         for c in range(n):
             value = float(matrix[r, c])
             color = "white" if abs(value) > 0.6 else "black"  # readable on the dark ends of the colour map
-            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
+            # three decimals: methods that agree closely (0.995, 0.999) must not read as the diagonal's 1
+            ax.text(c, r, f"{value:.3f}", ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(image, ax=ax)
     ax.set_title(f"cosine between methods, layer {result.best_layer}")
     fig.savefig(path, format="png", dpi=110)
@@ -136,7 +149,8 @@ def write_report(
         "<!doctype html><html><head><meta charset='utf-8'><title>traitlens report</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        ".warn{color:#b00}</style></head><body>" + "\n".join(parts) + "</body></html>"
+        ".warn{color:#b00}</style></head><body>" + "\n".join(parts) + "</body></html>",
+        encoding="utf-8",  # as declared, whatever the locale's encoding
     )
     return page
 
@@ -156,25 +170,29 @@ def _summary_table(result: ExtractionResult) -> str:
             f"{test['accuracy']:.3f} / {test['auroc']:.3f} / {test['effect_size']:.2f}",
         ),
         (
-            "random baseline, same layer: test accuracy / AUROC",
-            f"{control['draws_accuracy_mean']:.3f} +/- {control['draws_accuracy_std']:.3f} / "
-            f"{control['draws_auroc_mean']:.3f} +/- {control['draws_auroc_std']:.3f} "
-            f"(mean +/- std over {control['draws']} random directions)",
+            f"control: {control['draws']} random directions, same layer, each oriented on train: test "
+            "accuracy / AUROC",
+            f"{control['draws_accuracy_mean']:.3f} +/- {control['draws_accuracy_std']:.3f} (best "
+            f"{control['draws_accuracy_max']:.3f}) / {control['draws_auroc_mean']:.3f} +/- "
+            f"{control['draws_auroc_std']:.3f} (best {control['draws_auroc_max']:.3f})",
         ),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    beaten = f"the best of {control['draws']} random directions oriented on train"
     note = (
-        ""
+        f"<p>On validation the chosen vector beats {beaten}: its separation is not what any direction of "
+        "this residual stream shows.</p>"
         if result.control_ok
-        else f"<p class='warn'>The random baseline is outside 0.5 &plusmn; {CHANCE_BAND} on validation: "
-        "the held-out splits may be too small or too easy; treat the scores with care.</p>"
+        else f"<p class='warn'>On validation the chosen vector does no better than {beaten}: its separation "
+        "may be what any direction of this residual stream shows, not the trait, or the validation split "
+        "is too small to tell. Treat the scores with care.</p>"
     )
     rows = []
     for m in result.methods:
         layer = result.best_layer_of(m)  # the chosen layer for the control
         scores = result.val[m][result.index(layer)]
-        if m == CONTROL:  # the mean over its random directions
-            name = f"{m} (mean of {scores['draws']} draws)"
+        if m == CONTROL:  # the mean over its random directions, at the chosen layer
+            name = f"{m} (mean of {scores['draws']} oriented draws, chosen layer)"
             accuracy, auroc = scores["draws_accuracy_mean"], scores["draws_auroc_mean"]
         else:
             name, accuracy, auroc = m, scores["accuracy"], scores["auroc"]

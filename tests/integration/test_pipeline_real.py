@@ -29,8 +29,10 @@ def test_extract_chooses_a_layer_that_generalises_and_the_control_is_at_chance(r
     chosen = summary["chosen"]
     assert chosen["method"] != "random_baseline"
     assert chosen["test"]["accuracy"] >= 0.9
+    # random directions oriented on train get past chance on a residual stream (its variance sits in a few
+    # directions), and the chosen vector beats the best of them
     control = summary["control"]["test"]
-    assert abs(control["draws_accuracy_mean"] - 0.5) <= 0.15
+    assert 0.5 < control["draws_accuracy_mean"] < control["draws_accuracy_max"] < chosen["test"]["accuracy"]
     assert summary["control"]["ok"]
 
 
@@ -294,10 +296,11 @@ def test_report_shows_the_random_baseline_as_the_mean_over_its_draws(run):
     out, summary = run
     text = (out / "report.html").read_text()
     test = summary["control"]["test"]
-    # the control's AUROC is the mean over its draws (near chance), not one unoriented draw (0.66-0.68)
-    assert abs(test["draws_auroc_mean"] - 0.5) <= 0.15
-    assert f"{test['draws_auroc_mean']:.3f} +/- {test['draws_auroc_std']:.3f}" in text
-    assert f"<td>{CONTROL} (mean of 32 draws)</td>" in text
+    # the control's AUROC is the mean over its draws oriented on train, with the best of them
+    assert test["draws_auroc_mean"] > 0.5
+    shown = f"{test['draws_auroc_mean']:.3f} +/- {test['draws_auroc_std']:.3f} (best {test['draws_auroc_max']:.3f})"
+    assert shown in text and "the chosen vector beats the best of 32 random directions" in text
+    assert f"<td>{CONTROL} (mean of 32 oriented draws, chosen layer)</td>" in text
     # the per-token heatmaps of the short test sentences are coloured past their first token
     heatmaps = re.findall(r'<div class="traitlens-heatmap">.*?</div></div>', text)
     assert heatmaps
