@@ -328,6 +328,12 @@ def test_missing_file_and_directory(tmp_path):
         load_vector(tmp_path / "nope.safetensors")
     with pytest.raises(IsADirectoryError, match=r"is a directory"):
         load_vector(tmp_path)
+    vector = TraitVector(torch.ones(4), model="m", module="model.layers.1", position="prompt_last",
+                         method="mean_diff")  # fmt: skip
+    with pytest.raises(
+        IsADirectoryError, match=r"it is a folder; give a file name"
+    ):  # was safetensors' I/O error
+        vector.save(tmp_path)
 
 
 def test_safetensors_file_that_is_not_a_traitlens_vector(tmp_path):

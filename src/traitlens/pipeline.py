@@ -585,8 +585,8 @@ class ExtractionResult:
             "control": {
                 "method": CONTROL,
                 "layer": self.best_layer,
-                # draws_*: the random directions oriented on train, the control; the other scores are those
-                # of the single unoriented seed-`seed` vector that random_baseline returns
+                "what": "draws_*: random directions oriented on train, the control; the other scores: the "
+                "single unoriented vector that random_baseline returns",
                 "test": self.control_test,
                 "ok": self.control_ok,  # the chosen vector beats every draw on validation
             },

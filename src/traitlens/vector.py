@@ -471,6 +471,10 @@ class TraitVector:
         folder = Path(os.path.realpath(path)).parent  # through a symbolic link, the target's
         if not folder.is_dir():
             raise FileNotFoundError(f"cannot write {path}: its folder {folder} does not exist")
+        if Path(path).is_dir():
+            raise IsADirectoryError(
+                f"cannot write {path}: it is a folder; give a file name (e.g. vector.safetensors)"
+            )
         meta = self.metadata()
         text = json.dumps(meta, ensure_ascii=False)
         tensor = self.vector.detach().to("cpu").contiguous()
