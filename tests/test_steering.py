@@ -452,11 +452,27 @@ def test_argument_errors(tiny):
 
     here = TraitVector(v, model="tiny", module=layer_path(family, LAYER), position="prompt_last",
                        method="mean_diff")  # fmt: skip
-    for option in ({"use_cache": False}, {"num_beams": 3}, {"num_return_sequences": 2}):
+    from transformers import GenerationConfig
+
+    for option in (
+        {"use_cache": False},
+        {"num_beams": 3},
+        {"num_return_sequences": 2},
+        # draft tokens that generate may reject were scored and passed to on_token
+        {"prompt_lookup_num_tokens": 3},
+        # no slot for the last token's feed: an IndexError after the whole generation
+        {"cache_implementation": "static"},
+    ):
         with pytest.raises(
             ValueError, match=rf"one sequence fed token by token .* take {next(iter(option))}="
         ):
             generate_with_projections(model, _FakeTokenizer(), here, "a b c", **option)
+    with pytest.raises(
+        ValueError, match="take num_beams=2"
+    ):  # in a generation config too: was a RuntimeError
+        generate_with_projections(
+            model, _FakeTokenizer(), here, "a b c", generation_config=GenerationConfig(num_beams=2)
+        )
     with pytest.raises(ValueError, match="text is an empty string"):  # was 'examples[0] is ...'
         token_projections(model, _FakeTokenizer(), here, "")
     with pytest.raises(ValueError, match="prompt is an empty string"):

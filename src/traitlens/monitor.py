@@ -138,25 +138,43 @@ def generate_with_projections(
     chat: bool | None = None,
     **generate_kwargs,
 ) -> TokenScores:
-    """Generate from ``prompt`` (greedy unless ``generate_kwargs`` say otherwise) and score every prompt and
-    generated token; ``on_token(token, score)`` is called for each as soon as its activation exists.
+    """Generate from ``prompt`` (greedy unless ``generate_kwargs`` say otherwise: ``do_sample=True``, or a
+    ``generation_config``) and score every prompt and generated token; ``on_token(token, score)`` is called
+    for each as soon as its activation exists. ``max_new_tokens`` is this function's, whatever a
+    ``generation_config`` or ``max_length`` says.
 
     A prompt-style ``Example`` is rendered with the chat template and the generation prompt, so the model
-    answers as the assistant. It scores one sequence, fed token by token with the KV cache:
-    ``use_cache=False``, ``num_beams`` and ``num_return_sequences`` other than 1 are refused
-    (``token_projections`` scores any finished text).
+    answers as the assistant. It scores one sequence, fed token by token with the KV cache, so it refuses,
+    as keywords or in the generation config: ``use_cache=False``, ``num_beams`` or ``num_return_sequences``
+    other than 1, assisted or prompt-lookup decoding (they feed draft tokens that may be rejected), and a
+    static cache (sized to the generation, with no slot for the last token's feed). ``token_projections``
+    scores any finished text.
     """
+    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def setting(key: str, default=None):
+        return generate_kwargs[key] if key in generate_kwargs else getattr(config, key, default)
+
     unsupported = {
         key: value
-        for key, value in generate_kwargs.items()
-        if (key == "use_cache" and value is not True)
-        or (key in ("num_beams", "num_return_sequences") and value != 1)
+        for key, value, fine in (
+            ("use_cache", setting("use_cache", True), lambda v: v is not False),
+            ("num_beams", setting("num_beams", 1), lambda v: v in (None, 1)),
+            ("num_return_sequences", setting("num_return_sequences", 1), lambda v: v in (None, 1)),
+            ("prompt_lookup_num_tokens", setting("prompt_lookup_num_tokens"), lambda v: v is None),
+            ("assistant_model", generate_kwargs.get("assistant_model"), lambda v: v is None),
+            ("cache_implementation", setting("cache_implementation"), lambda v: "static" not in str(v)),
+            ("return_dict_in_generate", generate_kwargs.get("return_dict_in_generate", True), bool),
+        )
+        if not fine(value)
     }
     if unsupported:
+        shown = ", ".join(
+            f"{k}={type(v).__name__ if k == 'assistant_model' else repr(v)}" for k, v in unsupported.items()
+        )
         raise ValueError(
             "generate_with_projections scores one sequence fed token by token with the KV cache, so it does "
-            f"not take {', '.join(f'{k}={v!r}' for k, v in unsupported.items())}; generate the text yourself "
-            "and score it with token_projections"
+            f"not take {shown}; generate the text yourself and score it with token_projections"
         )
     body = transformers_model_path(model)
     inner = model.get_submodule(body)  # what generate calls (the model inside a PEFT model)
@@ -207,17 +225,19 @@ def generate_with_projections(
 
     inputs = {k: v.to(device) for k, v in enc.model_inputs().items()}
     settings = {
-        "do_sample": False,
         "use_cache": True,
         "pad_token_id": tokenizer.pad_token_id,
         **generate_kwargs,
+        "return_dict_in_generate": True,
     }
+    if "do_sample" not in generate_kwargs and "generation_config" not in generate_kwargs:
+        settings["do_sample"] = False  # greedy, whatever the model's own generation config says
+    if setting("stop_strings"):  # generate matches them on text, with the tokenizer
+        settings["tokenizer"] = tokenizer
     with torch.no_grad(), HookManager(model) as hooks:
         hooks.add_forward_pre_hook(body, read_ids, with_kwargs=True)
         hooks.add_forward_hook(path, score)
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **settings
-        )
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, **settings)
         sequence = out.sequences[0]
         if sequence.shape[0] > enc.input_ids.shape[1]:  # the last sampled token was never fed: feed it
             last_feed = True

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from traitlens import TraitVector, load_dataset, load_vector
 from traitlens.cli import RUN_FILES, main
-from traitlens.dataset import encode_examples
+from traitlens.dataset import Example, encode_examples
 from traitlens.metrics import evaluate_vector
 from traitlens.monitor import token_projections
 from traitlens.pipeline import pair_activations
@@ -101,6 +101,34 @@ def test_live_token_texts_add_up_to_the_text_also_when_it_ends_inside_a_characte
         assert torch.equal(torch.tensor([v for _, v in live]), scores.scores)
         assert "".join(scores.tokens[start:]) == tokenizer.decode(emoji[:new_tokens])
     assert scores.tokens[start:] == ["é", "", "", "😀"]
+
+
+def test_generation_with_stop_strings_and_a_sampling_config_is_scored_as_generated(real_model):
+    from transformers import GenerationConfig
+
+    from traitlens.monitor import generate_with_projections
+
+    model, tokenizer = real_model
+    vector = TraitVector(torch.randn(576), model="smollm2", module="model.layers.5", position="all",
+                         method="mean_diff")  # fmt: skip
+    prompt = Example(prompt="Count from one to ten in words.")
+    free = generate_with_projections(model, tokenizer, vector, prompt, max_new_tokens=12)
+    text = "".join(free.tokens[int((~free.response).sum()) :])
+    stop = text.strip().split()[1]  # a word the greedy answer reaches: generate stops on it
+    # stop_strings needs the tokenizer inside generate: it raised transformers' error, and tokenizer= clashed
+    stopped = generate_with_projections(
+        model, tokenizer, vector, prompt, max_new_tokens=12, stop_strings=[stop]
+    )
+    assert stop in "".join(stopped.tokens) and len(stopped.tokens) < len(free.tokens)
+    torch.testing.assert_close(stopped.scores, free.scores[: len(stopped.scores)], rtol=1e-4, atol=1e-4)
+    # a sampling generation config is followed (do_sample=False overrode it): seeds give different texts
+    config = GenerationConfig(do_sample=True, temperature=1.5, top_k=0)
+    texts = set()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        texts.add("".join(generate_with_projections(model, tokenizer, vector, prompt, max_new_tokens=8,
+                                                    generation_config=config).tokens))  # fmt: skip
+    assert len(texts) > 1
 
 
 def test_cli_evaluate_monitor_modules(run, tmp_path, capsys):
