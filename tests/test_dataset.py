@@ -614,13 +614,21 @@ def test_extract_trait_on_a_peft_model_names_modules_as_in_the_model_inside(toy_
     model.resize_token_embeddings(len(toy_tokenizer))  # the toy tokenizer's 600 ids
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     data = load_dataset("sentiment")
-    result = extract_trait(wrapped, toy_tokenizer, data, layers=[1, 2], methods=["mean_diff"], progress=False)
+    # a random model and a toy tokenizer carry no sentiment: the control says so
+    with pytest.warns(UserWarning, match="does no better on validation .* than the best of 32 random"):
+        result = extract_trait(
+            wrapped, toy_tokenizer, data, layers=[1, 2], methods=["mean_diff"], progress=False
+        )
+    assert not result.control_ok
     assert result.module_paths == ["model.layers.1", "model.layers.2"]
     vector = result.trait_vector()  # a model built from a config has no name: its class names it
     assert vector.model == result.model_name == "LlamaForCausalLM"
     vector.check_model(model)
     assert vector.module_in(wrapped) == f"base_model.model.model.layers.{vector.layer}"
-    plain = extract_trait(model, toy_tokenizer, data, layers=[1, 2], methods=["mean_diff"], progress=False)
+    with pytest.warns(UserWarning, match="does no better on validation"):
+        plain = extract_trait(
+            model, toy_tokenizer, data, layers=[1, 2], methods=["mean_diff"], progress=False
+        )
     assert plain.module_paths == result.module_paths and torch.equal(
         plain.vectors["mean_diff"], result.vectors["mean_diff"]
     )
