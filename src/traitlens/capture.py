@@ -99,9 +99,8 @@ class ActivationCapture:
         self.dtype = dtype
         self.positions = positions
         self._store: dict[str, list[torch.Tensor]] = {}
-        self._sources: dict[
-            str, weakref.ref
-        ] = {}  # per name made by make_hook: the module whose outputs it holds
+        # per name of a hook from make_hook: the module whose outputs it holds
+        self._sources: dict[str, weakref.ref] = {}
         # per chunk: the length of its pass before selection (0: not [batch, seq, hidden])
         self._lengths: dict[str, list[int]] = {}
         self._side: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}

@@ -157,8 +157,8 @@ def _usable_device(device: str | torch.device) -> torch.device:
 
 
 def _check_folder(name: str) -> None:
-    """A name written as a path (``/``, ``./``, ``../`` or ``~``) must be an existing folder with a model: the hub's
-    own errors for such a name speak of repo id syntax or tokenizer backends."""
+    """A name written as a path (``/``, ``./``, ``../`` or ``~``), or naming something that exists, must be a
+    folder with a model: the hub's own errors for such a name speak of repo id syntax or tokenizer backends."""
     path = Path(name).expanduser()
     if not (name.startswith(("/", "./", "../", "~")) or path.exists()):
         return  # a hub id
