@@ -144,11 +144,11 @@ def generate_with_projections(
     ``generation_config`` or ``max_length`` says.
 
     A prompt-style ``Example`` is rendered with the chat template and the generation prompt, so the model
-    answers as the assistant. It scores one sequence, fed token by token with the KV cache, so it refuses,
-    as keywords or in the generation config: ``use_cache=False``, ``num_beams`` or ``num_return_sequences``
-    other than 1, assisted or prompt-lookup decoding (they feed draft tokens that may be rejected), and a
-    static cache (sized to the generation, with no slot for the last token's feed). ``token_projections``
-    scores any finished text.
+    answers as the assistant. It scores one sequence, fed token by token with the KV cache, so it refuses
+    ``use_cache=False`` as a keyword (it passes ``use_cache=True`` over any config's), and, as keywords or in
+    the generation config: ``num_beams`` or ``num_return_sequences`` other than 1, assisted or prompt-lookup
+    decoding (they feed draft tokens that may be rejected), and a static cache (sized to the generation,
+    with no slot for the last token's feed). ``token_projections`` scores any finished text.
     """
     config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
 
@@ -158,7 +158,8 @@ def generate_with_projections(
     unsupported = {
         key: value
         for key, value, fine in (
-            ("use_cache", setting("use_cache", True), lambda v: v is not False),
+            # use_cache=True is passed to generate, over any config's (MPT's own says False)
+            ("use_cache", generate_kwargs.get("use_cache", True), lambda v: v is not False),
             ("num_beams", setting("num_beams", 1), lambda v: v in (None, 1)),
             ("num_return_sequences", setting("num_return_sequences", 1), lambda v: v in (None, 1)),
             ("prompt_lookup_num_tokens", setting("prompt_lookup_num_tokens"), lambda v: v is None),
