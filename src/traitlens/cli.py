@@ -210,6 +210,17 @@ def _load(args):
     return model, tokenizer
 
 
+def _fits(vector, path: Path, model):
+    """``vector``, read from ``path`` before the model loaded, checked against the model as
+    ``load_vector(path, model=model)`` checks it (without reading the file again); and a note when it was
+    made for a model of another name."""
+    from traitlens.vector import _check_fits
+
+    _check_fits(vector, path, hidden_size=None, model=model)
+    _note_other_model(vector, model)
+    return vector
+
+
 def _note_other_model(vector, model) -> None:
     """Say so when the vector was made for a model of another name: one of the same width loads without
     complaint, and its directions mean nothing here. Names compare by their last part, so a hub id and a
@@ -345,8 +356,7 @@ def cmd_evaluate(args) -> None:
             f"note: this vector was {used} on this {args.split!r} split, so its scores there are not held out"
         )
     model, tokenizer = _load(args)
-    vector = load_vector(args.vector, model=model)  # now also checked against the model
-    _note_other_model(vector, model)
+    vector = _fits(saved, args.vector, model)
     read = {
         "module": vector.module,
         "position": vector.position,
@@ -408,10 +418,9 @@ def cmd_monitor(args) -> None:
     from traitlens.vector import load_vector
 
     _check_output(args.out)
-    load_vector(args.vector)  # a bad file fails here, before the slow model load
+    vector = load_vector(args.vector)  # a bad file fails here, before the slow model load
     model, tokenizer = _load(args)
-    vector = load_vector(args.vector, model=model)  # now also checked against the model
-    _note_other_model(vector, model)
+    _fits(vector, args.vector, model)
     if args.text is not None:
         scores = token_projections(model, tokenizer, vector, args.text)
         for token, value in zip(scores.tokens, scores.scores.tolist(), strict=True):
@@ -477,8 +486,7 @@ def cmd_steer(args) -> None:
             "residual norm to make --coeff relative to; pass --absolute"
         )
     model, tokenizer = _load(args)
-    vector = load_vector(args.vector, model=model)  # now also checked against the model
-    _note_other_model(vector, model)
+    _fits(vector, args.vector, model)
     # measured on the prompts as they are generated from (chat-templated, as compare_generations renders
     # them): a one-token raw prompt is all first token, whose norm is an outlier (~100x at layer 20)
     as_generated = [Example(prompt=p) for p in prompts]
