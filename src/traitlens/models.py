@@ -60,9 +60,18 @@ def transformers_model_path(model: torch.nn.Module) -> str:
 def locate_module(model: torch.nn.Module, path: str) -> str | None:
     """``path`` if ``model`` has a module there, else ``path`` under the transformers model inside ``model``
     (in a PEFT wrapper, ``model.layers.3`` is ``base_model.model.model.layers.3``), else ``None``."""
+
+    def has(candidate: str) -> bool:
+        try:
+            model.get_submodule(candidate)
+        except AttributeError:
+            return False
+        return True
+
+    if has(path):  # the common case: no walk over every module
+        return path
     inner = transformers_model_path(model)
-    modules = dict(model.named_modules())
-    return next((p for p in (path, f"{inner}.{path}" if inner else None) if p in modules), None)
+    return f"{inner}.{path}" if inner and has(f"{inner}.{path}") else None
 
 
 def cache_keyword(model: torch.nn.Module) -> str | None:
