@@ -154,11 +154,12 @@ class ActivationCapture:
 
         def hook(module: torch.nn.Module, args, output) -> None:
             source = self._sources.get(name)
-            if source is None or source() is None:
+            held = source() if source is not None else None
+            if held is None:
                 self._sources[name] = weakref.ref(module)
-            elif source() is not module:
+            elif held is not module:
                 raise ValueError(
-                    f"capture name {name!r} already holds outputs of another module ({type(source()).__name__}), "
+                    f"capture name {name!r} already holds outputs of another module ({type(held).__name__}), "
                     f"and now a {type(module).__name__} called its hook: get({name!r}) would stack both along "
                     "batch as if they were more examples. Give each hooked module a name of its own (e.g. "
                     f"make_hook(f'layer_{{i}}')), or clear({name!r}) before hooking another module"

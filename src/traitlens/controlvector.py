@@ -165,6 +165,12 @@ def _as_directions(directions) -> dict[int, torch.Tensor]:
             items.append((_decoder_layer(item), item))
     elif isinstance(directions, Mapping):
         items = list(directions.items())
+        for layer, vector in items:  # a TraitVector given at a layer: the one it was read at
+            if hasattr(vector, "vector") and hasattr(vector, "module") and _decoder_layer(vector) != layer:
+                raise ValueError(
+                    f"directions[{layer}] is a vector read at {vector.module!r}, so it belongs at layer "
+                    f"{vector.layer}, not {layer}"
+                )
     else:
         raise TypeError(
             f"directions must be {{layer: vector}}, a TraitVector or a list of them, got {type(directions).__name__}"
@@ -182,11 +188,6 @@ def _as_directions(directions) -> dict[int, torch.Tensor]:
             )
         if layer in rows:
             raise ValueError(f"layer {layer} is given twice")
-        if hasattr(vector, "vector") and hasattr(vector, "module") and _decoder_layer(vector) != layer:
-            raise ValueError(
-                f"directions[{layer}] is a vector read at {vector.module!r}, so it belongs at layer "
-                f"{vector.layer}, not {layer}"
-            )
         tensor = check_vector(getattr(vector, "vector", vector), f"directions[{layer}]")
         rows[layer] = tensor.detach().to("cpu", torch.float32).contiguous()  # what the file stores
         if not bool(torch.isfinite(rows[layer]).all()):

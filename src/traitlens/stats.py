@@ -143,12 +143,10 @@ class RunningMoments:
         moments = cls(outer=bool(state["outer"]))
         moments.count = int(state["count"])
         if "sum" in state and moments.count:
-            moments._mean = state["sum"].double() / moments.count
+            mean = moments._mean = state["sum"].double() / moments.count
             if "outer_sum" in state:
-                mean = moments._mean
-                moments.m2 = state["outer_sum"].double() - moments.count * mean.unsqueeze(2) * mean.unsqueeze(
-                    1
-                )
+                outer_of_mean = mean.unsqueeze(2) * mean.unsqueeze(1)
+                moments.m2 = state["outer_sum"].double() - moments.count * outer_of_mean
         elif moments.count:
             moments._mean = state["mean"]
             moments.m2 = state.get("m2")
