@@ -19,8 +19,10 @@ def test_hooks_run_and_are_removed_on_exit(tiny):
         assert "pre0 (forward_pre)" in repr(hooks)
         assert _hook_count(model) == 2
         model(torch.tensor([[3, 4, 5]]))
-        assert hasattr(handle, "remove")
-    assert calls == ["pre", "fwd"]
+        handle.remove()  # by hand: no longer counted or listed
+        assert len(hooks) == 1 and repr(hooks).endswith("1 hook: pre0 (forward_pre))")
+        model(torch.tensor([[3, 4, 5]]))
+    assert calls == ["pre", "fwd", "pre"]
     assert _hook_count(model) == 0
 
 

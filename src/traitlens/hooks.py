@@ -246,9 +246,15 @@ class HookManager:
         self.remove_all()
         return isinstance(exc, StopForward) and exc.manager is self  # another manager's stop is its own
 
+    def _attached(self) -> list[tuple[str, str, RemovableHandle]]:
+        """The hooks added here that are still attached (a handle may have been removed by hand)."""
+        return [h for h in self._handles if (d := h[2].hooks_dict_ref()) is not None and h[2].id in d]
+
     def __len__(self) -> int:
-        return len(self._handles)
+        return len(self._attached())
 
     def __repr__(self) -> str:
-        hooks = ", ".join(f"{name} ({kind})" for name, kind, _ in self._handles)
-        return f"HookManager({type(self.model).__name__}, {len(self)} hooks{': ' + hooks if hooks else ''})"
+        attached = self._attached()
+        hooks = ", ".join(f"{name} ({kind})" for name, kind, _ in attached)
+        count = f"{len(attached)} hook{'' if len(attached) == 1 else 's'}"
+        return f"HookManager({type(self.model).__name__}, {count}{': ' + hooks if hooks else ''})"

@@ -588,7 +588,10 @@ class ExtractionResult:
                 "what": "draws_*: random directions oriented on train, the control; the other scores: the "
                 "single unoriented vector that random_baseline returns",
                 "test": self.control_test,
-                "ok": self.control_ok,  # the chosen vector beats every draw on validation
+                # what "ok" means, so that it can be told from runs before 2026-11-27, whose "ok" meant the
+                # mean accuracy of unoriented draws was near 0.5 (which no data could fail)
+                "rule": "validation (accuracy, AUROC) of the chosen vector above the best draw's",
+                "ok": self.control_ok,
             },
             "validation": {
                 m: dict(zip(map(str, self.layers), self.val[m], strict=True)) for m in self.methods

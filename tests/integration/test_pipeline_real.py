@@ -23,7 +23,7 @@ def run(tmp_path_factory, real_model):
     return out, json.loads((out / "summary.json").read_text())
 
 
-def test_extract_chooses_a_layer_that_generalises_and_the_control_is_at_chance(run):
+def test_extract_chooses_a_layer_that_generalises_and_beats_the_control(run):
     _, summary = run
     assert len(summary["layers"]) == 30 and len(summary["methods"]) == 6
     chosen = summary["chosen"]
@@ -33,7 +33,12 @@ def test_extract_chooses_a_layer_that_generalises_and_the_control_is_at_chance(r
     # directions), and the chosen vector beats the best of them
     control = summary["control"]["test"]
     assert 0.5 < control["draws_accuracy_mean"] < control["draws_accuracy_max"] < chosen["test"]["accuracy"]
-    assert summary["control"]["ok"]
+    assert summary["control"]["ok"] and summary["control"]["rule"]
+    # the rule as summary.json states it, read from its own validation scores
+    layer = str(summary["control"]["layer"])
+    draws = summary["validation"]["random_baseline"][layer]
+    mine = summary["validation"][chosen["method"]][layer]
+    assert (mine["accuracy"], mine["auroc"]) > (draws["draws_accuracy_max"], draws["draws_auroc_max"])
 
 
 def test_saved_vectors_reload_bit_identically(run, real_model):
