@@ -89,6 +89,9 @@ def test_derivatives_match_numpy_diff():
     )
     scalars = randn(5, seed=7)  # one projection per token
     np.testing.assert_allclose(compute_derivative(scalars).numpy(), np.diff(scalars.numpy()), rtol=1e-6)
+    # a numpy float32 or a one-element tensor is a step too (numpy float32 is no Python float)
+    for dt in (np.float32(0.5), torch.tensor(0.5)):
+        assert torch.equal(compute_derivative(x, dt=dt), compute_derivative(x, dt=0.5))
 
 
 def test_derivative_normalize_gives_unit_vectors_and_keeps_zero_steps():
@@ -109,6 +112,9 @@ def test_derivative_errors_name_the_shape():
         compute_second_derivative(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="dt must be a finite non-zero"):
         compute_derivative(torch.zeros(3, 4), dt=0)
+    for bad in (True, float("nan"), "1", torch.ones(2)):
+        with pytest.raises(ValueError, match="dt must be a finite non-zero"):
+            compute_derivative(torch.zeros(3, 4), dt=bad)
     with pytest.raises(ValueError, match="normalize=True needs vectors"):
         compute_derivative(torch.zeros(3), normalize=True)
     with pytest.raises(ValueError, match="out of range"):

@@ -3,6 +3,7 @@ pipeline runs on the real model in tests/integration)."""
 
 import re
 import statistics
+import warnings
 
 import numpy as np
 import pytest
@@ -511,3 +512,17 @@ def test_pair_activations_refuse_other_inputs_and_a_prompt_position_where_the_si
     mixed = [*shared, Pair("w3", "w4", "train", prompt="w1", system_pos="w10", system_neg="w11")]
     pos, neg = pair_activations(model, tokenizer, mixed, layers=[1], position="prompt_last")
     assert torch.equal(pos[0, :2], neg[0, :2]) and not torch.equal(pos[0, 2], neg[0, 2])
+
+
+def test_a_model_in_training_mode_gets_a_warning_at_the_callers_line():
+    """Dropout in training mode makes every capture differ; the model's mode is the user's to set."""
+    model, tokenizer = make_tiny_model("gpt2").train(), make_word_tokenizer()
+    with pytest.warns(UserWarning, match="training mode, so its dropout") as record:
+        first = collect_activations(model, tokenizer, ["w1 w2 w3", "w4"], layers=[0])
+        second = collect_activations(model, tokenizer, ["w1 w2 w3", "w4"], layers=[0])
+    assert record[0].filename == __file__ and model.training
+    assert not torch.equal(first, second)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collect_activations(model, tokenizer, ["w1 w2 w3", "w4"], layers=[0])

@@ -71,13 +71,17 @@ def test_capture_refuses_a_bad_selector_when_it_is_set():
         (MASK.bool(), TypeError, "cannot be a bool mask"),
         (torch.ones(2, 3, 4), ValueError, r"weights must have shape \[batch, seq\], got \(2, 3, 4\)"),
         (torch.zeros(2, 3, 4, dtype=torch.long), ValueError, r"index must have shape \[batch\] or"),
+        # an int64 attention mask was read as [batch, k] indices: positions 0 and 1 over and over, in the shape
+        # of positions=None
+        (MASK, ValueError, r"looks like an attention mask"),
+        (torch.tensor([-1, -1]), ValueError, r"count from 0 \(got -1\)"),
     ):
         with pytest.raises(error, match=match):
             ActivationCapture(positions=bad)
         capture = ActivationCapture()
         with pytest.raises(error, match=match):
             capture.positions = bad
-    for good in (None, -1, slice(0, 2), torch.tensor([1, 2]), MASK.float()):
+    for good in (None, -1, slice(0, 2), torch.tensor([1, 2]), torch.tensor([[0, 1], [1, 0]]), MASK.float()):
         ActivationCapture(positions=good)
     with pytest.raises(TypeError, match=r"activations must be a torch\.Tensor, got list"):
         ActivationCapture().store("x", [1, 2])
@@ -87,3 +91,18 @@ def test_to_device_leaves_a_tensor_already_there_alone():
     index = torch.tensor([1, 2])
     assert to_device(index, "cpu") is index
     assert to_device(index, torch.device("meta")).device.type == "meta"
+
+
+def test_an_index_past_the_end_is_refused_before_it_reaches_a_device():
+    from traitlens.capture import ActivationCapture
+
+    # on a GPU, gather with such an index is a device-side assert that ends the process; the host copy is read
+    capture = ActivationCapture(positions=torch.tensor([3, 6]))
+    with pytest.raises(ValueError, match="position index 6 is past the end of a pass of 6 positions"):
+        capture.store("x", HIDDEN)
+    with pytest.raises(ValueError, match="position index 6 is past the end of a pass of 6 positions"):
+        apply_selector(HIDDEN.to("meta"), torch.tensor([3, 6]))
+    assert apply_selector(HIDDEN.to("meta"), torch.tensor([3, 5])).shape == (2, 3)
+    capture.positions = torch.tensor([3, 5])
+    capture.store("x", HIDDEN)
+    assert torch.equal(capture.get("x"), HIDDEN[[0, 1], [3, 5]])

@@ -4,6 +4,7 @@ dtypes, hook cleanup, relative strength."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -539,6 +540,11 @@ def test_dose_response_scores_with_the_unsteered_model(tiny):
         model, tokenizer, prompts, v, [-30.0, 0.0, 30.0], layer=LAYER, max_new_tokens=5, chat=False
     )
     assert [r["coeff"] for r in table] == [-30.0, 0.0, 30.0]
+    same = dose_response(  # numpy float32 coefficients are numbers too
+        model, tokenizer, prompts, v, np.array([-30.0, 0.0, 30.0], dtype=np.float32), layer=LAYER,
+        max_new_tokens=5, chat=False,
+    )  # fmt: skip
+    assert same == table
     assert all(np.isfinite(r["projection"]) and r["perplexity"] > 1.0 and r["n_tokens"] > 0 for r in table)
     # _score against a reference: transformers' own loss over the response tokens, and hooks on the layer.
     generated = [([5, 9, 14, 7], [11, 3, 2]), ([8, 8], [40, 41, 42, 43])]
@@ -561,6 +567,26 @@ def test_dose_response_scores_with_the_unsteered_model(tiny):
     assert count == 7
     assert nll == pytest.approx(expected_nll, rel=1e-5)
     assert projection == pytest.approx(expected_projection, rel=1e-5, abs=1e-5)
+
+
+def test_dose_response_refuses_what_it_cannot_measure_and_warns_of_dropout():
+    from traitlens.dose_response import compare_generations, dose_response
+
+    model, tokenizer = make_tiny_model("gpt2"), _CharTokenizer()
+    run = functools.partial(
+        dose_response, model, tokenizer, ["the cat"], layer=LAYER, max_new_tokens=2, chat=False
+    )
+    with pytest.raises(ValueError, match="needs a non-zero vector"):
+        run(torch.zeros(TINY_HIDDEN), [1.0])  # its projections were NaN
+    for bad in (0, -1, 2.0, True):  # -1 said "nothing was generated"; 0 and 2.0 failed inside range()
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bad!r}"):
+            run(_vector(), [1.0], batch_size=bad)
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bad!r}"):
+            compare_generations(model, tokenizer, ["the cat"], _vector(), [1.0], layer=LAYER, batch_size=bad)
+    model.train()  # GPT-2's dropout made two runs of the same call differ, silently
+    with pytest.warns(UserWarning, match="training mode, so its dropout"):
+        run(_vector(), [1.0])
+    assert model.training  # the mode is the user's
 
 
 @pytest.mark.parametrize("op", ["add", "ablate", "clamp"])

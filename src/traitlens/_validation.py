@@ -6,6 +6,9 @@ A message names the argument, what was expected, what was received, and how to f
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -131,3 +134,27 @@ def check_choice(value: object, name: str, options: Sequence[str]) -> str:
             + (did_you_mean(value, options) if isinstance(value, str) else "")
         )
     return value
+
+
+def real_number(x: object) -> float | None:
+    """``x`` as a finite float when it is a real number (a Python or numpy number, or a one-element tensor
+    that is not bool or complex), else ``None``."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.dtype == torch.bool or x.is_complex():
+            return None
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def warn_if_training(model: torch.nn.Module, what: str, stacklevel: int = 3) -> None:
+    """Warn that ``model`` is in training mode: dropout makes ``what`` differ from run to run (the model is
+    the user's to switch; traitlens does not change its mode)."""
+    if model.training:
+        warnings.warn(
+            f"the model is in training mode, so its dropout (if it has any) changes {what} from run to run; "
+            "call model.eval() first (load_model and from_pretrained return models in eval mode)",
+            stacklevel=stacklevel,
+        )

@@ -123,6 +123,9 @@ class ActivationCapture:
         # the pass length a tensor selector is for: weights say it, an index is taken from its first pass
         weights = isinstance(selector, torch.Tensor) and selector.is_floating_point() and selector.ndim == 2
         self._selector_len: int | None = selector.shape[1] if weights else None
+        # an index on the host is read once, here: on a GPU, one past a pass's end is a device-side assert
+        index_on_host = isinstance(selector, torch.Tensor) and not weights and selector.device.type == "cpu"
+        self._index_end = int(selector.max()) + 1 if index_on_host and selector.numel() else None
 
     def _selector(self, hidden: torch.Tensor):
         """The position selector on ``hidden``'s device: a tensor selector is copied once per device per
@@ -138,6 +141,11 @@ class ActivationCapture:
             # here: that would wait for the GPU), but not a decode step's single position after longer passes
             elif length != self._selector_len and (selector.is_floating_point() or length == 1):
                 raise ValueError(_selector_mismatch(self._selector_len, length))
+            if self._index_end is not None and self._index_end > length:
+                raise ValueError(
+                    f"position index {self._index_end - 1} is past the end of a pass of {length} positions; "
+                    "set positions for each batch (capture.positions = last_token_index(batch['attention_mask']))"
+                )
         if hidden.device not in self._selector_on:  # the dtype of weights is apply_selector's to choose
             self._selector_on[hidden.device] = to_device(selector, hidden.device)
         return self._selector_on[hidden.device]

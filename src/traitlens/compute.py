@@ -15,12 +15,11 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
-from traitlens._validation import check_tensor, check_vector, shape_of
+from traitlens._validation import check_tensor, check_vector, real_number, shape_of
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +51,10 @@ def mean_difference(
     """Mean of ``pos_acts`` minus mean of ``neg_acts``: the plain difference-of-means trait vector.
 
     Args:
-        pos_acts: ``[n_pos, hidden]`` or ``[batch, seq, hidden]`` (any ``[..., hidden]``).
+        pos_acts: ``[n_pos, hidden]`` or ``[batch, seq, hidden]`` (any ``[..., hidden]``). Every position
+            of ``[batch, seq, hidden]`` counts, padding included (on the bundled model, two right-padded
+            sentences a side gave a vector at cosine 0.50 to the one without pads): pass the real tokens'
+            rows, ``hidden[attention_mask.bool()]``, or capture with ``positions=`` (``traitlens.positions``).
         neg_acts: the same layout as ``pos_acts``; the number of examples may differ.
         dim: dimension(s) to average over. ``None`` averages over every dimension but the last
             (the hidden one), so ``[n, hidden]`` and ``[batch, seq, hidden]`` both give ``[hidden]``.
@@ -76,7 +78,7 @@ def mean_difference(
             f"{shape_of(means[0])} and neg_acts {shape_of(neg)} -> {shape_of(means[1])}"
         )
     out_dtype = torch.float64 if torch.float64 in (pos.dtype, neg.dtype) else torch.float32
-    return (means[0] - means[1]).to(out_dtype)
+    return (means[0] - means[1].to(means[0].device)).to(out_dtype)  # on pos_acts' device
 
 
 def compute_derivative(
@@ -116,13 +118,14 @@ def _difference(x: object, order: int, dt: float, normalize: bool, dim: int, who
     x = check_tensor(x, "expression_trajectory")
     x = _at_least_1d(x, "expression_trajectory", "[seq, hidden]")
     dim = _size_along(x, "expression_trajectory", dim, order + 1, who)
-    if isinstance(dt, bool) or not isinstance(dt, (int, float)) or dt == 0 or not math.isfinite(dt):
+    step = real_number(dt)
+    if not step:  # None (not a finite real number) or 0
         raise ValueError(f"dt must be a finite non-zero number, got {dt!r}")
     if normalize and x.ndim < 2:
         raise ValueError(
             f"normalize=True needs vectors ([seq, hidden]), got expression_trajectory of shape {shape_of(x)}"
         )
-    out = torch.diff(_upcast(x), n=order, dim=dim) / dt**order
+    out = torch.diff(_upcast(x), n=order, dim=dim) / step**order
     return _unit(out) if normalize else out
 
 

@@ -22,6 +22,7 @@ import torch
 
 from traitlens._plot import figure
 from traitlens._progress import progress_bar
+from traitlens._validation import real_number, warn_if_training
 from traitlens.capture import output_tensor
 from traitlens.dataset import Example, encode_examples, pad_rows
 from traitlens.hooks import HookManager, input_device
@@ -57,6 +58,7 @@ def compare_generations(
     """
     prompts = _check_prompts(prompts)
     coeffs = [0.0] if op == "ablate" else _check_coeffs(coeffs)
+    warn_if_training(model, "the generations")
     settings: list[float | None] = [None, *coeffs]
     texts: dict[float | None, list[str]] = {}
     for coeff in progress_bar(settings, "generations" if progress else False, unit="setting"):
@@ -108,11 +110,14 @@ def dose_response(
     """
     prompts = _check_prompts(prompts)
     coeffs = _check_coeffs(coeffs)
+    warn_if_training(model, "the generations and their scores")
     targets = _targets(model, vector, layer, module)
     if len(targets) != 1:
         raise ValueError("dose_response measures at one module: give one vector and one layer or module")
     path, (direction, _) = next(iter(targets.items()))
     unit = direction.detach().to(torch.float32)
+    if float(unit.norm()) == 0.0:
+        raise ValueError("dose_response projects on the vector's direction: it needs a non-zero vector")
     unit = unit / unit.norm()
     rows = []
     for coeff in progress_bar(coeffs, "dose-response" if progress else False, unit="coeff"):
@@ -177,14 +182,13 @@ def _check_prompts(prompts) -> list[str]:
 
 
 def _check_coeffs(coeffs) -> list[float]:
-    if isinstance(coeffs, (int, float)):
+    if real_number(coeffs) is not None:
         coeffs = [coeffs]
     coeffs = list(coeffs)
-    if not coeffs or not all(
-        isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coeffs
-    ):
+    values = [real_number(c) for c in coeffs]
+    if not values or None in values:
         raise ValueError(f"coeffs must be a non-empty list of finite numbers, got {coeffs!r}")
-    return [float(c) for c in coeffs]
+    return values
 
 
 @torch.no_grad()
@@ -194,8 +198,9 @@ def _generate(
     """Greedy generation: ``(prompt ids, response ids)`` per prompt, pads removed, cut after the first EOS."""
     from transformers import GenerationConfig
 
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos = tokenizer.eos_token_id if eos is None else eos
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}

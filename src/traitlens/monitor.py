@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from traitlens._validation import check_choice
+from traitlens._validation import check_choice, warn_if_training
 from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import projection
 from traitlens.dataset import Example, encode_examples
@@ -114,6 +114,7 @@ def token_projections(
     """Projection of every token of ``text`` (a plain string or a prompt-style ``Example``) onto
     ``vector`` at ``vector.module``."""
     _check_text(text, "text")
+    warn_if_training(model, "the scores")
     path = vector.check_model(model)  # the module's path in model (under a PEFT wrapper's model)
     enc = encode_examples(tokenizer, [text], chat=chat)
     capture = ActivationCapture(dtype=torch.float32)
@@ -187,6 +188,7 @@ def generate_with_projections(
             "text yourself and score it with token_projections"
         )
     _check_text(prompt, "prompt")
+    warn_if_training(model, "the scores and the generated text")
     path = vector.check_model(model)  # the module's path in model (under a PEFT wrapper's model)
     enc = encode_examples(tokenizer, [prompt], chat=chat)
     device = input_device(model)

@@ -42,7 +42,7 @@ import torch
 
 from traitlens import __version__
 from traitlens._progress import progress_bar
-from traitlens._validation import check_choice, short_list
+from traitlens._validation import check_choice, short_list, warn_if_training
 from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import normalize_vectors
 from traitlens.dataset import (
@@ -232,6 +232,7 @@ def _hooked_layers(model, layers, batch_size, module=None) -> tuple[list[str], l
     """The module paths to hook and the checked ``layers`` (indices into the paths)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    warn_if_training(model, "the activations", stacklevel=4)  # at the caller of the public function
     if module is None:
         paths = decoder_layer_paths(model)
         return paths, _check_layers(layers, len(paths))

@@ -2,8 +2,9 @@
 
 A *selector* is what ``ActivationCapture(positions=...)`` accepts: ``None`` (every position), an ``int`` or a
 ``slice`` (the same positions in every row), a ``[batch]`` or ``[batch, k]`` integer tensor (per-row
-positions, in ``0 .. seq - 1``: negative values are not counted from the end, as reading them to check would
-synchronise with the host; use the int ``-1`` for the last position), or a ``[batch, seq]`` floating tensor
+positions, in ``0 .. seq - 1``: negative values are not counted from the end; use the int ``-1`` for the last
+position. An index on the host is checked when it is set, one on a GPU is not, as reading it would make the
+host wait for the GPU), or a ``[batch, seq]`` floating tensor
 of weights (a weighted sum over positions, e.g. a mean over the prompt). Selection runs on the activations'
 device, so hooks never synchronise with the host.
 
@@ -91,19 +92,22 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
         check_selector(selector)  # an int or a slice passes (not a bool); anything else raises
         return hidden[:, selector]
     batch, seq, width = hidden.shape
-    selector = to_device(selector, hidden.device)
     if selector.is_floating_point():
         if selector.shape != (batch, seq):
             raise ValueError(
                 f"position weights must have shape [batch, seq]=[{batch}, {seq}], got {shape_of(selector)}"
             )
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # a mean in bf16 is off by ~1e-3
-        return torch.einsum("bs,bsh->bh", selector.to(dtype), hidden.to(dtype))
+        return torch.einsum("bs,bsh->bh", to_device(selector, hidden.device).to(dtype), hidden.to(dtype))
     if selector.ndim not in (1, 2) or selector.shape[0] != batch:
         raise ValueError(
             f"position index must have shape [batch]=[{batch}] or [batch, k], got {shape_of(selector)}"
         )
-    index = selector.view(batch, -1, 1).expand(-1, -1, width)
+    on_host = selector.device.type == "cpu"
+    if on_host and hidden.device.type != "cpu" and selector.numel() and int(selector.max()) >= seq:
+        # read on the host for free; on the GPU it would be a device-side assert that ends the process
+        raise ValueError(f"position index {int(selector.max())} is past the end of a pass of {seq} positions")
+    index = to_device(selector, hidden.device).view(batch, -1, 1).expand(-1, -1, width)
     picked = hidden.gather(1, index)  # [batch, k, hidden]
     return picked.squeeze(1) if selector.ndim == 1 else picked
 
@@ -126,6 +130,21 @@ def check_selector(selector) -> None:
         raise ValueError(f"position weights must have shape [batch, seq], got {shape_of(selector)}")
     if not selector.is_floating_point() and selector.ndim not in (1, 2):
         raise ValueError(f"position index must have shape [batch] or [batch, k], got {shape_of(selector)}")
+    if not selector.is_floating_point() and selector.device.type == "cpu" and selector.numel():
+        # read here, on the host, for free; on a GPU a bad index is a device-side assert that ends the process
+        low, high = selector.aminmax()
+        if low < 0:
+            raise ValueError(
+                f"position indices count from 0 (got {int(low)}): negative ones are not counted from the end; "
+                "use the int -1 for the last position, or last_token_index(attention_mask)"
+            )
+        if selector.ndim == 2 and selector.shape[1] > 2 and high <= 1:
+            raise ValueError(
+                f"this [batch, k] index of 0s and 1s (shape {shape_of(selector)}) looks like an attention mask, "
+                "which would pick positions 0 and 1 over and over; give weights (mask.float() / "
+                "mask.sum(-1, keepdim=True) for a mean, or select_positions), or indices "
+                "(last_token_index(mask))"
+            )
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
