@@ -362,8 +362,8 @@ class Reference:
         out = self.outputs(ids)
         if position == "prompt_last":
             return out[:, n_prompt - 1 : n_prompt]
-        if position == "prompt_mean":
-            return out[:, :n_prompt].mean(1, keepdim=True)
+        if position == "prompt_mean":  # the first token left out, unless it is the whole prompt
+            return out[:, min(1, n_prompt - 1) : n_prompt].mean(1, keepdim=True)
         if position == "response_mean":
             return out[:, n_prompt:].mean(1, keepdim=True)
         return out  # "all"

@@ -22,8 +22,14 @@ def test_prompt_last():
 
 
 def test_means_match_numpy_style_reference():
-    for rule, rows in [("prompt_mean", [[0, 1, 2], [2, 3]]), ("response_mean", [[3, 4], [4, 5]])]:
-        got = apply_selector(HIDDEN, select_positions(rule, MASK, RESPONSE))
+    # prompt_mean leaves out each row's first real token (the attention sink), unless it is the whole prompt
+    one_token_prompt = torch.tensor([[0, 1, 1, 1, 1, 1]]), torch.tensor([[0, 0, 1, 1, 1, 1]])
+    for rule, (mask, response), rows in [
+        ("prompt_mean", (MASK, RESPONSE), [[1, 2], [3]]),
+        ("prompt_mean", one_token_prompt, [[1]]),
+        ("response_mean", (MASK, RESPONSE), [[3, 4], [4, 5]]),
+    ]:
+        got = apply_selector(HIDDEN[: len(mask)], select_positions(rule, mask, response))
         expected = torch.stack([HIDDEN[i, r].mean(0) for i, r in enumerate(rows)])
         torch.testing.assert_close(got, expected)
 

@@ -11,9 +11,13 @@ device, so hooks never synchronise with the host.
 The rules of the pipeline, one vocabulary everywhere:
 
 - ``"prompt_last"``: the last real token of the prompt (for plain texts, the last token of the text);
-- ``"prompt_mean"``: the mean over the prompt's real tokens;
+- ``"prompt_mean"``: the mean over the prompt's real tokens but the first (unless it is the only one). The
+  first position sees nothing but itself and is the model's attention sink: on the bundled model its residual
+  is ~100x as long as the others', so a mean that includes it is mostly that token. On the shipped sentiment
+  pairs, mean difference at layer 12 scored 0.605 held-out accuracy with it and 0.947 without;
 - ``"response_mean"``: the mean over the response's tokens;
-- ``"all"``: every position (``[batch, seq, hidden]``; pads included, mask them yourself).
+- ``"all"``: every position (``[batch, seq, hidden]``; pads included, mask them yourself; the first token
+  too, an outlier as said above).
 
 All are padding-safe for left and right padding because they come from masks, never from ``shape[1]``.
 """
@@ -67,6 +71,9 @@ def select_positions(
         )
     prompt = mask & ~response.bool()
     chosen = response.bool() & mask if rule == "response_mean" else prompt
+    if rule == "prompt_mean":  # leave out each row's first token, unless it is the whole prompt
+        first = torch.nn.functional.one_hot(mask.long().argmax(dim=-1), mask.shape[1]).bool()
+        chosen = chosen & ~(first & (chosen.sum(dim=-1, keepdim=True) > 1))
     counts = chosen.sum(dim=-1)
     if bool((counts == 0).any()):
         rows = torch.nonzero(counts == 0).flatten().tolist()
