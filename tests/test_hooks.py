@@ -1,8 +1,9 @@
 import pytest
 import torch
-from tests.conftest import TINY_LAYERS, layer_path, make_tiny_model
+from tests.conftest import TINY_HIDDEN, TINY_LAYERS, layer_path, make_tiny_model
 
 from traitlens import HookManager, list_modules
+from traitlens.hooks import StopForward
 
 
 def _hook_count(model: torch.nn.Module) -> int:
@@ -113,6 +114,28 @@ def test_stop_after_ends_the_pass_and_skips_later_modules(tiny):
     assert _hook_count(model) == 0
 
 
+def test_run_stops_the_pass_not_the_block_so_one_manager_serves_a_loop(tiny):
+    from traitlens import ActivationCapture
+
+    family, model = tiny
+    capture, rows = ActivationCapture(positions=-1), []
+    with HookManager(model) as hooks:
+        hooks.add_forward_hook(layer_path(family, 0), capture.make_hook("l0"))
+        hooks.stop_after(layer_path(family, 0))
+        for ids in ([[3, 4, 5]], [[6, 7]], [[8]]):  # with model(...) the first batch ended the block
+            assert hooks.run(torch.tensor(ids)) is None
+            rows.append(capture.get("l0"))
+            capture.clear()
+    assert [r.shape for r in rows] == [(1, TINY_HIDDEN)] * 3
+    with HookManager(model) as hooks:  # a pass that is not stopped returns the model's output
+        assert torch.equal(hooks.run(torch.tensor([[3, 4]])).logits, model(torch.tensor([[3, 4]])).logits)
+    with HookManager(model) as outer:  # another manager's stop is not run's to swallow
+        outer.stop_after(layer_path(family, 0))
+        with pytest.raises(StopForward), HookManager(model) as inner:
+            inner.run(torch.tensor([[3, 4]]))
+    assert _hook_count(model) == 0
+
+
 def test_a_stop_goes_to_the_manager_that_set_it_through_managers_opened_inside(tiny):
     from traitlens.steering import residual_norms
 
@@ -199,3 +222,12 @@ def test_decoder_layer_paths_leave_out_towers_and_refuse_to_guess_between_equal_
         ValueError, match=r"'transformer.attentions', 'transformer.layer_norm1', .* all have 2"
     ):
         decoder_layer_paths(xlm)
+
+
+def test_make_hook_itself_is_refused_when_added():
+    from traitlens import ActivationCapture
+
+    with pytest.raises(TypeError, match=r"pass the hook it makes, capture.make_hook\('name'\)"):
+        HookManager(make_tiny_model("llama")).add_forward_hook(
+            "model.layers.0", ActivationCapture().make_hook
+        )

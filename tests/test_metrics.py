@@ -243,6 +243,21 @@ def test_stability_high_for_strong_signal_low_for_noise():
     assert weak["mean"] < 0.9 and weak["min"] < strong["min"]
     assert subsample_stability(pos, neg, fraction=0.3, n_trials=5)["mean"] > 0.95
     assert subsample_stability(noise_pos, noise_neg, fraction=0.3, n_trials=5)["mean"] < 0.8
+    # a method by name, as get_method takes it (was "'str' object is not callable")
+    from traitlens import get_method
+
+    by_name = bootstrap_stability(pos, neg, method="pca_diff", n_trials=3)
+    assert by_name == bootstrap_stability(pos, neg, method=get_method("pca_diff"), n_trials=3)
+    with pytest.raises(ValueError, match="did you mean"):
+        bootstrap_stability(pos, neg, method="prob", n_trials=3)
+    # a TraitVector where a tensor is wanted: the message says where its tensor is
+    from traitlens.vector import TraitVector
+
+    vector = TraitVector(
+        pos.mean(0) - neg.mean(0), model="m", module="model.layers.1", position="all", method="x"
+    )
+    with pytest.raises(TypeError, match=r"got TraitVector; pass its \.vector"):
+        evaluate_vector(vector, pos, neg)
 
 
 def test_stability_edge_values_and_determinism():

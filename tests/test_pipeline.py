@@ -529,3 +529,12 @@ def test_a_model_in_training_mode_gets_a_warning_at_the_callers_line():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         collect_activations(model, tokenizer, ["w1 w2 w3", "w4"], layers=[0])
+
+
+def test_extract_trait_names_the_dataset_it_wants():
+    from traitlens.pipeline import extract_trait
+
+    with pytest.raises(
+        TypeError, match=r"dataset must be a ContrastiveDataset \(load_dataset\('sentiment'\).* got list"
+    ):
+        extract_trait(make_tiny_model("llama"), make_word_tokenizer(), [("w1 w2", "w3 w4")])

@@ -478,6 +478,9 @@ def test_argument_errors(tiny):
         token_projections(model, _FakeTokenizer(), here, "")
     with pytest.raises(ValueError, match="prompt is an empty string"):
         generate_with_projections(model, _FakeTokenizer(), here, "")
+    for monitor in (token_projections, generate_with_projections):  # was an AttributeError: 'check_model'
+        with pytest.raises(TypeError, match=r"vector must be a TraitVector .* got Tensor"):
+            monitor(model, _FakeTokenizer(), v, "a b c")
     assert _hook_count(model) == 0
 
 

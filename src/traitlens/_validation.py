@@ -61,7 +61,8 @@ def check_tensor(
     ``shape_doc`` is the documented shape (``"[n, hidden]"``) quoted in the message when ``ndim`` fails.
     """
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        hint = "; pass its .vector" if isinstance(getattr(x, "vector", None), torch.Tensor) else ""
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
     if x.is_meta:
         raise ValueError(
             f"{name} is on the 'meta' device and holds no data (a model built without its weights?); "

@@ -201,6 +201,8 @@ class HookManager:
     def _module(self, module_path: str, hook_fn: _HookFn) -> torch.nn.Module:
         if not callable(hook_fn):
             raise TypeError(f"hook_fn must be callable, got {type(hook_fn).__name__}")
+        if getattr(hook_fn, "__name__", None) == "make_hook":  # it would fail at the next forward pass
+            raise TypeError("hook_fn is make_hook itself: pass the hook it makes, capture.make_hook('name')")
         return resolve_module(self.model, module_path)
 
     def stop_after(self, module_path: str) -> RemovableHandle:
@@ -208,22 +210,35 @@ class HookManager:
         head) when only activations are wanted.
 
         Add it after the hooks that read that module (hooks run in the order they were added). The pass
-        raises ``StopForward``, which ends this manager's ``with`` block: the block swallows it, and the
-        lines after the model call in it do not run. So use one manager per forward pass, or catch
-        ``StopForward`` yourself. Managers opened inside the block (by traitlens functions too) let it
+        raises ``StopForward``. Call the model through ``run``, which ends the pass there and goes on, so
+        that one manager serves a loop of batches. A plain ``model(...)`` call lets it end this manager's
+        ``with`` block instead (the block swallows it, and no line after the call in it runs: in a loop,
+        the first batch ends the loop). Managers opened inside the block (by traitlens functions too) let it
         through, to this one::
 
             with HookManager(model) as hooks:
                 hooks.add_forward_hook("model.layers.12", capture.make_hook("l12"))
                 hooks.stop_after("model.layers.12")
-                model(**inputs)  # raises StopForward after layer 12, which ends the block
-            activations = capture.get("l12")
+                for batch in batches:
+                    hooks.run(**batch)  # stops after layer 12, then the next batch
+                    rows.append(capture.get("l12"))
+                    capture.clear()
         """
 
         def stop(module: torch.nn.Module, args, output) -> None:
             raise StopForward(self)
 
         return self.add_forward_hook(module_path, stop, name=f"stop after {module_path}")
+
+    def run(self, *args, **kwargs) -> object:
+        """Call the model with ``args`` and ``kwargs``: its output, or ``None`` when this manager's
+        ``stop_after`` ended the pass (which then does not end the ``with`` block)."""
+        try:
+            return self.model(*args, **kwargs)
+        except StopForward as stop:
+            if stop.manager is not self:
+                raise
+            return None
 
     def get_module(self, module_path: str) -> torch.nn.Module:
         """The submodule at ``module_path`` (same errors and suggestions as the ``add_*`` methods)."""

@@ -29,9 +29,11 @@ import torch
 
 from traitlens._validation import check_pos_neg, check_tensor, check_vector, shape_of
 from traitlens.compute import _unit, _upcast, cosine_similarity, mean_difference
+from traitlens.methods import get_method
 
-#: ``method(pos_acts, neg_acts)`` -> a ``[hidden]`` vector, or a dict with the vector under ``"vector"``.
-Method = Callable[[torch.Tensor, torch.Tensor], object]
+#: ``method(pos_acts, neg_acts)`` -> a ``[hidden]`` vector, or a dict with the vector under ``"vector"``; or
+#: a method's name (see ``get_method``).
+Method = Callable[[torch.Tensor, torch.Tensor], object] | str
 
 # ---------------------------------------------------------------------------------------------------
 # Scores: the projections every separation metric is computed from
@@ -281,7 +283,7 @@ def _stability(
         paired = len(pos) == len(neg)
     elif paired and len(pos) != len(neg):
         raise ValueError(f"paired=True needs as many positives as negatives, got {len(pos)} and {len(neg)}")
-    method = mean_difference if method is None else method
+    method = mean_difference if method is None else get_method(method) if isinstance(method, str) else method
     full = _extract(method, pos, neg)
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same draws on every device
     cosines = []
@@ -313,7 +315,7 @@ def bootstrap_stability(
     Args:
         pos_acts: ``[n_pos, hidden]``.
         neg_acts: ``[n_neg, hidden]``.
-        method: an extraction method (e.g. ``get_method("probe")``) or ``method(pos_acts, neg_acts)``
+        method: an extraction method or its name (``"probe"``, see ``get_method``), or ``method(pos_acts, neg_acts)``
             returning a ``[hidden]`` vector or a dict with key ``"vector"``; default
             :func:`traitlens.compute.mean_difference`.
         n_trials: number of resamples.

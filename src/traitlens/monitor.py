@@ -108,6 +108,17 @@ def _check_text(text: object, name: str) -> None:
         raise ValueError(f"{name} is an empty string: there is no token to score")
 
 
+def _module_path(vector: TraitVector, model: torch.nn.Module) -> str:
+    """The path of ``vector``'s module in ``model`` (under a PEFT wrapper's model), checked."""
+    if not isinstance(vector, TraitVector):
+        raise TypeError(
+            f"vector must be a TraitVector (it names the module to read), got {type(vector).__name__}; load one "
+            "with load_vector, or make one with TraitVector(tensor, model=..., module=..., position=..., "
+            "method=...)"
+        )
+    return vector.check_model(model)
+
+
 def token_projections(
     model: torch.nn.Module, tokenizer, vector: TraitVector, text: str | Example, *, chat: bool | None = None
 ) -> TokenScores:
@@ -115,7 +126,7 @@ def token_projections(
     ``vector`` at ``vector.module``."""
     _check_text(text, "text")
     warn_if_training(model, "the scores")
-    path = vector.check_model(model)  # the module's path in model (under a PEFT wrapper's model)
+    path = _module_path(vector, model)
     enc = encode_examples(tokenizer, [text], chat=chat)
     capture = ActivationCapture(dtype=torch.float32)
     hidden = _capture_pass(model, [path], [0], capture, enc.model_inputs())[0, 0]  # [seq, hidden]
@@ -189,7 +200,7 @@ def generate_with_projections(
         )
     _check_text(prompt, "prompt")
     warn_if_training(model, "the scores and the generated text")
-    path = vector.check_model(model)  # the module's path in model (under a PEFT wrapper's model)
+    path = _module_path(vector, model)
     enc = encode_examples(tokenizer, [prompt], chat=chat)
     device = input_device(model)
     unit = vector.vector.float().to(device)

@@ -259,7 +259,7 @@ def _run(model, inputs, last: str, hooked: dict[str, object] | None = None, **kw
         for path, hook in (hooked or {}).items():
             hooks.add_forward_hook(path, hook)
         hooks.stop_after(last)
-        model(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
+        hooks.run(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
 
 
 def _capture_pass(model, paths, layers, capture, inputs, **kwargs) -> torch.Tensor:
@@ -775,6 +775,11 @@ def check_extraction(
     added. Raises a ``ValueError`` for a position some rows cannot be read at, an unknown method, a list of
     the control alone, or a split too small to fit or score.
     """
+    if not isinstance(dataset, ContrastiveDataset):
+        raise TypeError(
+            f"dataset must be a ContrastiveDataset (load_dataset('sentiment') or load_dataset('pairs.jsonl'), "
+            f"see FORMAT.md), got {type(dataset).__name__}"
+        )
     default = position is None
     position = default_position(dataset) if default else position
     check_position(dataset, position, default=default)  # every row readable there
