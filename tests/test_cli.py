@@ -100,7 +100,7 @@ def test_extract_refuses_a_split_without_signal_at_its_position_before_loading(m
 
 def test_extract_keeps_an_earlier_run_unless_told_to_replace_it(monkeypatch, tmp_path, capsys):
     import traitlens.cli
-    from traitlens.cli import RUN_FILES, main
+    from traitlens.cli import RUN_FILES, _prepare_run_folder, _remove_run, main
 
     class Loaded(Exception):
         pass
@@ -123,8 +123,10 @@ def test_extract_keeps_an_earlier_run_unless_told_to_replace_it(monkeypatch, tmp
     assert main(["extract", "--trait", "sentiment", "--out", str(run)]) == 2  # before the model loads
     assert f"{run} already holds a run (summary.json, vectors); pass --overwrite" in capsys.readouterr().err
     assert (run / "vectors" / "ica_layer10.safetensors").is_file()
-    with pytest.raises(Loaded):
+    with pytest.raises(Loaded):  # a run that fails keeps the old one (it was deleted before the model loaded)
         main(["extract", "--trait", "sentiment", "--out", str(run), "--overwrite"])
+    assert (run / "vectors" / "ica_layer10.safetensors").is_file() and (run / "summary.json").is_file()
+    _remove_run(run, _prepare_run_folder(run, overwrite=True))  # what a run that succeeds does before saving
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "shards"]  # the old run's files are gone
     assert "summary.json" in RUN_FILES and "vectors" in RUN_FILES
     with pytest.raises(Loaded):  # the shipped name given as --data, as no file is called that

@@ -262,27 +262,31 @@ RUN_FILES = (
 )  # fmt: skip
 
 
-def _prepare_run_folder(out: Path, *, overwrite: bool) -> None:
-    """Make ``out`` (before the model loads, so that a path that cannot be a folder fails first), refuse one
-    that holds a finished run unless ``overwrite``, and then clear that run's files: a run over an older one
-    would otherwise leave its vectors and report beside the new ones."""
+def _prepare_run_folder(out: Path, *, overwrite: bool) -> list[str]:
+    """Make ``out`` (before the model loads, so that a path that cannot be a folder fails first) and refuse
+    one that holds a finished run unless ``overwrite``. Returns that run's files, for ``_remove_run`` once the
+    new run is done: a run over an older one would otherwise leave its vectors and report beside the new
+    ones, and one that fails (or is refused, as a Ray job over shards of other data) keeps the old run."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     old = [name for name in RUN_FILES if (out / name).exists()]
-    if not old:
-        return
-    if not overwrite:
+    if old and not overwrite:
         raise FileExistsError(
             f"{out} already holds a run ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}); pass --overwrite "
             "to replace it, or --out another folder"
         )
-    for name in old:
+    return old
+
+
+def _remove_run(out: Path, names: list[str]) -> None:
+    for name in names:
         if (out / name).is_dir():
             shutil.rmtree(out / name)
-        else:
+        elif (out / name).exists():
             (out / name).unlink()
-    _info(f"replacing the run in {out}")
+    if names:
+        _info(f"replacing the run in {out}")
 
 
 def cmd_extract(args) -> None:
@@ -291,7 +295,7 @@ def cmd_extract(args) -> None:
     dataset = _dataset(args)
     check_extraction(dataset, args.position, args.methods)  # before the model loads
     out = args.out or Path("runs") / dataset.name
-    _prepare_run_folder(out, overwrite=args.overwrite)
+    old_run = _prepare_run_folder(out, overwrite=args.overwrite)
     cluster = None
     if args.backend == "ray":
         from traitlens.distributed import RayCluster, require_ray
@@ -307,6 +311,7 @@ def cmd_extract(args) -> None:
         model, tokenizer, dataset, layers=args.layers, methods=args.methods, position=args.position,
         batch_size=args.batch_size, seed=args.seed, backend=args.backend, cluster=cluster,
     )  # fmt: skip
+    _remove_run(out, old_run)
     result.save(out)
     _info(
         f"extracted {len(result.methods)} methods x {len(result.layers)} layers in {time.perf_counter() - start:.1f} s"
