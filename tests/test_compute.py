@@ -241,6 +241,8 @@ def test_normalize_and_magnitude_against_numpy():
     ref_norm = np.linalg.norm(x.numpy(), axis=-1)
     np.testing.assert_allclose(magnitude(x).numpy(), ref_norm, rtol=1e-6)
     np.testing.assert_allclose(magnitude(x, dim=0).numpy(), np.linalg.norm(x.numpy(), axis=0), rtol=1e-6)
+    for big in (1e30, 1e-30):  # squares past float32's range: inf / 0 before the scaling
+        np.testing.assert_allclose(magnitude(x * big).numpy(), ref_norm * big, rtol=1e-6)
     u = normalize_vectors(x)
     assert torch.equal(u[1, 2], torch.zeros(6))  # zero vector stays zero, no NaN
     ok = ref_norm > 0

@@ -222,8 +222,10 @@ def magnitude(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Returns:
         The input shape without ``dim`` (``[layer, seq]``), float32.
     """
-    x = _at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]")
-    return torch.linalg.vector_norm(_upcast(x), dim=dim)
+    x = _upcast(_at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]"))
+    biggest = x.abs().amax(dim=dim, keepdim=True)  # scaled first, as in normalize_vectors: no overflow
+    scale = torch.where(biggest > 0, biggest, 1.0)
+    return (torch.linalg.vector_norm(x / scale, dim=dim, keepdim=True) * scale).squeeze(dim)
 
 
 def radial_velocity(trajectory: torch.Tensor, dim: int = 0) -> torch.Tensor:
