@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import sys
 from pathlib import Path
 
 from bench_cases import CASE_BY_KEY, CASES
@@ -66,6 +67,8 @@ def summarize(entry: dict) -> dict[str, dict]:
     baseline = {"forward": "bare", "generate": "gen_plain"}
     rows = {}
     for case in CASES:
+        if case.key not in times:  # raw results from before the case was added
+            continue
         t, base = times[case.key], times[baseline[case.group]]
         median = statistics.median(t)
         row = {
@@ -122,8 +125,13 @@ def render(results: dict) -> tuple[str, list[dict]]:
         + "/".join(f"{x:.2f}" for x in results["load_after"])
         + f"; the suite took {results['seconds'] / 60:.1f} min",
         f"- Settings: {results['settings']}",
-        "",
     ]
+    if section == "cuda" and results.get("side_stream_bytes") is not None:
+        lines.append(
+            f"- Capture to CPU: chunks of {results['side_stream_bytes'] / 2**20:g} MiB or more copied on a side "
+            "stream (`traitlens.capture.SIDE_STREAM_BYTES`), smaller ones in stream order"
+        )
+    lines.append("")
     for entry in results["models"]:
         rows = summarize(entry)
         memory = entry.get("memory", {})
@@ -152,6 +160,8 @@ def render(results: dict) -> tuple[str, list[dict]]:
             "| --- |" + " ---: |" * (5 if paired else 4) + " ---: | --- | --- |",
         ]
         for case in CASES:
+            if case.key not in rows:
+                continue
             r = rows[case.key]
             if case.key == "gen_plain":
                 lines.append("| **generation** (ratio to plain `generate`) |" + " |" * (8 if paired else 7))
@@ -185,7 +195,7 @@ def render(results: dict) -> tuple[str, list[dict]]:
             *_streaming(entry.get("streaming"), entry, checks),
             "",
         ]
-    lines += _methods(results.get("methods", {}))
+    lines += _methods(results.get("methods", {}), results["settings"].get("device", "cpu"))
     lines += ["", "### Targets", ""]
     if checks:
         lines += ["| model | case | target | ratio | met |", "| --- | --- | --- | ---: | --- |"]
@@ -277,12 +287,14 @@ def _ratio(big: float | None, base: float | None) -> float | None:
     return big / base if big is not None and base else None
 
 
-def _methods(methods: dict) -> list[str]:
+def _methods(methods: dict, device: str) -> list[str]:
     lines = ["### Extraction methods on real activations", ""]
     if methods.get("status") != "ok":
         return [*lines, str(methods.get("status", "not run"))]
+    where = "" if device == "cpu" else f" The fits ran on {device}, scikit-learn's solvers on the host CPU."
     lines += [
-        f"{methods['source']}. Median of repeated fits; held-out accuracy with the train midpoint threshold.",
+        f"{methods['source']}.{where} Median of repeated fits; held-out accuracy with the train midpoint "
+        "threshold.",
         "",
         "| method | parameters | train rows x hidden | median ms | held-out accuracy |",
         "| --- | --- | --- | ---: | ---: |",
@@ -307,11 +319,14 @@ def write(results: dict, out: Path, plot: Path) -> list[dict]:
     """Replace this run's section of ``out`` (created if missing) and draw ``plot``; return the checks."""
     section = results["section"]
     body, checks = render(results)
-    body += (
-        f"\n\n![ratios]({plot.name})"
-        if plot.parent.resolve() == out.parent.resolve()
-        else f"\n\nPlot: {plot}"
-    )
+    pyplot = _pyplot()
+    if pyplot is None:
+        print(f"matplotlib is not installed: {plot} not drawn (the tables are written)", file=sys.stderr)
+        body += "\n\nPlot: not drawn (matplotlib was not installed)."
+    elif plot.parent.resolve() == out.parent.resolve():
+        body += f"\n\n![ratios]({plot.name})"
+    else:
+        body += f"\n\nPlot: {plot}"
     out.parent.mkdir(parents=True, exist_ok=True)
     text = out.read_text() if out.is_file() else SKELETON.format(**UNMEASURED)
     begin, end = f"<!-- BEGIN GENERATED: {section} -->", f"<!-- END GENERATED: {section} -->"
@@ -322,15 +337,50 @@ def write(results: dict, out: Path, plot: Path) -> list[dict]:
     else:
         text = f"{text.rstrip()}\n\n{begin}\n{body}\n{end}\n"
     out.write_text(text)
-    draw(results, plot)
+    if pyplot is not None:
+        draw(results, plot)
     return checks
 
 
-def draw(results: dict, path: Path) -> None:
-    import matplotlib
-
+def _pyplot():
+    """``matplotlib.pyplot`` with the Agg backend, or ``None`` where matplotlib is not installed (a GPU
+    machine may lack it: the tables and the raw results matter more than the plot)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+SHORT = {
+    "bare": "bare forward (baseline)",
+    "no_head": "bare, no LM head",
+    "plain_device": "plain hooks, kept on device",
+    "seed_cpu": "seed .cpu() hooks",
+    "pinned": "plain hooks, pinned copies",
+    "tl_device": "traitlens, on device",
+    "tl_cpu": "traitlens, to CPU",
+    "tl_last": "traitlens, last token",
+    "tl_stop": "traitlens, early stop at L/2",
+    "hidden_states": "output_hidden_states",
+    "bare_sync": "bare, host sync per batch",
+    "gen_plain": "generate (baseline)",
+    "gen_tl": "generate + traitlens",
+    "gen_seed": "generate + seed .cpu() hooks",
+}
+"""The plot's row labels (the tables give the full ones)."""
+
+
+def draw(results: dict, path: Path) -> None:
+    """One panel per model: each case's ratio (the paired median with its interval where batches were
+    paired), on a log axis where one passes 3 (the seed hooks' 7-10x on a GPU would squeeze the rest on a
+    linear one); red ticks mark the targets, and each value is written right of its bar, interval and
+    target tick."""
+    plt = _pyplot()
+    from matplotlib.ticker import NullFormatter, NullLocator
 
     entries = results["models"]
     if not entries:  # written after the methods, before any model is measured
@@ -340,7 +390,9 @@ def draw(results: dict, path: Path) -> None:
         rows = summarize(entry)
         labels, ratios, colors, goals, errors = [], [], [], [], []
         for case in CASES:
-            labels.append(case.key)
+            if case.key not in rows:
+                continue
+            labels.append(SHORT.get(case.key, case.key))
             r = rows[case.key]
             ratios.append(r["judged"])  # the paired median where batches were paired
             low, high = r.get("paired_interval", (r["judged"], r["judged"]))
@@ -352,7 +404,7 @@ def draw(results: dict, path: Path) -> None:
             goals.append(min(bounds) if bounds else None)
         for p in entry.get("peers", []):
             if p.get("status") == "ok":
-                labels.append(f"peer: {p['key']}")
+                labels.append(f"peer: {p['key'].replace('_', ' ')}")
                 ratios.append(p["ratio"])
                 colors.append("#8172B2")
                 goals.append(None)
@@ -362,12 +414,33 @@ def draw(results: dict, path: Path) -> None:
         for yi, goal in zip(y, goals, strict=True):
             if goal is not None:
                 ax.plot([goal, goal], [yi - 0.4, yi + 0.4], color="#C44E52", lw=2)
-        for yi, r, (_, above) in zip(y, ratios, errors, strict=True):
-            ax.text(r + above, yi, f" {r:.2f}", va="center", fontsize=8)  # right of the interval
+        ends = [r + above for r, (_, above) in zip(ratios, errors, strict=True)] + [g for g in goals if g]
+        log = max(ends) > 3  # the seed hooks on a GPU (7-10x): a linear axis would squeeze the rest
+        for yi, r, (_, above), goal in zip(y, ratios, errors, goals, strict=True):
+            right = max(r + above, goal or 0.0)  # right of the interval and of the target tick
+            ax.text(
+                right * 1.02 if log else right + 0.01 * max(ends), yi, f"{r:.2f}", va="center", fontsize=8
+            )
         ax.axvline(1.0, color="black", lw=0.8, ls="--")
         ax.set_yticks(y, labels, fontsize=8)
+        if log:
+            low = min(min(r - below for r, (below, _) in zip(ratios, errors, strict=True)), 1.0) * 0.8
+            ax.set_xscale("log")
+            ax.set_xlim(low, max(ends) * 1.25)  # room for the value labels
+            ticks = [
+                t
+                for t in (0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 20, 30)
+                if low <= t <= max(ends) * 1.25
+            ]
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        else:
+            ax.set_xlim(0, max(ends) * 1.15)
         ax.set_xlabel(
-            "time / baseline\n(blue: bare forward; green: plain generate; purple: the peer's baseline)"
+            "time / baseline"
+            + (", log scale" if log else "")
+            + "\n(blue: bare forward; green: plain generate; purple: the peer's baseline)"
             + (
                 "\nmedian of per-batch paired ratios, 95% bootstrap interval"
                 if "batch_times" in entry
@@ -377,7 +450,6 @@ def draw(results: dict, path: Path) -> None:
         ax.set_title(
             f"{entry['model']} on {results['machine'].get('gpu') or results['machine']['cpu']}", fontsize=9
         )
-        ax.set_xlim(0, max(ratios) * 1.15)
     fig.suptitle("traitlens capture cost (red ticks: targets of issue #5)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -373,7 +373,7 @@ def _method_activations(args, device) -> tuple[dict, str]:
         saved = load_file(saved_at)
         sets = {data: {split: (saved[f"{key}/{split}_pos"].to(device), saved[f"{key}/{split}_neg"].to(device))
                        for split in ("train", "test")} for data, key in meta["keys"].items()}  # fmt: skip
-        return sets, f"{meta['source']} (saved on the CPU, {saved_at.name})"
+        return sets, f"{meta['source']} and saved ({saved_at.name})"
     from traitlens.dataset import load_dataset
     from traitlens.models import load_model
     from traitlens.pipeline import collect_activations
@@ -400,11 +400,12 @@ def _method_activations(args, device) -> tuple[dict, str]:
     )
     source = (
         f"bundled SmolLM2-135M-Instruct, sentiment data, layer {layer}, hidden {sets['last token']['train'][0].shape[1]}"
-        f" ({sizes}), on {device.type}"
+        f" ({sizes}), activations computed on {device.type}"
     )
     if saved_at:  # keep them for a machine without the bundled model (a GPU machine)
         from safetensors.torch import save_file
 
+        saved_at.parent.mkdir(parents=True, exist_ok=True)
         keys = {name: f"set{i}" for i, name in enumerate(sets)}
         save_file({f"{keys[name]}/{split}_{side}": acts[split][i].cpu().contiguous() for name, acts in sets.items()
                    for split in acts for i, side in enumerate(("pos", "neg"))}, saved_at)  # fmt: skip
@@ -489,9 +490,15 @@ def machine_info(device: torch.device) -> dict:
 
 
 def _git_commit() -> str | None:
+    """The commit checked out, with ``-dirty`` appended when tracked files differ from it: a run from an
+    edited tree must say so (the H200 run 1's results record 00f7371, while its files are named for 3b8f6eb,
+    and nothing in them tells which code ran)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+            ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
         )
         return out.stdout.strip() or None
     except OSError:
@@ -560,11 +567,16 @@ def main(argv=None) -> dict:
         "settings": {k: getattr(args, k) for k in (*SIZE_KEYS, "reps", "gen_reps", "dtype", "device")},
         "models": [],
     }
+    from traitlens.capture import SIDE_STREAM_BYTES
+
+    results["side_stream_bytes"] = SIDE_STREAM_BYTES
     started = time.perf_counter()
-    # the methods first: short, and on a GPU run cut off by its time limit they were what was lost
-    print("== methods", flush=True)
-    results["methods"] = methods_benchmark(args)
-    _write(args, results, started)
+    # On the CPU the methods first: short, and measured even if the run is cut short. On a GPU after the
+    # models: their scikit-learn fits load the host's cores (the H100 run 4's load average was 10.75 in the
+    # first round of the 135M shape, which they preceded), and the small model's pass is bound by the host.
+    methods_first = device.type != "cuda"
+    if methods_first:
+        _methods_into(args, results, started)
     for model in args.models.split(","):
         print(f"== {model}", flush=True)
         w = _workload(args, model)
@@ -599,8 +611,16 @@ def main(argv=None) -> dict:
             _write(args, results, started)  # before the peers, the longest part
             entry["peers"] = peers_benchmark(args, model)
         out, plot = _write(args, results, started)
+    if not methods_first:
+        out, plot = _methods_into(args, results, started)
     print(f"wrote {out} and {plot} in {results['seconds']:.0f} s", flush=True)
     return results
+
+
+def _methods_into(args, results: dict, started: float) -> tuple[Path, Path]:
+    print("== methods", flush=True)
+    results["methods"] = methods_benchmark(args)
+    return _write(args, results, started)
 
 
 def _write(args, results: dict, started: float) -> tuple[Path, Path]:
