@@ -10,15 +10,23 @@ moments) and, with ``spill=True``, its activations ``batch_*.safetensors`` (``po
 
 Exactly once, whatever fails:
 
-- a shard is written into a temporary folder and renamed into place when complete, so a shard folder
-  exists if and only if the shard is done; a rerun of an interrupted job skips the done shards (resume);
+- a shard is written into a temporary folder and renamed into place when complete, so a shard is done if
+  and only if ``stats.safetensors`` is in its folder; a rerun of an interrupted job skips the done shards
+  (resume) and computes the others again (a folder without its statistics is removed first);
 - a worker that dies is restarted by Ray and its shard is run again (``retries`` times); a second run of a
-  shard finds the folder in place and keeps the first result, so nothing is counted twice;
+  shard finds it done and keeps the first result, so nothing is counted twice;
 - the driver merges the shard files, never in-flight results, in shard order, so the float64 sums (and the
   vectors) do not depend on which worker ran what, or when.
 
+Before any shard runs, the driver asks the first worker what it loaded: ``layers`` are checked against its
+number of decoder layers, and its weights (their dtype and the float64 sum of each parameter) against the
+driver model's (``distributed_activations``) and against those recorded in the manifest.
+
 ``out_dir/shards/manifest.json`` records what the shards were computed with (model, ``model_kwargs``,
-layers, position, shard size, data hash); a rerun with other settings is refused instead of mixing shards.
+layers in the order given, position, shard size, data hash, the number of pairs of each split, and the
+first worker's weights); a rerun with other settings, or whose workers load other weights (a checkpoint
+replaced at the same path), is refused instead of mixing shards. While no shard is done (a job that failed
+before its first shard), a rerun replaces the manifest.
 
 Ray is an optional dependency (``pip install 'traitlens[ray]'``); it is imported only when a function here
 runs. On a multi-node cluster ``out_dir`` must be a folder that every node sees at the same path (NFS or
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -48,6 +57,7 @@ from traitlens.dataset import SPLITS, ContrastiveDataset, Pair
 from traitlens.stats import ContrastiveStats
 
 RAY_MISSING = "the ray backend needs Ray: pip install 'traitlens[ray]'"
+STATS = "stats.safetensors"  # a shard is done when its folder holds this file (written last)
 
 
 @dataclass
@@ -65,8 +75,9 @@ class RayCluster:
             Without a ``dtype``, ``extract_trait`` and ``distributed_activations`` give the workers the driver
             model's dtype; ``distributed_statistics`` leaves ``load_model``'s default (float32 for the bundled
             model, the checkpoint's otherwise).
-        out_dir: the shared output folder (shards, activations, manifest). ``None``: a temporary folder on
-            the driver, deleted afterwards (fine for a local instance; no resume).
+        out_dir: the shared output folder (shards, activations, manifest); a relative path is taken from
+            the driver's working directory. ``None``: a temporary folder on the driver, deleted afterwards
+            (fine for a local instance; no resume).
         shard_size: pairs per shard; fixed for a job (part of what a rerun must match).
         cpus_per_worker, gpus_per_worker: Ray resources of one actor. ``gpus_per_worker=None`` means 1 when
             the cluster has GPUs, else 0 (the worker then runs on CPU with ``cpus_per_worker`` threads).
@@ -167,8 +178,15 @@ def distributed_activations(
 
     ``model`` is the driver's copy: the workers load ``cluster.model`` (default: the same name) in
     ``cluster.model_kwargs["dtype"]`` (default: the driver model's dtype), and their weights are compared
-    with the driver's before any shard runs.
+    with the driver's before any shard runs. A PEFT-wrapped ``model`` is refused: the workers could not
+    rebuild its adapter.
     """
+    if hasattr(model, "peft_config"):
+        raise ValueError(
+            f"model is a PEFT-wrapped {type(model).__name__}: the Ray workers load the model by name and "
+            "cannot rebuild its adapter; merge it (model = model.merge_and_unload()), save it "
+            "(model.save_pretrained(folder) and tokenizer.save_pretrained(folder)) and load that folder"
+        )
     cluster = cluster or RayCluster()
     for split in SPLITS:
         if not dataset.split(split):
@@ -179,7 +197,7 @@ def distributed_activations(
         # load_model's default (float32 for the bundled model) need not be the driver's: a bf16 driver model
         # would fail the weight check against float32 workers
         cluster = replace(cluster, model_kwargs={**cluster.model_kwargs, "dtype": _dtype_of(model)})
-    settings = _settings(list(layers), position, False, True, cluster)
+    settings = _settings(layers, position, False, True, cluster)
     pairs = {split: list(dataset.split(split)) for split in SPLITS}
     with _out_dir(cluster) as cluster:
         stats = _run(pairs, cluster, settings, batch_size, progress, on_shard, expect=_fingerprint(model))
@@ -195,12 +213,27 @@ def distributed_activations(
 
 def read_shards(out_dir: str | Path, split: str, layer_index: int | None = None):
     """The spilled activations of one split from ``out_dir/shards``, in dataset order: ``(pos, neg)``,
-    each ``[layer, n, hidden]``, or ``[n, hidden]`` of one layer (its index among the extracted layers)."""
+    each ``[layer, n, hidden]``, or ``[n, hidden]`` of one layer (its index among the extracted layers).
+
+    Every shard of the split must be done (a ``FileNotFoundError`` names the first one missing); with a
+    manifest written before traitlens recorded the number of pairs of each split, only a gap is seen, not
+    missing shards at the end."""
     from traitlens.pipeline import read_spilled
 
-    folders = _done_folders(Path(out_dir) / "shards", split)
-    if not folders:
-        raise FileNotFoundError(f"no {split} shards in {Path(out_dir) / 'shards'}; run with spill=True")
+    shards_dir = Path(out_dir) / "shards"
+    folders = _done_folders(shards_dir, split)
+    count = _shard_count(shards_dir, split)
+    if count is None:
+        count = _shard_index(folders[-1]) + 1 if folders else 0
+    if not count:
+        raise FileNotFoundError(f"no {split} shards in {shards_dir}; run with spill=True")
+    missing = next((k for k, folder in enumerate(folders) if _shard_index(folder) != k), len(folders))
+    if missing < count:
+        raise FileNotFoundError(
+            f"shard {Shard(split, missing, 0, 0).name} is missing from {shards_dir}: the job that computed "
+            "the shards did not finish; run it again to finish it"
+        )
+    folders = folders[:count]
     if not any(folders[0].glob("batch_*.safetensors")):
         raise FileNotFoundError(f"the shards in {folders[0].parent} hold no activations; run with spill=True")
     return read_spilled(folders, layer_index)
@@ -221,8 +254,11 @@ class _ShardWorker:
             kwargs.setdefault("device", "cuda")
         self.model, self.tokenizer = load_model(model, **kwargs)
 
-    def fingerprint(self) -> tuple[str, float, float] | None:
-        return _fingerprint(self.model)
+    def describe(self) -> dict:
+        """What the driver checks before any shard runs: the number of decoder layers, and the weights."""
+        from traitlens.hooks import decoder_layer_paths
+
+        return {"layers": len(decoder_layer_paths(self.model)), "weights": _fingerprint(self.model)}
 
     def run(
         self, shard: Shard, pairs: list[Pair], settings: dict, batch_size: int, out_dir: str
@@ -238,7 +274,7 @@ def _run_shard(model, tokenizer, shard, pairs, settings, batch_size, out_dir: Pa
     start = time.perf_counter()
     shards = out_dir / "shards"
     final = shards / shard.name
-    if not final.is_dir():
+    if not (final / STATS).is_file():
         tmp = shards / f".{shard.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
@@ -246,10 +282,10 @@ def _run_shard(model, tokenizer, shard, pairs, settings, batch_size, out_dir: Pa
                 model, tokenizer, pairs, layers=settings["layers"], position=settings["position"],
                 batch_size=batch_size, outer=settings["outer"], spill_to=tmp if settings["spill"] else None,
             )  # fmt: skip
-            save_tensors(stats.state_dict(), tmp / "stats.safetensors")
+            save_tensors(stats.state_dict(), tmp / STATS)
             tmp.rename(final)  # atomic; fails if another run of this shard got there first
         except OSError:
-            if not final.is_dir():
+            if not (final / STATS).is_file():
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -267,7 +303,7 @@ def _run(
     batch_size: int,
     progress: bool,
     on_shard: Callable[[ShardDone], None] | None,
-    expect: tuple[str, float, float] | None = None,
+    expect: dict | None = None,
 ) -> dict[str, ContrastiveStats]:
     """Run every shard not done yet on the cluster, then merge each split's shard files in order."""
     if batch_size < 1:
@@ -279,28 +315,47 @@ def _run(
         with _out_dir(cluster) as temporary:
             return _run(pairs, temporary, settings, batch_size, progress, on_shard, expect)
     ray = require_ray()
-    shards_dir = Path(cluster.out_dir) / "shards"
-    _check_manifest(shards_dir, {**settings, "data": _data_hash(pairs), "shard_size": cluster.shard_size})
+    # a relative out_dir is the driver's: each worker would resolve it against its own working directory
+    cluster = replace(cluster, out_dir=Path(cluster.out_dir).absolute())
+    shards_dir = cluster.out_dir / "shards"
+    manifest = {
+        **settings, "data": _data_hash(pairs), "shard_size": cluster.shard_size,
+        "split_sizes": {split: len(rows) for split, rows in pairs.items()},
+    }  # fmt: skip
+    recorded = _check_manifest(shards_dir, manifest)
     jobs = [
         Shard(split, k, start, min(start + cluster.shard_size, len(rows)))
         for split, rows in pairs.items()
         for k, start in enumerate(range(0, len(rows), cluster.shard_size))
     ]
-    todo = deque(job for job in jobs if not (shards_dir / job.name).is_dir())
+    todo = deque(job for job in jobs if not (shards_dir / job.name / STATS).is_file())
+    for job in todo:  # a folder without its statistics (a partial copy, a deleted file) is not a done shard
+        shutil.rmtree(shards_dir / job.name, ignore_errors=True)
+
+    def check(loaded: dict) -> None:
+        """The first worker's model, before any shard runs: its depth against ``layers``, its weights against
+        the driver model's and those of the shards already done."""
+        from traitlens.pipeline import _check_layers
+
+        if settings["layers"] is not None:
+            _check_layers(settings["layers"], loaded["layers"])
+        _check_fingerprint(loaded["weights"], expect, cluster)
+        _check_recorded_weights(shards_dir, manifest, recorded, loaded["weights"], cluster)
+
     started = False
     if todo:
         started = not ray.is_initialized()
         if started:
             ray.init(address=cluster.address)
         try:
-            _compute(ray, todo, len(jobs), pairs, cluster, settings, batch_size, progress, on_shard, expect)
+            _compute(ray, todo, len(jobs), pairs, cluster, settings, batch_size, progress, on_shard, check)
         finally:
             if started:
                 ray.shutdown()
-    missing = [job.name for job in jobs if not (shards_dir / job.name).is_dir()]
+    missing = [job.name for job in jobs if not (shards_dir / job.name / STATS).is_file()]
     if missing:
         raise RuntimeError(
-            f"the workers finished but {len(missing)} shard folders are missing from {shards_dir} "
+            f"the workers finished but {len(missing)} shards are missing from {shards_dir} "
             f"({missing[0]}, ...): out_dir must be a folder that every node of the cluster sees at the same path"
         )
     for stale in shards_dir.glob(".*.tmp-*"):  # left by workers that died mid-shard
@@ -313,8 +368,9 @@ def _run(
     return stats
 
 
-def _compute(ray, todo, total, pairs, cluster, settings, batch_size, progress, on_shard, expect) -> None:
-    """Keep every worker busy with one shard at a time until ``todo`` is empty."""
+def _compute(ray, todo, total, pairs, cluster, settings, batch_size, progress, on_shard, check) -> None:
+    """Keep every worker busy with one shard at a time until ``todo`` is empty, once ``check`` has passed
+    what the first worker loaded (``_ShardWorker.describe``)."""
     from ray.exceptions import RayActorError
 
     gpus = cluster.gpus_per_worker
@@ -335,8 +391,14 @@ def _compute(ray, todo, total, pairs, cluster, settings, batch_size, progress, o
     actors = [actor_class.remote(cluster.model, cluster.model_kwargs) for _ in range(workers)]
     bar = _bar(total, total - len(todo), progress, workers)
     try:
-        if expect is not None:
-            _check_fingerprint(ray.get(actors[0].fingerprint.remote()), expect, cluster)
+        try:
+            loaded = ray.get(actors[0].describe.remote())
+        except RayActorError as err:  # the last line of Ray's message is the worker's error
+            raise RuntimeError(
+                f"the Ray workers could not load {cluster.model!r} with model_kwargs="
+                f"{_as_json(cluster.model_kwargs)}: {str(err).strip().splitlines()[-1]}"
+            ) from None
+        check(loaded)
         out_dir = str(cluster.out_dir)
         running = {}
 
@@ -382,11 +444,11 @@ def require_ray():
 
 def _settings(layers, position, outer, spill, cluster: RayCluster) -> dict:
     from traitlens._validation import check_choice
+    from traitlens.pipeline import _check_layers
     from traitlens.positions import POSITION_RULES
 
     check_choice(position, "position", POSITION_RULES)
-    if layers is not None:
-        layers = sorted(set(int(layer) for layer in layers))
+    layers = _check_layers(layers, None)  # against the model's depth once a worker has loaded it
     model_kwargs = _as_json(cluster.model_kwargs)
     if isinstance(model_kwargs.get("dtype"), str):  # torch.bfloat16, "bfloat16", "torch.bfloat16": the same
         model_kwargs["dtype"] = model_kwargs["dtype"].removeprefix("torch.")
@@ -421,11 +483,16 @@ def _data_hash(pairs: Mapping[str, list[Pair]]) -> str:
     return digest.hexdigest()
 
 
-def _check_manifest(shards_dir: Path, manifest: dict) -> None:
-    """Write the job's manifest, or check that the shards already there were computed the same way."""
+def _check_manifest(shards_dir: Path, manifest: dict) -> dict | None:
+    """Write the job's manifest, or check that the shards already done there were computed the same way and
+    return the weights recorded with them (``None`` when none are). With no shard done yet (a job that
+    failed before its first), the manifest there is replaced."""
     path = shards_dir / "manifest.json"
-    if path.is_file():
+    if path.is_file() and any(shards_dir.glob(f"[!.]*/{STATS}")):  # not the temporary folders
         found = json.loads(path.read_text())
+        weights = found.pop("weights", None)  # compared with the first worker's once it has loaded
+        # recorded since 2026-11-27; older manifests match on the data hash, which covers them
+        found.setdefault("split_sizes", manifest["split_sizes"])
         if "model_kwargs" not in found:  # written before traitlens recorded them (2026-11-27)
             warnings.warn(
                 f"{path} predates recorded model_kwargs: resuming it with model_kwargs="
@@ -435,26 +502,70 @@ def _check_manifest(shards_dir: Path, manifest: dict) -> None:
             found["model_kwargs"] = manifest.get("model_kwargs")
         differ = sorted(k for k in manifest.keys() | found.keys() if found.get(k) != manifest.get(k))
         if differ:
-            shown = [f"{k}={found.get(k)!r} (now {manifest.get(k)!r})" for k in differ if k != "data"]
+            shown = [
+                f"the pairs differ (data hash {str(found.get('data'))[:12]}, now {manifest['data'][:12]})"
+                if k == "data"
+                else f"{k}={found.get(k)!r} (now {manifest.get(k)!r})"
+                for k in differ
+            ]
             raise ValueError(
-                f"{shards_dir} holds shards of another job ({', '.join(differ)} differ: {', '.join(shown)}); "
+                f"{shards_dir} holds shards of another job ({'; '.join(shown)}); "
                 "use another out_dir, or delete that folder to start over"
             )
+        return weights
+    _write_manifest(shards_dir, manifest)
+    return None
+
+
+def _check_recorded_weights(
+    shards_dir: Path, manifest: dict, recorded: dict | None, weights: dict | None, cluster: RayCluster
+) -> None:
+    """Record the first worker's ``weights`` in the manifest, or check them against those ``recorded`` there
+    with the shards already done (a manifest written before traitlens recorded weights has none: no check)."""
+    if weights is None:  # not in memory (meta device): nothing to record or compare
         return
+    if recorded is None:
+        _write_manifest(shards_dir, {**manifest, "weights": weights})
+        return
+    difference = _weights_difference(weights, recorded, "in the workers now", "in the manifest")
+    if difference:
+        raise ValueError(
+            f"{shards_dir} holds shards computed with other weights than those the workers loaded now from "
+            f"{cluster.model!r} ({difference}): the checkpoint changed since; load the one the shards were "
+            "computed with, or use another out_dir, or delete that folder to start over"
+        )
+
+
+def _write_manifest(shards_dir: Path, manifest: dict) -> None:
     shards_dir.mkdir(parents=True, exist_ok=True)
     tmp = shards_dir / f".manifest.json.tmp-{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(path)
+    tmp.replace(shards_dir / "manifest.json")
 
 
 def _done_folders(shards_dir: Path, split: str) -> list[Path]:
-    return sorted(p for p in shards_dir.glob(f"{split}-*") if p.is_dir())
+    """The done shard folders of ``split`` (those holding their statistics), in shard order: ``train-100000``
+    after ``train-99999``."""
+    return sorted((p for p in shards_dir.glob(f"{split}-*") if (p / STATS).is_file()), key=_shard_index)
+
+
+def _shard_index(folder: Path) -> int:
+    return int(folder.name.rpartition("-")[2])
+
+
+def _shard_count(shards_dir: Path, split: str) -> int | None:
+    """How many shards ``split`` has, by the manifest (``None`` when it does not record the split sizes)."""
+    path = shards_dir / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if "split_sizes" not in manifest:
+        return None
+    return math.ceil(manifest["split_sizes"].get(split, 0) / manifest["shard_size"])
 
 
 def _load_stats(folder: Path) -> ContrastiveStats:
     from safetensors.torch import load_file
 
-    return ContrastiveStats.from_state_dict(load_file(folder / "stats.safetensors"))
+    return ContrastiveStats.from_state_dict(load_file(folder / STATS))
 
 
 def _name_to_load(model: torch.nn.Module) -> str | None:
@@ -478,28 +589,56 @@ def _dtype_of(model: torch.nn.Module) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else model.get_input_embeddings().weight.dtype
 
 
-def _fingerprint(model: torch.nn.Module) -> tuple[str, float, float] | None:
-    """The input embeddings' dtype, and their sum and sum of squares in float64 (``None`` when they are not
-    in memory). Equal for equal weights in equal dtypes, wherever they were loaded."""
-    weight = model.get_input_embeddings().weight
-    if weight.device.type == "meta":
+def _fingerprint(model: torch.nn.Module) -> dict | None:
+    """``{"dtype": ..., "sums": {name: [sum, sum of magnitudes]}}``: the model's dtype and, per named
+    parameter, the sums of its values and of their magnitudes, accumulated in float64 (``None`` when weights
+    are on the meta device, not in memory). Equal for equal weights in equal dtypes, wherever they were
+    loaded, up to the order of the summation (see ``_weights_difference``)."""
+    params = dict(model.named_parameters())
+    if any(param.device.type == "meta" for param in params.values()):
         return None
-    w = weight.detach().double()
-    return _as_json(weight.dtype), float(w.sum()), float(w.square().sum())
+    sums = {name: [_float64_sum(param), _float64_sum(param.abs())] for name, param in params.items()}
+    return {"dtype": _as_json(_dtype_of(model)), "sums": sums}
 
 
-def _check_fingerprint(got, expect, cluster: RayCluster) -> None:
+def _float64_sum(param: torch.Tensor) -> float:
+    """The sum of ``param``'s values in float64, over chunks of 2**20 values: ``torch.sum(x, dtype=float64)``
+    copies ``x`` into float64 first (on CPU), which for a whole embedding matrix can be gigabytes."""
+    chunks = param.detach().reshape(-1).split(1 << 20)
+    return math.fsum(float(torch.sum(chunk, dtype=torch.float64)) for chunk in chunks)
+
+
+def _weights_difference(got: dict, expect: dict, got_where: str, expect_where: str) -> str | None:
+    """Where two fingerprints first differ, in words (``None`` where they agree): the dtype, a parameter one
+    of them lacks, or a sum further apart than 1e-9 of the sum of magnitudes. The order of a float64
+    summation differs across devices; its rounding error is bounded by ~1e-10 of the sum of magnitudes for
+    chunks of 2**20 values, while a sum of values near zero (a centred weight matrix) leaves a relative
+    tolerance nothing to stand on."""
+    if got["dtype"] != expect["dtype"]:
+        return f"dtype {got['dtype']} {got_where}, {expect['dtype']} {expect_where}"
+    sums, expected = got["sums"], expect["sums"]
+    for name in [*expected, *(name for name in sums if name not in expected)]:
+        if name not in sums or name not in expected:
+            return f"parameter {name} only {expect_where if name not in sums else got_where}"
+        (total, size), (expected_total, expected_size) = sums[name], expected[name]
+        if any(
+            abs(a - b) > 1e-9 * max(size, expected_size)
+            for a, b in ((total, expected_total), (size, expected_size))
+        ):
+            return f"first at {name}: sum {total:.10g} {got_where}, {expected_total:.10g} {expect_where}"
+    return None
+
+
+def _check_fingerprint(got: dict | None, expect: dict | None, cluster: RayCluster) -> None:
     if got is None or expect is None:
         return
-    (got_dtype, *got_sums), (dtype, *sums) = got, expect
-    close = all(abs(g - e) <= 1e-6 * max(abs(e), 1.0) for g, e in zip(got_sums, sums, strict=True))
-    if got_dtype != dtype or not close:
+    difference = _weights_difference(got, expect, "in the workers", "in the driver's model")
+    if difference:
         raise ValueError(
             f"the workers loaded {cluster.model!r} with model_kwargs={_as_json(cluster.model_kwargs)} but "
-            f"their weights differ from the driver's model (input embeddings: {got_dtype}, sums "
-            f"{tuple(got_sums)}; the driver's: {dtype}, sums {tuple(sums)}); the workers must load the same "
+            f"their weights differ from the driver's model ({difference}); the workers must load the same "
             "model in the same dtype: set RayCluster(model=...) to what the driver loaded and model_kwargs "
-            "to how (dtype, revision, quantization)"
+            "to how (dtype, revision, quantization); save a model changed in memory and load that folder"
         )
 
 

@@ -897,11 +897,13 @@ def _clean(value):
     return value
 
 
-def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+def _check_layers(layers: Sequence[int] | None, n_layers: int | None) -> list[int] | None:
     """``layers`` as a list of ints in the order given (all ``n_layers`` when ``None``): integers (numpy's
-    too, not bools or floats), each once, each in ``0 .. n_layers - 1``."""
+    too, not bools or floats), each once, each in ``0 .. n_layers - 1``. ``n_layers=None``: the depth is not
+    known yet (a Ray driver before its workers load the model), so only ``>= 0`` is checked, and ``None``
+    stays ``None``."""
     if layers is None:
-        return list(range(n_layers))
+        return None if n_layers is None else list(range(n_layers))
     if isinstance(layers, (int, str)) or not isinstance(layers, Iterable):
         raise TypeError(f"layers must be a sequence of ints (e.g. [12] or range(8, 20)), got {layers!r}")
     checked = []
@@ -911,9 +913,10 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
         checked.append(operator.index(layer))
     if not checked:
         raise ValueError("layers is empty; give at least one layer index")
-    bad = [layer for layer in checked if not 0 <= layer < n_layers]
+    bad = [layer for layer in checked if layer < 0 or (n_layers is not None and layer >= n_layers)]
     if bad:
-        raise ValueError(f"layers must be indices in 0..{n_layers - 1}, got {short_list(map(str, bad))}")
+        allowed = ">= 0" if n_layers is None else f"in 0..{n_layers - 1}"
+        raise ValueError(f"layers must be indices {allowed}, got {short_list(map(str, bad))}")
     if len(set(checked)) != len(checked):
         raise ValueError(f"layers must each be given once, got {checked}")
     return checked

@@ -1,5 +1,6 @@
 """Sharded extraction on a local Ray instance (2 workers) equals the single-process run (also for a bf16
-driver model), survives a worker killed mid-shard, and resumes after an interruption."""
+driver model), survives a worker killed mid-shard, resumes after an interruption, and stops with one line
+for a layer past the model or a model the workers cannot load."""
 
 from __future__ import annotations
 
@@ -163,6 +164,24 @@ def test_a_rerun_after_an_interruption_resumes_and_gives_the_same_result(real_mo
 
     with pytest.raises(ValueError, match=r"holds shards of another job.*layers"):
         distributed_statistics(pairs, cluster=cluster(tmp_path, shard_size=4), **{**args, "layers": [5]})
+
+
+def test_a_layer_past_the_model_and_a_model_that_cannot_load_are_one_line_errors(tmp_path):
+    pairs = load_dataset("sentiment").train[:8]
+    args = {"batch_size": 8, "progress": False}
+    with pytest.raises(ValueError) as info:
+        distributed_statistics(pairs, layers=[6, 99], cluster=cluster(tmp_path / "layers"), **args)
+    assert type(info.value) is ValueError  # raised by the driver, not a RayTaskError from inside a worker
+    assert str(info.value) == "layers must be indices in 0..29, got '99'"
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(RuntimeError) as info:
+        distributed_statistics(
+            pairs, layers=[6], cluster=cluster(tmp_path / "missing", model=str(missing)), **args
+        )
+    assert str(info.value).startswith(
+        f"the Ray workers could not load '{missing}' with model_kwargs={{}}: FileNotFoundError: "
+    )
+    assert "\n" not in str(info.value)
 
 
 def test_cli_extract_with_the_ray_backend(real_model, small, tmp_path, capsys):
