@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -198,6 +199,19 @@ def test_generated_steering_changes_the_continuation_only_after_the_prompt(tiny)
     # The first new token comes from the prompt pass, which "generated" does not touch.
     assert torch.equal(steered.logits[0], plain.logits[0])
     assert not torch.allclose(steered.logits[1], plain.logits[1])
+    # A forward pass over the whole text (teacher forcing) is all prompt: steering nothing says so
+    with (
+        pytest.warns(
+            UserWarning, match="positions='generated' steered nothing: none of the 1 forward passes"
+        ),
+        steer(model, 20 * v, layer=LAYER, positions="generated"),
+    ):
+        unchanged = model(steered.sequences).logits
+    assert torch.equal(unchanged, model(steered.sequences).logits)
+    with warnings.catch_warnings():  # generate's decode steps are generated tokens: no warning
+        warnings.filterwarnings("error", message="positions='generated' steered nothing")
+        with steer(model, 20 * v, layer=LAYER, positions="generated"):
+            model.generate(input_ids=ids, **kwargs)
 
 
 def test_prompt_positions_under_the_kv_cache(tiny):

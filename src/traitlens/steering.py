@@ -62,6 +62,7 @@ so whether they include the steering depends on which came first.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,9 @@ class SequenceTracker:
         self._filled = 0
         self._cacheless = False  # the model takes no cache: generate re-feeds the whole sequence
         self._lost: str | None = None  # why the current pass's place in the sequence is unknown
+        # forward passes recorded, and those that held generated positions (for Steering's warning)
+        self.passes = 0
+        self.generated_passes = 0
 
     def attach(self, hooks: HookManager) -> None:
         """Register the recording hooks on the outermost transformers model in ``hooks.model`` (the model
@@ -202,6 +206,8 @@ class SequenceTracker:
             self._prompt_len = past + seq
         column = torch.arange(past, past + seq, device=device)
         self.step = _Step(real=real, index=index, column=column, prompt_len=self._prompt_len)
+        self.passes += 1
+        self.generated_passes += past + seq > self._prompt_len
 
     def _continues(self, given: torch.Tensor) -> bool:
         """Is this pass (empty cache) the previous one plus one token, a step of generate(use_cache=False)?
@@ -499,7 +505,20 @@ class Steering:
         self.interventions = interventions
 
     def remove(self) -> None:
-        """Remove every hook of this handle (safe to call twice)."""
+        """Remove every hook of this handle (safe to call twice). Warns when ``positions="generated"`` steered
+        nothing: passes ran, and none of them held a generated token (a forward pass over a whole text,
+        teacher forcing, is all prompt to the tracker)."""
+        if len(self.hooks) and self.tracker.passes and not self.tracker.generated_passes:
+            generated = [path for path, i in self.interventions.items() if isinstance(i.positions, str)
+                         and i.positions == "generated"]  # fmt: skip
+            if generated:
+                warnings.warn(
+                    f"positions='generated' steered nothing: none of the {self.tracker.passes} forward passes "
+                    "under steer held a generated token (generated positions are generate's decode steps; a "
+                    "forward pass over a whole text is all prompt). To steer the answer of a text you score, "
+                    "give its token indices as positions",
+                    stacklevel=3,
+                )
         self.hooks.remove_all()
 
     def __enter__(self) -> Steering:
