@@ -616,7 +616,9 @@ def evaluate_vector(
         vector: ``[hidden]``.
         pos_acts: ``[n_pos, hidden]``, at least 2 rows.
         neg_acts: ``[n_neg, hidden]``, at least 2 rows.
-        threshold: for ``accuracy`` (``None``: midpoint of the class means of the projections).
+        threshold: for ``accuracy`` (``None``: midpoint of the class means of these projections, fitted on
+            the data scored, so optimistic on held-out data: pass ``midpoint_threshold(vector, train_pos,
+            train_neg)``).
         sparsity_threshold: passed to :func:`sparsity`.
         top_k: ``k`` of :func:`top_k_concentration`.
 
