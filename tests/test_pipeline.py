@@ -465,8 +465,12 @@ def test_examples_a_position_cannot_read_are_named_by_their_index_before_any_for
     with pytest.raises(ValueError, match=r"examples\[299\] is an empty string"):
         collect_activations(model, tokenizer, texts, layers=[1])
     pairs = [Pair(a, b, "train") for a, b in zip(_texts([2, 3]), _texts([3, 2], 50), strict=True)]
-    for bad in ({"position": "bogus"}, {"layers": [99]}, {"batch_size": 0}):
-        with pytest.raises(ValueError, match=r"position|layers|batch_size"):
+    for bad, match in (
+        ({"position": "bogus"}, "position must be one of"),
+        ({"layers": [99]}, r"layers must be indices in 0\.\.2, got '99'"),
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
             stream_statistics(model, tokenizer, pairs, spill_to=tmp_path / "spill", **bad)
     with pytest.raises(ValueError, match="pairs is empty"):
         stream_statistics(model, tokenizer, [], spill_to=tmp_path / "spill")

@@ -334,9 +334,13 @@ def test_no_hooks_remain_after_an_exception(tiny):
     ):
         raise RuntimeError("boom")
     assert _hook_count(model) == 0
-    # An error raised by the hook itself during the forward pass (wrong hidden size).
-    with pytest.raises(ValueError, match="hidden size"), steer(model, torch.randn(7), layer=LAYER):
-        model(input_ids=_ids())
+    # An error raised inside the forward pass, by the tracker's hook (a 4-D mask), with the hooks attached
+    with (
+        pytest.raises(ValueError, match="2-D attention_mask"),
+        steer(model, _vector(), layer=LAYER, positions="prompt"),
+    ):
+        assert _hook_count(model) > 0
+        model(input_ids=_ids(), attention_mask=torch.ones(2, 1, 6, 6))
     assert _hook_count(model) == 0
 
 
@@ -729,7 +733,7 @@ def test_positions_set_on_an_intervention_are_checked_as_in_the_constructor(tiny
 
 def test_a_vector_of_another_width_is_refused_before_any_hook_is_added(tiny):
     _, model = tiny
-    with pytest.raises(ValueError, match=r"model\.layers\.2'|transformer\.h\.2'.*hidden size 100.*output 32"):
+    with pytest.raises(ValueError, match=r"(model\.layers|transformer\.h)\.2'.*hidden size 100.*output 32"):
         steer(model, {1: _vector(), 2: torch.randn(100)})
     assert _hook_count(model) == 0
     with pytest.raises(ValueError, match="static cache"), steer(model, _vector(), layer=LAYER):

@@ -31,6 +31,18 @@ def test_extract_chooses_a_layer_that_generalises_and_beats_the_control(run):
     assert chosen["test"]["accuracy"] >= 0.9
     # random directions oriented on train get past chance on a residual stream (its variance sits in a few
     # directions), and the chosen vector beats the best of them
+    # the choice is the best (method, layer) on validation by accuracy, then AUROC, then effect size (the
+    # shallower layer, then the method listed first, on a tie); the control is never chosen
+    val, layers = summary["validation"], summary["layers"]
+    ranked = [(m, i) for m in summary["methods"] if m != "random_baseline" for i in range(len(layers))]
+
+    def rank(candidate):
+        method, i = candidate
+        scores = val[method][str(layers[i])]
+        return (scores["accuracy"], scores["auroc"], scores["effect_size"]), -i
+
+    best_method, best_i = max(ranked, key=rank)
+    assert (chosen["method"], chosen["layer"]) == (best_method, layers[best_i])
     control = summary["control"]["test"]
     assert 0.5 < control["draws_accuracy_mean"] < control["draws_accuracy_max"] < chosen["test"]["accuracy"]
     assert summary["control"]["ok"] and summary["control"]["rule"]
@@ -51,9 +63,12 @@ def test_saved_vectors_reload_bit_identically(run, real_model):
     assert torch.equal(vector.vector, all_layers[vector.method][row])
     assert vector.dataset_hash == load_dataset("sentiment").sha256
     assert vector.metrics["test_accuracy"] == summary["chosen"]["test"]["accuracy"]
-    for path in (out / "vectors").glob("*.safetensors"):
+    saved = sorted((out / "vectors").glob("*.safetensors"))
+    assert len(saved) == len(summary["methods"])  # each method's best layer (the control's at the chosen one)
+    for path in saved:  # each equals its row of all_layers, at the layer its name gives
         again = load_vector(path)
-        assert again == load_vector(path)
+        assert path.name == f"{again.method}_layer{again.layer}.safetensors"
+        assert torch.equal(again.vector, all_layers[again.method][summary["layers"].index(again.layer)])
     # the control is saved at the chosen layer: its "best" layer would be its luckiest random direction
     assert (out / "vectors" / f"random_baseline_layer{vector.layer}.safetensors").is_file()
     assert (out / "report.html").stat().st_size > 10_000

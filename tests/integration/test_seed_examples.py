@@ -66,6 +66,9 @@ def test_temporal_dynamics_example(real_model):
     threshold = acceleration.norm(dim=-1).median()
     commitment = (acceleration.norm(dim=-1) < threshold).nonzero()[0]
     assert commitment.numel() == 1
+    # the numbers themselves: finite differences of the trajectory, as torch computes them
+    torch.testing.assert_close(velocity, trajectory.diff(dim=0))
+    torch.testing.assert_close(acceleration, trajectory.diff(n=2, dim=0))
 
 
 def test_hook_multiple_locations_example(real_model):
