@@ -4,7 +4,7 @@ The core (hooks, capture, positions, compute, methods, metrics) needs only torch
 (datasets, pipeline, vectors on disk, monitoring, steering, reports, CLI) is built from those primitives.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.5.1"
 
 from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import (

@@ -143,8 +143,9 @@ class ActivationCapture:
                 raise ValueError(_selector_mismatch(self._selector_len, length))
             if self._index_end is not None and self._index_end > length:
                 raise ValueError(
-                    f"position index {self._index_end - 1} is past the end of a pass of {length} positions; "
-                    "set positions for each batch (capture.positions = last_token_index(batch['attention_mask']))"
+                    f"position index {self._index_end - 1} is past the end of a pass of {length} "
+                    "positions; set positions for each batch (capture.positions = "
+                    "last_token_index(batch['attention_mask']))"
                 )
         if hidden.device not in self._selector_on:  # the dtype of weights is apply_selector's to choose
             self._selector_on[hidden.device] = to_device(selector, hidden.device)

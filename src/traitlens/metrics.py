@@ -315,7 +315,8 @@ def bootstrap_stability(
     Args:
         pos_acts: ``[n_pos, hidden]``.
         neg_acts: ``[n_neg, hidden]``.
-        method: an extraction method or its name (``"probe"``, see ``get_method``), or ``method(pos_acts, neg_acts)``
+        method: an extraction method or its name (``"probe"``, see ``get_method``), or
+            ``method(pos_acts, neg_acts)``
             returning a ``[hidden]`` vector or a dict with key ``"vector"``; default
             :func:`traitlens.compute.mean_difference`.
         n_trials: number of resamples.

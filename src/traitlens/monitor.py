@@ -112,8 +112,8 @@ def _module_path(vector: TraitVector, model: torch.nn.Module) -> str:
     """The path of ``vector``'s module in ``model`` (under a PEFT wrapper's model), checked."""
     if not isinstance(vector, TraitVector):
         raise TypeError(
-            f"vector must be a TraitVector (it names the module to read), got {type(vector).__name__}; load one "
-            "with load_vector, or make one with TraitVector(tensor, model=..., module=..., position=..., "
+            f"vector must be a TraitVector (it names the module to read), got {type(vector).__name__}; load "
+            "one with load_vector, or make one with TraitVector(tensor, model=..., module=..., position=..., "
             "method=...)"
         )
     return vector.check_model(model)

@@ -777,7 +777,7 @@ def check_extraction(
     """
     if not isinstance(dataset, ContrastiveDataset):
         raise TypeError(
-            f"dataset must be a ContrastiveDataset (load_dataset('sentiment') or load_dataset('pairs.jsonl'), "
+            "dataset must be a ContrastiveDataset (load_dataset('sentiment') or load_dataset('pairs.jsonl'), "
             f"see FORMAT.md), got {type(dataset).__name__}"
         )
     default = position is None

@@ -11,10 +11,11 @@ device, so hooks never synchronise with the host.
 The rules of the pipeline, one vocabulary everywhere:
 
 - ``"prompt_last"``: the last real token of the prompt (for plain texts, the last token of the text);
-- ``"prompt_mean"``: the mean over the prompt's real tokens but the first (unless it is the only one). The
-  first position sees nothing but itself and is the model's attention sink: on the bundled model its residual
-  is ~100x as long as the others', so a mean that includes it is mostly that token. On the shipped sentiment
-  pairs, mean difference at layer 12 scored 0.605 accuracy on validation + test with it and 0.947 without;
+- ``"prompt_mean"``: the mean over the prompt's real tokens but the first (unless it is the only one; since
+  0.5.1). The first position sees nothing but itself and is the model's attention sink: on the bundled model
+  its residual is ~100x as long as the others', so a mean that includes it is mostly that token. On the
+  shipped sentiment pairs, mean difference at layer 12 scored 0.605 accuracy on validation + test with it
+  and 0.947 without;
 - ``"response_mean"``: the mean over the response's tokens;
 - ``"all"``: every position (``[batch, seq, hidden]``; pads included, mask them yourself; the first token
   too, an outlier as said above).
@@ -142,13 +143,13 @@ def check_selector(selector) -> None:
         low, high = selector.aminmax()
         if low < 0:
             raise ValueError(
-                f"position indices count from 0 (got {int(low)}): negative ones are not counted from the end; "
-                "use the int -1 for the last position, or last_token_index(attention_mask)"
+                f"position indices count from 0 (got {int(low)}): negative ones are not counted from the "
+                "end; use the int -1 for the last position, or last_token_index(attention_mask)"
             )
         if selector.ndim == 2 and selector.shape[1] > 2 and high <= 1:
             raise ValueError(
-                f"this [batch, k] index of 0s and 1s (shape {shape_of(selector)}) looks like an attention mask, "
-                "which would pick positions 0 and 1 over and over; give weights (mask.float() / "
+                f"this [batch, k] index of 0s and 1s (shape {shape_of(selector)}) looks like an attention "
+                "mask, which would pick positions 0 and 1 over and over; give weights (mask.float() / "
                 "mask.sum(-1, keepdim=True) for a mean, or select_positions), or indices "
                 "(last_token_index(mask))"
             )

@@ -513,10 +513,10 @@ class Steering:
                          and i.positions == "generated"]  # fmt: skip
             if generated:
                 warnings.warn(
-                    f"positions='generated' steered nothing: none of the {self.tracker.passes} forward passes "
-                    "under steer held a generated token (generated positions are generate's decode steps; a "
-                    "forward pass over a whole text is all prompt). To steer the answer of a text you score, "
-                    "give its token indices as positions",
+                    f"positions='generated' steered nothing: none of the {self.tracker.passes} forward "
+                    "passes under steer held a generated token (generated positions are generate's decode "
+                    "steps; a forward pass over a whole text is all prompt). To steer the answer of a text "
+                    "you score, give its token indices as positions",
                     stacklevel=3,
                 )
         self.hooks.remove_all()
