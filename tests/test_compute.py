@@ -317,6 +317,14 @@ def test_pca_reduce_matches_sklearn_up_to_sign():
     )
 
 
+def test_pca_reduce_mean_is_accumulated_in_float64():
+    # residual streams carry offsets of ~1e4 in some dimensions: a float32 running sum lost 4.6e-3 here
+    x = randn(500, 64, seed=40) + 2.6e4
+    _, (mean, _) = pca_reduce(x, 2, return_pca=True)
+    ulp = float(torch.finfo(torch.float32).eps) * 2.6e4  # the float32 spacing at that magnitude: 3.1e-3
+    assert float((mean.double() - x.double().mean(0)).abs().max()) <= ulp / 2
+
+
 def test_pca_reduce_keeps_leading_dims_and_validates():
     x = randn(4, 5, 7, seed=19)
     assert pca_reduce(x).shape == (4, 5, 2)

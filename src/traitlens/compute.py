@@ -307,7 +307,7 @@ def pca_reduce(
             f"n_components must be between 1 and min(n_samples, hidden)={min(n, hidden)} for activations "
             f"of shape {shape_of(x)}, got {n_components}"
         )
-    mean = flat.mean(dim=0)  # [hidden]
+    mean = flat.mean(dim=0, dtype=torch.float64).to(flat.dtype)  # [hidden], accumulated in float64
     centered = flat - mean
     _, _, vh = torch.linalg.svd(centered, full_matrices=False)
     components = vh[:n_components]  # [n_components, hidden]
