@@ -283,6 +283,24 @@ def test_workers_that_cannot_load_the_model_say_so_and_the_fixed_rerun_runs(ray,
     assert stats.pos.count == len(data.train)
 
 
+def test_a_second_worker_that_cannot_load_says_so_too(ray, tiny_folder, data, tmp_path, monkeypatch):
+    """The first worker loaded; another (a node without the model) could not: it said "restarted, run again
+    to resume", which no rerun mends."""
+    made = []
+
+    class SecondFails(_ShardWorker):
+        def __init__(self, *args):
+            made.append(1)
+            if len(made) == 2:
+                raise FileNotFoundError("no model at /models/x on this node")
+            super().__init__(*args)
+
+    monkeypatch.setattr("traitlens.distributed._ShardWorker", SecondFails)
+    cluster = RayCluster(workers=2, model=str(tiny_folder), out_dir=tmp_path, shard_size=4)
+    with pytest.raises(RuntimeError, match=r"could not load .*: FileNotFoundError: no model at /models/x"):
+        distributed_statistics(data.train, layers=[1], batch_size=4, cluster=cluster, progress=False)
+
+
 def test_a_rerun_with_other_pairs_says_the_pairs_differ(ray, tiny_folder, data, tmp_path):
     cluster = RayCluster(workers=1, model=str(tiny_folder), out_dir=tmp_path, shard_size=4)
     distributed_statistics(data.train, layers=[1], cluster=cluster, progress=False)

@@ -393,11 +393,8 @@ def _compute(ray, todo, total, pairs, cluster, settings, batch_size, progress, o
     try:
         try:
             loaded = ray.get(actors[0].describe.remote())
-        except RayActorError as err:  # the last line of Ray's message is the worker's error
-            raise RuntimeError(
-                f"the Ray workers could not load {cluster.model!r} with model_kwargs="
-                f"{_as_json(cluster.model_kwargs)}: {str(err).strip().splitlines()[-1]}"
-            ) from None
+        except RayActorError as err:
+            raise _could_not_load(err, cluster) from None
         check(loaded)
         out_dir = str(cluster.out_dir)
         running = {}
@@ -416,6 +413,8 @@ def _compute(ray, todo, total, pairs, cluster, settings, batch_size, progress, o
             try:
                 done = ray.get(ready)
             except RayActorError as err:
+                if "creation task" in str(err):  # this worker's node could not load the model: no retry helps
+                    raise _could_not_load(err, cluster) from None
                 raise RuntimeError(
                     f"shard {shard.name} failed: its worker died and was restarted up to {cluster.retries} "
                     f"times ({err}). "
@@ -431,6 +430,15 @@ def _compute(ray, todo, total, pairs, cluster, settings, batch_size, progress, o
             bar.close()
         for actor in actors:
             ray.kill(actor, no_restart=True)
+
+
+def _could_not_load(err: Exception, cluster: RayCluster) -> RuntimeError:
+    """The error for a worker that died making itself (loading the model): the last line of Ray's message
+    is the worker's own error."""
+    return RuntimeError(
+        f"the Ray workers could not load {cluster.model!r} with model_kwargs="
+        f"{_as_json(cluster.model_kwargs)}: {str(err).strip().splitlines()[-1]}"
+    )
 
 
 def require_ray():
