@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -698,3 +699,19 @@ def test_import_traitlens_vector_does_not_import_safetensors():
     code = "import sys, traitlens.vector; print('safetensors' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_prompt_mean_vector_of_0_5_0_says_its_position_changed_meaning(tmp_path):
+    # 0.5.0's prompt_mean included the first token (the attention sink); 0.5.1's leaves it out
+    old = write(tmp_path / "old.safetensors", {"vector": torch.ones(8)},
+                header_meta(position="prompt_mean", traitlens_version="0.5.0"))  # fmt: skip
+    with pytest.warns(UserWarning, match="'prompt_mean' by traitlens 0.5.0.*extract it again") as record:
+        load_vector(old)
+    assert record[0].filename == __file__
+    for meta in (
+        header_meta(position="prompt_mean"),
+        header_meta(position="prompt_last", traitlens_version="0.5.0"),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_vector(write(tmp_path / "new.safetensors", {"vector": torch.ones(8)}, meta))

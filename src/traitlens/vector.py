@@ -521,6 +521,14 @@ class TraitVector:
                 f"{meta.get('traitlens_version')!r})",
                 stacklevel=4,  # the caller of TraitVector.load or load_vector, both one frame above _load
             )
+        if meta.get("position") == "prompt_mean" and meta.get("traitlens_version") == "0.5.0":
+            warnings.warn(
+                "this vector was read at position 'prompt_mean' by traitlens 0.5.0, whose mean included each "
+                "text's first token (the attention sink, ~100x the other tokens' norm); since 0.5.1 the "
+                "mean leaves it out, so activations read at its position now are not what it was fitted on: "
+                "extract it again",
+                stacklevel=4,
+            )
         return cls(tensor, **{k: v for k, v in meta.items() if k in names})
 
 
