@@ -605,15 +605,20 @@ def _fingerprint(model: torch.nn.Module) -> dict | None:
     params = dict(model.named_parameters())
     if any(param.device.type == "meta" for param in params.values()):
         return None
-    sums = {name: [_float64_sum(param), _float64_sum(param.abs())] for name, param in params.items()}
+    sums = {name: _float64_sums(param) for name, param in params.items()}
     return {"dtype": _as_json(_dtype_of(model)), "sums": sums}
 
 
-def _float64_sum(param: torch.Tensor) -> float:
-    """The sum of ``param``'s values in float64, over chunks of 2**20 values: ``torch.sum(x, dtype=float64)``
-    copies ``x`` into float64 first (on CPU), which for a whole embedding matrix can be gigabytes."""
+def _float64_sums(param: torch.Tensor) -> list[float]:
+    """``[sum of values, sum of magnitudes]`` of ``param`` in float64, chunk by chunk (2**20 values), read to
+    the host once: ``torch.sum(x, dtype=float64)`` copies all of ``x`` into float64 first (on CPU), and
+    ``x.abs()`` would copy it once more; for an embedding matrix either is gigabytes."""
     chunks = param.detach().reshape(-1).split(1 << 20)
-    return math.fsum(float(torch.sum(chunk, dtype=torch.float64)) for chunk in chunks)
+    parts = [
+        torch.stack((torch.sum(c, dtype=torch.float64), torch.sum(c.abs(), dtype=torch.float64)))
+        for c in chunks
+    ]
+    return torch.stack(parts).sum(0).tolist()
 
 
 def _weights_difference(got: dict, expect: dict, got_where: str, expect_where: str) -> str | None:
