@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from traitlens._validation import did_you_mean, short_list
-from traitlens.positions import apply_selector, check_selector, to_device
+from traitlens.positions import apply_selector, check_selector, past_the_end, to_device
 
 
 def output_tensor(output: object) -> torch.Tensor:
@@ -143,9 +143,8 @@ class ActivationCapture:
                 raise ValueError(_selector_mismatch(self._selector_len, length))
             if self._index_end is not None and self._index_end > length:
                 raise ValueError(
-                    f"position index {self._index_end - 1} is past the end of a pass of {length} "
-                    "positions; set positions for each batch (capture.positions = "
-                    "last_token_index(batch['attention_mask']))"
+                    f"{past_the_end(self._index_end - 1, length)}; set positions for each batch "
+                    "(capture.positions = last_token_index(batch['attention_mask']))"
                 )
         if hidden.device not in self._selector_on:  # the dtype of weights is apply_selector's to choose
             self._selector_on[hidden.device] = to_device(selector, hidden.device)

@@ -204,12 +204,15 @@ def normalize_vectors(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def _unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``normalize_vectors`` of a checked tensor (no second scan of its values)."""
-    x = _upcast(x)
-    # Divide by the largest magnitude first so that squaring can neither overflow nor underflow.
+    scaled, biggest = _scaled(_upcast(x), dim)
+    return torch.where(biggest > 0, scaled / torch.linalg.vector_norm(scaled, dim=dim, keepdim=True), 0.0)
+
+
+def _scaled(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` divided by its largest magnitude along ``dim`` (kept, 0 for a zero vector, which stays zero), so
+    that squaring it for a norm can neither overflow nor underflow."""
     biggest = x.abs().amax(dim=dim, keepdim=True)
-    nonzero = biggest > 0
-    scaled = x / torch.where(nonzero, biggest, 1.0)
-    return torch.where(nonzero, scaled / torch.linalg.vector_norm(scaled, dim=dim, keepdim=True), 0.0)
+    return x / torch.where(biggest > 0, biggest, 1.0), biggest
 
 
 def magnitude(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -222,10 +225,9 @@ def magnitude(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Returns:
         The input shape without ``dim`` (``[layer, seq]``), float32.
     """
-    x = _upcast(_at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]"))
-    biggest = x.abs().amax(dim=dim, keepdim=True)  # scaled first, as in normalize_vectors: no overflow
-    scale = torch.where(biggest > 0, biggest, 1.0)
-    return (torch.linalg.vector_norm(x / scale, dim=dim, keepdim=True) * scale).squeeze(dim)
+    x = _at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]")
+    scaled, biggest = _scaled(_upcast(x), dim)
+    return (torch.linalg.vector_norm(scaled, dim=dim, keepdim=True) * biggest).squeeze(dim)
 
 
 def radial_velocity(trajectory: torch.Tensor, dim: int = 0) -> torch.Tensor:

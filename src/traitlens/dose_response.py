@@ -116,9 +116,10 @@ def dose_response(
         raise ValueError("dose_response measures at one module: give one vector and one layer or module")
     path, (direction, _) = next(iter(targets.items()))
     unit = direction.detach().to(torch.float32)
-    if float(unit.norm()) == 0.0:
+    length = unit.norm()
+    if float(length) == 0.0:
         raise ValueError("dose_response projects on the vector's direction: it needs a non-zero vector")
-    unit = unit / unit.norm()
+    unit = unit / length
     rows = []
     for coeff in progress_bar(coeffs, "dose-response" if progress else False, unit="coeff"):
         with steer(model, direction, module=path, coeff=coeff, positions=positions, norm=norm):

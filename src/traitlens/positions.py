@@ -114,7 +114,7 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
     on_host = selector.device.type == "cpu"
     if on_host and hidden.device.type != "cpu" and selector.numel() and int(selector.max()) >= seq:
         # read on the host for free; on the GPU it would be a device-side assert that ends the process
-        raise ValueError(f"position index {int(selector.max())} is past the end of a pass of {seq} positions")
+        raise ValueError(past_the_end(int(selector.max()), seq))
     index = to_device(selector, hidden.device).view(batch, -1, 1).expand(-1, -1, width)
     picked = hidden.gather(1, index)  # [batch, k, hidden]
     return picked.squeeze(1) if selector.ndim == 1 else picked
@@ -153,6 +153,11 @@ def check_selector(selector) -> None:
                 "mask.sum(-1, keepdim=True) for a mean, or select_positions), or indices "
                 "(last_token_index(mask))"
             )
+
+
+def past_the_end(index: int, length: int) -> str:
+    """The message for an index ``>= length``, found on the host (on a GPU, ``gather`` would assert)."""
+    return f"position index {index} is past the end of a pass of {length} positions"
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -508,17 +508,18 @@ class Steering:
         """Remove every hook of this handle (safe to call twice). Warns when ``positions="generated"`` steered
         nothing: passes ran, and none of them held a generated token (a forward pass over a whole text,
         teacher forcing, is all prompt to the tracker)."""
-        if len(self.hooks) and self.tracker.passes and not self.tracker.generated_passes:
-            generated = [path for path, i in self.interventions.items() if isinstance(i.positions, str)
-                         and i.positions == "generated"]  # fmt: skip
-            if generated:
-                warnings.warn(
-                    f"positions='generated' steered nothing: none of the {self.tracker.passes} forward "
-                    "passes under steer held a generated token (generated positions are generate's decode "
-                    "steps; a forward pass over a whole text is all prompt). To steer the answer of a text "
-                    "you score, give its token indices as positions",
-                    stacklevel=3,
-                )
+        tracker = self.tracker
+        generated = any(
+            isinstance(i.positions, str) and i.positions == "generated" for i in self.interventions.values()
+        )
+        if generated and len(self.hooks) and tracker.passes and not tracker.generated_passes:
+            warnings.warn(
+                f"positions='generated' steered nothing: none of the {tracker.passes} forward passes under "
+                "steer held a generated token (generated positions are generate's decode steps; a forward "
+                "pass over a whole text is all prompt). To steer the answer of a text you score, give its "
+                "token indices as positions",
+                stacklevel=3,
+            )
         self.hooks.remove_all()
 
     def __enter__(self) -> Steering:
