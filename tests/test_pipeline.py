@@ -542,3 +542,28 @@ def test_extract_trait_names_the_dataset_it_wants():
         TypeError, match=r"dataset must be a ContrastiveDataset \(load_dataset\('sentiment'\).* got list"
     ):
         extract_trait(make_tiny_model("llama"), make_word_tokenizer(), [("w1 w2", "w3 w4")])
+
+
+def test_progress_bars_show_where_a_person_sees_them_by_default(capsys, monkeypatch):
+    """``progress=None`` (the default): a bar on a terminal, none in a log or a pipe."""
+    import sys
+
+    model, tokenizer = make_tiny_model("llama"), make_word_tokenizer()
+    texts = _texts([4, 2, 6])
+
+    def bar_after(**kwargs) -> str:
+        collect_activations(model, tokenizer, texts, layers=[0], batch_size=1, **kwargs)
+        return capsys.readouterr().err
+
+    assert bar_after() == "" and bar_after(progress=False) == ""  # pytest's stderr is not a terminal
+    assert "/3 [" in bar_after(progress=True) and "texts: " in bar_after(progress="texts")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert "/3 [" in bar_after() and bar_after(progress=False) == ""
+
+
+def test_a_text_longer_than_the_models_learned_positions_is_named():
+    model, tokenizer = make_tiny_model("gpt2"), make_word_tokenizer()  # a table of 128 positions
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"a text of {limit + 5} tokens is longer than the {limit} positions"):
+        collect_activations(model, tokenizer, ["w1 " * (limit + 5)], layers=[0])
+    collect_activations(model, tokenizer, ["w1 " * limit], layers=[0])

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 
-def progress_bar(items, label: bool | str, unit: str):
-    """``items`` wrapped in a tqdm bar that disappears when done; ``items`` itself for ``label=False`` or
-    without tqdm. ``label``: the bar's description, or ``True`` for none."""
-    if not label:
+def progress_bar(items, show: bool | str | None, unit: str, label: str | None = None):
+    """``items`` wrapped in a tqdm bar that disappears when done, or ``items`` itself without tqdm.
+
+    ``show``: ``True`` for a bar, ``False`` for none, ``None`` for a bar only where a person sees it (a
+    terminal or a notebook; not a log file or a pipe), or a string: a bar with that label instead of
+    ``label``."""
+    if show is False:
         return items
     try:
         from tqdm.auto import tqdm
     except ImportError:  # the pipeline extra brings tqdm; without it, no bar
         return items
-    return tqdm(items, desc=label if isinstance(label, str) else None, unit=unit, leave=False)
+    desc = show if isinstance(show, str) else label
+    return tqdm(items, desc=desc, unit=unit, leave=False, disable=None if show is None else False)

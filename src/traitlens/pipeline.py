@@ -77,14 +77,15 @@ def collect_activations(
     position: str = "prompt_last",
     batch_size: int = 16,
     chat: bool | None = None,
-    progress: bool | str = False,
+    progress: bool | str | None = None,
     module: str | None = None,
 ) -> torch.Tensor:
     """Activations of ``examples`` at the outputs of decoder ``layers`` (in the order given; default all):
     ``[layer, n, hidden]`` float32, CPU.
 
     ``position`` is one of ``POSITION_RULES``; with ``"all"`` every real token is a row, so ``n`` is the
-    total number of real tokens. ``progress`` shows a progress bar (a string is used as its label).
+    total number of real tokens. ``progress``: a bar over the batches where a person sees it (``None``: on a
+    terminal or in a notebook, not in a log file), always (``True``, or a string: its label) or never.
     ``module`` reads the output of that module (a dotted path, e.g. ``"model.layers.12.mlp"``; its output
     must be ``[batch, seq, hidden]``) instead of decoder layers: ``[1, n, hidden]``. Examples are batched
     longest first; rows come in the order of ``examples``.
@@ -161,7 +162,7 @@ def pair_activations(
     layers: Sequence[int] | None = None,
     position: str = "prompt_last",
     batch_size: int = 16,
-    progress: bool | str = False,
+    progress: bool | str | None = None,
     module: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pos, neg)`` activations of both sides of ``pairs`` at the outputs of decoder ``layers`` (in the
@@ -259,7 +260,18 @@ def _run(model, inputs, last: str, hooked: dict[str, object] | None = None, **kw
         for path, hook in (hooked or {}).items():
             hooks.add_forward_hook(path, hook)
         hooks.stop_after(last)
-        hooks.run(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
+        try:
+            hooks.run(**{k: v.to(device) for k, v in inputs.items()}, **kwargs)
+        except IndexError as err:  # a learned position embedding looked up past its table
+            ids = inputs.get("position_ids")  # a shared prompt's answers continue after it
+            length = int(ids.max()) + 1 if ids is not None else inputs["input_ids"].shape[-1]
+            limit = getattr(_text_config(model), "max_position_embeddings", None)
+            if isinstance(limit, int) and length > limit:
+                raise ValueError(
+                    f"a text of {length} tokens is longer than the {limit} positions the model has "
+                    "(max_position_embeddings): shorten it"
+                ) from err
+            raise
 
 
 def _capture_pass(model, paths, layers, capture, inputs, **kwargs) -> torch.Tensor:
@@ -413,7 +425,7 @@ def stream_statistics(
     batch_size: int = 16,
     outer: bool = False,
     spill_to: str | Path | None = None,
-    progress: bool | str = False,
+    progress: bool | str | None = None,
 ) -> ContrastiveStats:
     """Per-layer running moments of the positives, negatives and their paired differences, batch by batch.
 
@@ -426,7 +438,8 @@ def stream_statistics(
     is refused: its positive and negative rows do not pair up.
 
     Pairs are batched longest first (as in ``collect_activations``), both sides in one order; pairs that
-    share their prompt run it once at ``"response_mean"`` (as in ``pair_activations``).
+    share their prompt run it once at ``"response_mean"`` (as in ``pair_activations``); ``progress`` as in
+    ``collect_activations``.
     """
     check_one_row_per_example(position, "stream_statistics")
     sides, order = _pairs(tokenizer, pairs, position)
