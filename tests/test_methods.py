@@ -467,7 +467,7 @@ def test_classes_without_spread_give_the_mean_difference_direction():
             result = ICAMethod(solver=solver).extract(pos, neg)
         assert result["all_components"].shape == (1, 3)
         torch.testing.assert_close(result["vector"] / result["vector"].norm(), expected)
-    with pytest.raises(ValueError, match="every row is the same"):
+    with pytest.raises(ValueError, match="same mean in every feature"):
         ICAMethod().extract(pos, pos)
 
 
@@ -613,6 +613,44 @@ def test_bad_input_raises_an_error_naming_the_argument_and_its_shape(name, param
         TypeError, match=r"pos_acts must be a floating-point tensor, got dtype torch\.complex64"
     ):
         method.extract(torch.complex(pos, pos), neg)
+    with pytest.raises(TypeError, match=r"got torch\.float8_e4m3fn; cast it with \.float\(\)"):
+        method.extract(pos.to(torch.float8_e4m3fn), neg)
+    with pytest.raises(ValueError, match=r"pos_acts has values beyond float32's range"):
+        method.extract(pos.double() * 1e200, neg.double())
+    # the same rows on both sides (a prompt position on pairs that differ only in their answers): every
+    # method gave something that looked like a direction (gradient its random start, pca_diff e_0)
+    with pytest.raises(ValueError, match=r"same mean in every feature.*position=.response_mean."):
+        method.extract(pos, pos.flip(0))
+
+
+@pytest.mark.parametrize(("name", "params"), ALL)
+def test_activations_that_require_grad_give_a_plain_vector(name, params):
+    pos, neg, _ = planted(n=20, hidden=8, seed=19)
+    out = get_method(name, **params).extract(pos.requires_grad_(), neg)  # sklearn solvers raised
+    assert not any(isinstance(v, torch.Tensor) and v.requires_grad for v in out.values())
+    expected = get_method(name, **params).extract(pos.detach(), neg)["vector"]
+    torch.testing.assert_close(out["vector"], expected)
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e20])
+def test_normalized_mean_difference_is_a_unit_vector_at_any_scale(scale):
+    pos, neg, d = planted(n=20, hidden=8, seed=20)
+    vector = MeanDifferenceMethod(normalize=True).extract(pos * scale, neg * scale)["vector"]
+    assert abs(float(vector.norm()) - 1) < 1e-6 and cos(vector, d) > 0.9  # was 0.0 at 1e20, 0.003 at 1e-15
+
+
+def test_huge_activations_are_oriented_and_fitted_as_at_unit_scale():
+    """float32 sums overflowed: the means that orient PCA / ICA became NaN (a wrong sign, flipped=False), and
+    the gradient method's scale went to inf, so it returned its random start."""
+    pos, neg, _ = planted(n=100, hidden=16, seed=21)
+    pos, neg = pos + 30, neg + 30  # an offset, as residual streams have
+    for name in ("pca_diff", "ica", "gradient"):
+        small = get_method(name).extract(pos, neg)["vector"]
+        big = get_method(name).extract(pos * 1e36, neg * 1e36)["vector"]
+        assert cos(small.double(), big.double()) > 0.98, name  # ICA: 0.989 (its iteration rounds anew)
+        assert float((pos.double().mean(0) - neg.double().mean(0)) @ big.double()) > 0
+    big = GradientMethod().extract(pos * 1e18, neg * 1e18)["vector"]
+    assert cos(big, RandomBaselineMethod().extract(pos, neg)["vector"]) < 0.9
 
 
 def test_bad_hyper_parameters_are_named():

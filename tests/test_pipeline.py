@@ -564,6 +564,8 @@ def test_progress_bars_show_where_a_person_sees_them_by_default(capsys, monkeypa
 def test_a_text_longer_than_the_models_learned_positions_is_named():
     model, tokenizer = make_tiny_model("gpt2"), make_word_tokenizer()  # a table of 128 positions
     limit = model.config.max_position_embeddings
-    with pytest.raises(ValueError, match=rf"a text of {limit + 5} tokens is longer than the {limit} positions"):
+    with pytest.raises(
+        ValueError, match=rf"a text of {limit + 5} tokens is longer than the {limit} positions"
+    ):
         collect_activations(model, tokenizer, ["w1 " * (limit + 5)], layers=[0])
     collect_activations(model, tokenizer, ["w1 " * limit], layers=[0])

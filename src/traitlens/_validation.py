@@ -47,6 +47,10 @@ def suggest(matches: Sequence[str]) -> str:
     return f"; did you mean one of {short_list(matches)}?"
 
 
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The floating-point dtypes activations and vectors may have."""
+
+
 def check_tensor(
     x: object,
     name: str,
@@ -78,6 +82,10 @@ def check_tensor(
         raise ValueError(f"{name} must have shape {expected}, got {shape_of(x)}{hint}")
     if floating and not x.is_floating_point():  # complex too: its imaginary part would be dropped silently
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if floating and x.dtype not in FLOATS:  # float8: no isfinite, no arithmetic
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}; cast it with .float()"
+        )
     if finite and x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         fix = "clean or drop those rows"
@@ -106,7 +114,8 @@ def check_vector(
 def check_pos_neg(
     pos_acts: object, neg_acts: object, *, min_per_class: int = 1, method: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a contrastive pair of activation sets, each ``[n, hidden]``, and return them."""
+    """Validate a contrastive pair of activation sets, each ``[n, hidden]``, and return them detached (a
+    direction read from them is not a function to differentiate)."""
     pos = check_tensor(pos_acts, "pos_acts", ndim=2, shape_doc="[n_pos, hidden]")
     neg = check_tensor(neg_acts, "neg_acts", ndim=2, shape_doc="[n_neg, hidden]")
     if pos.shape[1] != neg.shape[1]:
@@ -124,7 +133,7 @@ def check_pos_neg(
                 f"{arg} {what} (shape {shape_of(x)}); {who} at least {min_per_class} example"
                 f"{'s' if min_per_class != 1 else ''} per class"
             )
-    return pos, neg
+    return pos.detach(), neg.detach()
 
 
 def check_choice(value: object, name: str, options: Sequence[str]) -> str:

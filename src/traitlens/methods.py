@@ -28,11 +28,13 @@ from typing import Any
 import torch
 
 from traitlens._validation import check_choice, check_pos_neg, did_you_mean, short_list
+from traitlens.compute import _unit
 
 
 def _orient(vector: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Flip ``vector [hidden]`` if negatives project higher than positives on average; return it and ``flipped``."""
-    flipped = bool((pos.mean(0) - neg.mean(0)) @ vector < 0)
+    delta = pos.mean(0, dtype=torch.float64) - neg.mean(0, dtype=torch.float64)  # float32 sums may overflow
+    flipped = bool(delta @ vector.double() < 0)
     return (-vector if flipped else vector), flipped
 
 
@@ -90,7 +92,19 @@ class ExtractionMethod(ABC):
         merged = {**self.params, **self._check_params(params)}
         if "seed" not in inspect.signature(self._extract).parameters:
             merged.pop("seed", None)  # deterministic method
-        return self._extract(pos.float(), neg.float(), **merged)
+        pos, neg = pos.float(), neg.float()
+        for arg, x, given in (("pos_acts", pos, pos_acts), ("neg_acts", neg, neg_acts)):
+            if given.dtype == torch.float64 and not bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    f"{arg} has values beyond float32's range (3.4e38), in which the methods compute: rescale it"
+                )
+        if torch.equal(pos.mean(0, dtype=torch.float64), neg.mean(0, dtype=torch.float64)):
+            raise ValueError(
+                "pos_acts and neg_acts have the same mean in every feature (the same rows on both sides?): no "
+                "direction separates them; if the two sides differ only after a shared prompt, read the "
+                "activations there (e.g. position='response_mean')"
+            )
+        return self._extract(pos, neg, **merged)
 
     @abstractmethod
     def _extract(self, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, Any]:
@@ -119,7 +133,7 @@ class MeanDifferenceMethod(ExtractionMethod):
         neg_mean = neg.mean(0, dtype=torch.float64).float()  # [hidden]
         vector = pos_mean - neg_mean
         if normalize:
-            vector = vector / vector.norm().clamp_min(1e-12)
+            vector = _unit(vector)
         return {"vector": vector, "pos_mean": pos_mean, "neg_mean": neg_mean}
 
 
@@ -605,12 +619,9 @@ def _spanned(sing: torch.Tensor, k: int) -> int:
     """How many of the ``k`` largest singular values ``sing`` (descending) of the centred activations are
     above 1e-6 of the largest: the components FastICA can fit. Whitening divides by each of them, so one at
     rounding level turns rounding into a source (and made the torch solver's iteration fail, scikit-learn's
-    return a zero vector). Fewer than ``k``: a warning, and that many components are fitted."""
+    return a zero vector). Fewer than ``k``: a warning, and that many components are fitted (at least one:
+    rows that are all the same have the same mean in both classes, which ``extract`` refuses)."""
     spanned = int((sing[:k] > 1e-6 * sing[0]).sum())
-    if spanned == 0:
-        raise ValueError(
-            "ICAMethod: the activations do not vary (every row is the same); there is nothing to unmix"
-        )
     if spanned < k:
         warnings.warn(
             f"ICAMethod: the activations span {spanned} dimensions, fewer than n_components={k} (singular values "
@@ -696,16 +707,17 @@ class GradientMethod(ExtractionMethod):
             raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage!r}")
         if not (isinstance(num_steps, int) and num_steps >= 1):
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-        delta = pos.mean(0) - neg.mean(0)  # [hidden]
-        centered = torch.cat([pos - pos.mean(0), neg - neg.mean(0)])  # [n, hidden]
+        pos_mean, neg_mean = pos.mean(0, dtype=torch.float64), neg.mean(0, dtype=torch.float64)  # [hidden]
+        delta = pos_mean - neg_mean
+        centered = torch.cat([pos - pos_mean.float(), neg - neg_mean.float()])  # [n, hidden]
         dof = len(centered) - 2
-        mean_var = float((centered**2).sum()) / (dof * pos.shape[1])  # trace(S) / hidden
+        mean_var = float(centered.double().square().sum()) / (dof * pos.shape[1])  # trace(S) / hidden
         # sep(v) does not change when the activations are scaled: fit in units where trace(S) / hidden = 1,
         # so that no term under- or overflows float32 (at zero spread q^1.5 underflowed and the vector came
         # out NaN). Without any spread, shrinkage alone is left under the root: the mean difference's direction.
         if mean_var > 0:
             delta, centered = delta / math.sqrt(mean_var), centered / math.sqrt(mean_var)
-        mean_var = 1.0
+        delta, mean_var = delta.float(), 1.0
 
         param = torch.randn(pos.shape[1], generator=_generator(seed)).to(pos.device)
         param = param / param.norm()
@@ -717,7 +729,7 @@ class GradientMethod(ExtractionMethod):
             history.append(loss)  # read once at the end: no host sync per step
 
         vector, flipped = _orient(param / param.norm(), pos, neg)
-        pos_mean_proj, neg_mean_proj = float(pos.mean(0) @ vector), float(neg.mean(0) @ vector)
+        pos_mean_proj, neg_mean_proj = float(pos_mean @ vector.double()), float(neg_mean @ vector.double())
         return {
             "vector": vector,
             "loss_history": torch.stack(history).to("cpu", torch.float32),
