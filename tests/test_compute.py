@@ -278,6 +278,13 @@ def test_radial_and_angular_velocity_match_references():
     np.testing.assert_allclose(angular_velocity(x, dim=1).numpy(), expected_seq, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e19, 1e-25])
+def test_radial_velocity_takes_norms_without_overflow_or_underflow(scale):
+    x = randn(5, 8, seed=15)
+    expected = np.diff(np.linalg.norm(x.double().numpy() * scale, axis=-1))  # was NaN / -inf, and 0
+    np.testing.assert_allclose(radial_velocity(x * scale).double().numpy(), expected, rtol=1e-5)
+
+
 def test_angular_velocity_bounds_and_errors():
     x = torch.tensor([[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 3.0]])
     assert torch.allclose(angular_velocity(x), torch.tensor([0.0, 2.0, 1.0, 1.0]))

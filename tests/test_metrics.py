@@ -525,3 +525,22 @@ def test_an_example_in_both_classes_is_a_tie_for_auroc():
             roc_auc_score(labels, np.r_[s[:n_pos], s[:n_neg]]), abs=1e-12
         )
         assert torch.equal(acts, before)  # float64 inputs are scored in a copy, never scaled in place
+
+
+def test_different_examples_with_the_same_exact_projection_tie_for_auroc():
+    """Integer activations and a float32 vector: equal exact projections of different rows must score the
+    same (products with the rounded unit vector gave them different last digits: AUROC off by up to 0.07)."""
+    v = torch.tensor([2.0, 2.0, 2.0])
+    pos = torch.tensor([[1.0, 3, 1], [1, 0, -3], [-3, 1, 1]])
+    neg = torch.tensor([[0.0, -3, 2], [2, 0, -2], [2, 0, 3], [-2, -1, 2], [-2, -1, -1]])
+    assert auroc(v, pos, neg) == 0.5  # was 0.4333
+    g = torch.Generator().manual_seed(61)
+    for _ in range(200):
+        pos = torch.randint(-3, 4, (6, 4), generator=g).float()
+        neg = torch.randint(-3, 4, (7, 4), generator=g).float()
+        v = torch.randint(-3, 4, (4,), generator=g).float() * 0.37
+        if not v.any() or torch.equal(pos.double().mean(0), neg.double().mean(0)):
+            continue
+        scores = (torch.cat([pos, neg]).double() @ v.double()).numpy()  # exact: small integers times 0.37
+        labels = np.r_[np.ones(6), np.zeros(7)]
+        assert auroc(v, pos, neg) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)

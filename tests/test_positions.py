@@ -65,6 +65,19 @@ def test_selector_shapes_and_errors():
         apply_selector(HIDDEN, [0, 1])
     with pytest.raises(ValueError, match=r"\[batch, seq, hidden\]"):
         apply_selector(HIDDEN[0], 0)
+    # the checks the capture makes when its positions are set, for a tensor given here too
+    with pytest.raises(ValueError, match="looks like an attention mask"):  # was gathered as indices
+        apply_selector(HIDDEN, torch.tensor([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]]))
+    for dtype in (torch.uint8, torch.int16, torch.complex64):  # gather() / aminmax errors from torch
+        with pytest.raises(TypeError, match=rf"int64 or int32 indices or float weights, got dtype {dtype}"):
+            apply_selector(HIDDEN, torch.ones(2, dtype=dtype))
+    weights = torch.zeros(2, 6)
+    weights[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="position weights contain NaN or inf"):  # was a NaN row
+        apply_selector(HIDDEN, weights)
+    torch.testing.assert_close(
+        apply_selector(HIDDEN, torch.tensor([1, 2], dtype=torch.int32)), HIDDEN[[0, 1], [1, 2]]
+    )
 
 
 def test_capture_refuses_a_bad_selector_when_it_is_set():

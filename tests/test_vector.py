@@ -564,6 +564,15 @@ def test_norm_normalized_and_cosine_against_numpy():
     assert u.norm() == pytest.approx(1.0, abs=1e-6)
     assert u.extra["derivation"][-1] == {"op": "normalize", "norm_before": pytest.approx(a.norm(), rel=1e-6)}
 
+    for scale in (1e20, 1e-25):  # a float32 norm overflowed (a zero "unit" vector) or was refused as zero
+        big = TraitVector(
+            a.vector * scale, model="m", module="model.layers.1", position="prompt_last", method="x"
+        )
+        np.testing.assert_allclose(big.normalized().vector.numpy(), u.vector.numpy(), rtol=1e-6, atol=1e-7)
+        assert big.normalized().extra["derivation"][-1]["norm_before"] == pytest.approx(
+            a.norm() * scale, rel=1e-6
+        )
+
     h = make(hidden=576, dtype=torch.bfloat16, seed=3).normalized()
     assert h.dtype == torch.bfloat16 and h.norm() == pytest.approx(1.0, abs=1e-2)
     assert h.cosine(a) == pytest.approx(1.0, abs=1e-3)

@@ -225,7 +225,11 @@ def magnitude(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Returns:
         The input shape without ``dim`` (``[layer, seq]``), float32.
     """
-    x = _at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]")
+    return _norm(_at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]"), dim)
+
+
+def _norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``magnitude`` of a checked tensor."""
     scaled, biggest = _scaled(_upcast(x), dim)
     return (torch.linalg.vector_norm(scaled, dim=dim, keepdim=True) * biggest).squeeze(dim)
 
@@ -242,7 +246,7 @@ def radial_velocity(trajectory: torch.Tensor, dim: int = 0) -> torch.Tensor:
         ``[n_points - 1, ...]``: the input shape without hidden and with one point fewer along ``dim``.
     """
     x = _trajectory(trajectory, dim, "radial_velocity")
-    return torch.diff(torch.linalg.vector_norm(_upcast(x), dim=-1), dim=dim % x.ndim)
+    return torch.diff(_norm(x), dim=dim % x.ndim)
 
 
 def angular_velocity(trajectory: torch.Tensor, dim: int = 0) -> torch.Tensor:

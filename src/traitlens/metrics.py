@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from traitlens._validation import check_pos_neg, check_tensor, check_vector, shape_of
-from traitlens.compute import _unit, _upcast, cosine_similarity, mean_difference
+from traitlens.compute import _upcast, cosine_similarity, mean_difference
 from traitlens.methods import get_method
 
 #: ``method(pos_acts, neg_acts)`` -> a ``[hidden]`` vector, or a dict with the vector under ``"vector"``; or
@@ -45,15 +45,21 @@ def _scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Projections of ``pos_acts`` and ``neg_acts`` onto the unit ``vector``: ``[n_pos]``, ``[n_neg]``, in
     float64. Every row is reduced in the same order, so an example in both classes gets one score (two
-    matrix products of different sizes may round it differently, and AUROC would miss the tie)."""
+    matrix products of different sizes may round it differently, and AUROC would miss the tie). Rows with
+    the same exact projection keep their tie too: the vector is scaled by a power of two, so the products
+    of float32 (or narrower) values with it are exact in float64, and the sums are divided by one norm
+    (products with the rounded unit vector gave equal projections different last digits)."""
     pos, neg = check_pos_neg(pos_acts, neg_acts, min_per_class=min_per_class, method=who)
     vec = check_vector(vector, "vector", hidden=pos.shape[1], hidden_of=f"pos_acts {shape_of(pos)}")
-    unit = _unit(vec.to(device=pos.device, dtype=torch.float64))
+    vec = vec.detach().to(device=pos.device, dtype=torch.float64)
+    vec = torch.ldexp(vec, -torch.frexp(vec.abs().amax()).exponent)  # largest magnitude in [0.5, 1), or 0
+    norm = torch.linalg.vector_norm(vec)
+    norm = torch.where(norm > 0, norm, 1.0)  # a zero vector scores 0
 
     # an elementwise product summed per row, not a matrix product: the same reduction for every row (in a
     # float64 copy: the caller's float64 activations must not be scaled in place)
     def score(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=pos.device, dtype=torch.float64, copy=True).mul_(unit).sum(dim=-1)
+        return x.to(device=pos.device, dtype=torch.float64, copy=True).mul_(vec).sum(dim=-1).div_(norm)
 
     return score(pos), score(neg)
 

@@ -96,8 +96,8 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
         return hidden
     if hidden.ndim != 3:
         raise ValueError(f"positions need activations of shape [batch, seq, hidden], got {shape_of(hidden)}")
+    check_selector(selector)  # an int or a slice passes (not a bool); a tensor's values are read on the host
     if not isinstance(selector, torch.Tensor):
-        check_selector(selector)  # an int or a slice passes (not a bool); anything else raises
         return hidden[:, selector]
     batch, seq, width = hidden.shape
     if selector.is_floating_point():
@@ -134,8 +134,16 @@ def check_selector(selector) -> None:
             "positions cannot be a bool mask; give weights (mask.float() / mask.sum(-1, keepdim=True) for a "
             "mean, or select_positions), or indices (last_token_index(mask))"
         )
+    if selector.is_complex() or not (
+        selector.is_floating_point() or selector.dtype in (torch.int64, torch.int32)
+    ):
+        raise TypeError(
+            f"positions must be int64 or int32 indices or float weights, got dtype {selector.dtype}"
+        )
     if selector.is_floating_point() and selector.ndim != 2:
         raise ValueError(f"position weights must have shape [batch, seq], got {shape_of(selector)}")
+    if selector.is_floating_point() and selector.device.type == "cpu" and not bool(selector.isfinite().all()):
+        raise ValueError("position weights contain NaN or inf")
     if not selector.is_floating_point() and selector.ndim not in (1, 2):
         raise ValueError(f"position index must have shape [batch] or [batch, k], got {shape_of(selector)}")
     if not selector.is_floating_point() and selector.device.type == "cpu" and selector.numel():

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from traitlens._validation import check_vector, did_you_mean, shape_of, short_list
+from traitlens.compute import _norm, _unit
 from traitlens.hooks import decoder_layer_paths, residual_width
 from traitlens.models import locate_module
 
@@ -401,12 +402,11 @@ class TraitVector:
 
         Metrics are kept (the direction is unchanged). Raises ``ValueError`` for a zero vector.
         """
-        v32 = self.vector.to(torch.float32)
-        norm = torch.linalg.vector_norm(v32)
+        norm = float(_norm(self.vector))  # scaled: no overflow or underflow in the squares
         if norm == 0:
             raise ValueError("cannot normalize a zero vector (its norm is 0)")
-        unit = (v32 / norm).to(self.vector.dtype)
-        return self._derive(unit, {"op": "normalize", "norm_before": float(norm)}, scale=1 / float(norm))
+        unit = _unit(self.vector).to(self.vector.dtype)
+        return self._derive(unit, {"op": "normalize", "norm_before": norm}, scale=1 / norm)
 
     def check_model(self, model: torch.nn.Module) -> str:
         """Raise a ``ValueError`` naming the model this vector was made for if it does not fit ``model``: no
