@@ -673,6 +673,24 @@ def test_bad_hyper_parameters_are_named():
         ICAMethod(solver="fastica").extract(pos, neg)
     with pytest.raises(ValueError, match="max_iter must be a positive int, got 0"):
         ICAMethod(max_iter=0).extract(pos, neg)
+    # each was taken as given, then failed inside (or gave a zero / random / NaN vector)
+    for method, message in [
+        (ProbeMethod(max_iter=0), "max_iter must be a positive int, got 0"),
+        (ProbeMethod(max_iter=10.0), r"max_iter must be a positive int, got 10\.0"),
+        (ProbeMethod(C="1"), "C must be > 0, got '1'"),
+        (ProbeMethod(tol=float("nan")), "tol must be > 0, got nan"),
+        (ICAMethod(tol=float("nan")), "tol must be > 0, got nan"),
+        (ICAMethod(component_idx=True), r"component_idx must be an int in \[0, "),
+        (GradientMethod(lr=float("nan")), "lr must be > 0, got nan"),
+        (GradientMethod(lr=0), "lr must be > 0, got 0"),
+        (GradientMethod(seed=1.7), r"seed must be an int, got 1\.7"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            method.extract(pos, neg)
+    # numpy and 0-d tensor numbers are numbers
+    expected = ICAMethod(n_components=3, component_idx=1).extract(pos, neg)["vector"]
+    got = ICAMethod(n_components=np.int64(3), component_idx=torch.tensor(1)).extract(pos, neg)["vector"]
+    torch.testing.assert_close(got, expected)
 
 
 def test_the_gradient_methods_adam_takes_the_steps_of_torch_optim_adam():

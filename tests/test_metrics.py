@@ -325,6 +325,27 @@ def test_stability_with_custom_method():
         noise_stability(pos, neg, noise_scale=-1)
     with pytest.raises(ValueError, match="n_trials"):
         bootstrap_stability(pos, neg, n_trials=0)
+    # the method's own vector is zero: every cosine was 0.0, read as "unstable"
+    with pytest.raises(ValueError, match="vector from all the data is zero"):
+        bootstrap_stability(pos, neg, method=lambda p, n: p.mean(0) * 0, n_trials=2)
+    with pytest.raises(ValueError, match=r"fraction=0.5 keeps 1 of the 2 rows of a class.*needs at least 2"):
+        subsample_stability(pos[:2], neg[:2], method="probe")  # was: "pos_acts has 1 rows" (the user gave 2)
+    # numpy numbers are numbers (sparsity said "must be in [0, 1), got 0.01")
+    np_args = {"n_trials": np.int64(2), "seed": np.int32(3)}
+    assert noise_stability(pos, neg, noise_scale=np.float32(0.1), **np_args) == noise_stability(
+        pos, neg, noise_scale=0.1, n_trials=2, seed=3
+    )
+    assert sparsity(pos[0], np.float32(0.5)) == sparsity(pos[0], 0.5)
+    assert top_k_concentration(pos[0], np.int64(3)) == top_k_concentration(pos[0], 3)
+    with pytest.raises(ValueError, match=r"seed must be an int, got 1\.5"):
+        bootstrap_stability(pos, neg, n_trials=2, seed=1.5)
+
+
+def test_noise_stability_of_huge_float64_activations():
+    _, pos, neg = planted(30, 30, 8, shift=3.0, seed=41)
+    small = noise_stability(pos.double(), neg.double(), n_trials=3)
+    big = noise_stability(pos.double() * 1e200, neg.double() * 1e200, n_trials=3)  # the noise norm was inf
+    assert big == pytest.approx(small, rel=1e-9)
 
 
 # --- vector properties ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import difflib
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -157,6 +157,36 @@ def real_number(x: object) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def whole_number(x: object) -> int | None:
+    """``x`` as an int when it is a whole number (a Python or numpy integer, or a one-element integer
+    tensor; not a bool), else ``None``."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+            return None
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        return None
+    return int(x)
+
+
+def check_int(x: object, name: str, minimum: int | None = None) -> int:
+    """A whole-number argument (see ``whole_number``), at least ``minimum``, as an int."""
+    value = whole_number(x)
+    if value is None or (minimum is not None and value < minimum):
+        kind = "an int" if minimum is None else "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {x!r}")
+    return value
+
+
+def check_real(x: object, name: str, interval: str, inside: Callable[[float], bool]) -> float:
+    """A real-number argument (see ``real_number``) for which ``inside`` holds, as a float; ``interval``
+    says where it must be (``"in (0, 1]"``, ``"> 0"``) in the message."""
+    value = real_number(x)
+    if value is None or not inside(value):
+        raise ValueError(f"{name} must be {interval}, got {x!r}")
+    return value
 
 
 def warn_if_training(model: torch.nn.Module, what: str, stacklevel: int = 3) -> None:

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from traitlens._validation import check_tensor, check_vector, real_number, shape_of
+from traitlens._validation import check_tensor, check_vector, real_number, shape_of, whole_number
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -306,8 +306,9 @@ def pca_reduce(
     n, hidden = flat.shape
     if n < 2:
         raise ValueError(f"pca_reduce needs at least 2 samples, got activations of shape {shape_of(x)}")
-    if isinstance(n_components, bool) or not isinstance(n_components, int):
+    if whole_number(n_components) is None:
         raise TypeError(f"n_components must be an int, got {type(n_components).__name__}")
+    n_components = int(n_components)
     if not 1 <= n_components <= min(n, hidden):
         raise ValueError(
             f"n_components must be between 1 and min(n_samples, hidden)={min(n, hidden)} for activations "

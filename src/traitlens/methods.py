@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from traitlens._validation import check_choice, check_pos_neg, did_you_mean, short_list
+from traitlens._validation import (
+    check_choice,
+    check_int,
+    check_pos_neg,
+    check_real,
+    did_you_mean,
+    short_list,
+    whole_number,
+)
 from traitlens.compute import _unit
 
 
@@ -40,7 +48,7 @@ def _orient(vector: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple
 
 def _generator(seed: int) -> torch.Generator:
     """A CPU generator, so that a seed gives the same numbers on every device (draw on CPU, then move)."""
-    return torch.Generator().manual_seed(int(seed))
+    return torch.Generator().manual_seed(check_int(seed, "seed"))
 
 
 class ExtractionMethod(ABC):
@@ -181,10 +189,11 @@ class ProbeMethod(ExtractionMethod):
     ) -> dict[str, Any]:
         check_choice(penalty, "penalty", ("l2", "l1", "elasticnet"))
         check_choice(solver, "solver", ("torch", "sklearn"))
-        if not C > 0:
-            raise ValueError(f"C must be > 0, got {C!r}")
-        if penalty == "elasticnet" and not 0.0 <= l1_ratio <= 1.0:
-            raise ValueError(f"l1_ratio must be in [0, 1], got {l1_ratio!r}")
+        C = check_real(C, "C", "> 0", lambda v: v > 0)
+        if penalty == "elasticnet":
+            l1_ratio = check_real(l1_ratio, "l1_ratio", "in [0, 1]", lambda v: 0 <= v <= 1)
+        max_iter = check_int(max_iter, "max_iter", minimum=1)
+        tol = check_real(tol, "tol", "> 0", lambda v: v > 0)
         ratio = {"l2": 0.0, "l1": 1.0, "elasticnet": float(l1_ratio)}[penalty]
 
         x = torch.cat([pos, neg])  # [n, hidden]
@@ -515,16 +524,18 @@ class ICAMethod(ExtractionMethod):
         seed: int = 0,
     ) -> dict[str, Any]:
         check_choice(solver, "solver", ("torch", "sklearn"))
-        if not (isinstance(n_components, int) and n_components >= 1):
-            raise ValueError(f"n_components must be a positive int, got {n_components!r}")
-        if not (isinstance(max_iter, int) and max_iter >= 1):
-            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        n_components = check_int(n_components, "n_components", minimum=1)
+        max_iter = check_int(max_iter, "max_iter", minimum=1)
+        tol = check_real(tol, "tol", "> 0", lambda v: v > 0)
         x = torch.cat([pos, neg])  # [n, hidden]
         k = min(n_components, len(x) - 1, x.shape[1])
-        if component_idx is not None and not (isinstance(component_idx, int) and 0 <= component_idx < k):
-            raise ValueError(
-                f"component_idx must be an int in [0, {k}) (n_components={k}), got {component_idx!r}"
-            )
+        if component_idx is not None:
+            index = whole_number(component_idx)
+            if index is None or not 0 <= index < k:
+                raise ValueError(
+                    f"component_idx must be an int in [0, {k}) (n_components={k}), got {component_idx!r}"
+                )
+            component_idx = index
         fit = _fastica_torch if solver == "torch" else _fastica_sklearn
         # The fit sums over rows, so their order moves its rounding, and an iteration that does not converge,
         # or data without one best unmixing, ends elsewhere. Fitting the rows in an order of their own (by
@@ -703,10 +714,9 @@ class GradientMethod(ExtractionMethod):
         shrinkage: float = 0.5,
         seed: int = 0,
     ) -> dict[str, Any]:
-        if not 0.0 < shrinkage <= 1.0:
-            raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage!r}")
-        if not (isinstance(num_steps, int) and num_steps >= 1):
-            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        shrinkage = check_real(shrinkage, "shrinkage", "in (0, 1]", lambda v: 0 < v <= 1)
+        num_steps = check_int(num_steps, "num_steps", minimum=1)
+        lr = check_real(lr, "lr", "> 0", lambda v: v > 0)
         pos_mean, neg_mean = pos.mean(0, dtype=torch.float64), neg.mean(0, dtype=torch.float64)  # [hidden]
         delta = pos_mean - neg_mean
         centered = torch.cat([pos - pos_mean.float(), neg - neg_mean.float()])  # [n, hidden]

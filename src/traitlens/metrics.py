@@ -27,8 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from traitlens._validation import check_pos_neg, check_tensor, check_vector, shape_of
-from traitlens.compute import _upcast, cosine_similarity, mean_difference
+from traitlens._validation import check_int, check_pos_neg, check_real, check_tensor, check_vector, shape_of
+from traitlens.compute import _norm, _upcast, cosine_similarity, mean_difference
 from traitlens.methods import get_method
 
 #: ``method(pos_acts, neg_acts)`` -> a ``[hidden]`` vector, or a dict with the vector under ``"vector"``; or
@@ -283,14 +283,17 @@ def _stability(
     be the pair of row ``i``) asks for the same rows of both classes."""
     pos, neg = check_pos_neg(pos_acts, neg_acts)
     pos, neg = _upcast(pos), _upcast(neg)
-    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        raise ValueError(f"n_trials must be a positive int, got {n_trials!r}")
+    n_trials, seed = check_int(n_trials, "n_trials", minimum=1), check_int(seed, "seed")
     if paired is None:
         paired = len(pos) == len(neg)
     elif paired and len(pos) != len(neg):
         raise ValueError(f"paired=True needs as many positives as negatives, got {len(pos)} and {len(neg)}")
     method = mean_difference if method is None else get_method(method) if isinstance(method, str) else method
     full = _extract(method, pos, neg)
+    if not full.any():
+        raise ValueError(
+            "the method's vector from all the data is zero: there is no direction to compare with"
+        )
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same draws on every device
     cosines = []
     for _ in range(n_trials):
@@ -364,11 +367,10 @@ def noise_stability(
     Returns:
         ``{"mean", "min", "std"}`` of the cosines, and ``"n_trials"``.
     """
-    if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not noise_scale >= 0:
-        raise ValueError(f"noise_scale must be a number >= 0, got {noise_scale!r}")
+    noise_scale = check_real(noise_scale, "noise_scale", "a number >= 0", lambda v: v >= 0)
 
     def add_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        std = noise_scale * torch.linalg.vector_norm(x, dim=1, keepdim=True) / math.sqrt(x.shape[1])
+        std = noise_scale * _norm(x, 1).unsqueeze(1) / math.sqrt(x.shape[1])
         return x + std * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
 
     return _stability(
@@ -406,11 +408,18 @@ def subsample_stability(
     Returns:
         ``{"mean", "min", "std"}`` of the cosines, and ``"n_trials"``.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    fraction = check_real(fraction, "fraction", "in (0, 1]", lambda v: 0 < v <= 1)
+
+    fewest = getattr(get_method(method) if isinstance(method, str) else method, "min_per_class", 1)
 
     def subsample(n: int, gen: torch.Generator) -> torch.Tensor:
-        return torch.randperm(n, generator=gen)[: max(1, round(fraction * n))]
+        keep = max(1, round(fraction * n))
+        if keep < fewest:  # the method would blame the user's input for having too few rows
+            raise ValueError(
+                f"fraction={fraction} keeps {keep} of the {n} rows of a class, and the method needs at least "
+                f"{fewest}: raise fraction"
+            )
+        return torch.randperm(n, generator=gen)[:keep]
 
     return _stability(pos_acts, neg_acts, method, n_trials, seed, _rows(subsample), paired)
 
@@ -446,8 +455,7 @@ def sparsity(vector: torch.Tensor, threshold: float = 0.01) -> float:
         vector: ``[hidden]``.
         threshold: relative threshold in ``[0, 1)``; 0 counts exact zeros only.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
-        raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
+    threshold = check_real(threshold, "threshold", "in [0, 1)", lambda v: 0 <= v < 1)
     mags = _vector64(vector).abs()
     return float((mags <= threshold * mags.max()).double().mean())
 
@@ -500,8 +508,7 @@ def top_k_concentration(vector: torch.Tensor, k: int = 10) -> float:
         vector: ``[hidden]``.
         k: number of components (``>= 1``).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = check_int(k, "k", minimum=1)
     sq = _vector64(vector).square()
     total = sq.sum()
     if total == 0:
