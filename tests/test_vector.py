@@ -237,6 +237,11 @@ def test_default_version_is_the_running_traitlens():
             ValueError,
             r"split_sizes\['train'\] must be an int >= 0",
         ),
+        # the monitor read these as a centre of 0.0 (a string) or 1.0 (a bool); NaN stayed NaN
+        *[
+            (torch.randn(4), {"method_params": {"threshold": bad}}, ValueError, r"it must be a finite number")
+            for bad in ("0.5", True, float("nan"), None)
+        ],
     ],
 )
 def test_constructor_refuses_bad_fields(vector, overrides, error, message):

@@ -62,8 +62,7 @@ class TokenScores:
 
 
 def _center(vector: TraitVector) -> float:
-    threshold = vector.method_params.get("threshold")
-    return float(threshold) if isinstance(threshold, (int, float)) else 0.0
+    return float(vector.method_params.get("threshold", 0.0))  # a number: TraitVector checks it
 
 
 class _TokenText:

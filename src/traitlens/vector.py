@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from traitlens._validation import check_vector, did_you_mean, shape_of, short_list
+from traitlens._validation import check_vector, did_you_mean, real_number, shape_of, short_list
 from traitlens.compute import _norm, _unit
 from traitlens.hooks import decoder_layer_paths, residual_width
 from traitlens.models import locate_module
@@ -195,6 +195,11 @@ class TraitVector:
             if not isinstance(value, Mapping):
                 raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
             setattr(self, name, _jsonable(value, name))
+        if "threshold" in self.method_params and real_number(self.method_params["threshold"]) is None:
+            raise ValueError(
+                "method_params['threshold'] is the decision threshold on the projection: it must be a finite "
+                f"number, got {self.method_params['threshold']!r}"
+            )
         for split, size in self.split_sizes.items():
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise ValueError(f"split_sizes[{split!r}] must be an int >= 0, got {size!r}")
