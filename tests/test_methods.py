@@ -105,6 +105,11 @@ def test_mean_difference_matches_numpy():
     np.testing.assert_allclose(result["pos_mean"].numpy(), pos.double().numpy().mean(0), rtol=1e-5, atol=1e-6)
     unit = MeanDifferenceMethod(normalize=True).extract(pos, neg)["vector"]
     np.testing.assert_allclose(unit.numpy(), expected / np.linalg.norm(expected), rtol=1e-5, atol=1e-6)
+    # at the offsets of residual streams (~1e4): each mean rounded to float32 lost 6e-4 of a 0.7 gap
+    pos, neg = pos + 1e4, neg + 1e4
+    expected = pos.double().numpy().mean(0) - neg.double().numpy().mean(0)
+    vector = MeanDifferenceMethod().extract(pos, neg)["vector"].double().numpy()
+    np.testing.assert_allclose(vector, expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("C", [0.05, 1.0, 20.0])

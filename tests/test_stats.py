@@ -106,10 +106,32 @@ def test_contrastive_stats_agree_with_the_row_based_methods_and_metrics():
 def test_unpaired_updates_skip_differences():
     stats = ContrastiveStats(outer=True).update(_rows(0, n=5), _rows(1, n=6))
     assert stats.diff.count == 0 and stats.pos.count == 5
-    with pytest.raises(ValueError, match="paired updates"):
+    with pytest.raises(
+        ValueError, match="only 0 of the 5 pos and 6 neg rows came in updates of equal shapes"
+    ):
         stats.pca_diff()
     merged = ContrastiveStats.from_state_dict(stats.state_dict()) + stats
     assert merged.neg.count == 12
+    # chunks of equal size by chance were paired row by row, the others skipped: a vector that changed
+    # with the batch size, where PCADiffMethod refuses the same rows
+    stats.update(_rows(2, n=4), _rows(3, n=4))
+    with pytest.raises(ValueError, match="only 4 of the 9 pos and 10 neg rows"):
+        stats.pca_diff()
+
+
+def test_streamed_vectors_refuse_what_the_methods_refuse():
+    rows = _rows(4, n=6)
+    same = ContrastiveStats(outer=True).update(rows, rows.flip(1))  # the same rows on both sides
+    for vector in (same.mean_difference, same.pca_diff):
+        with pytest.raises(ValueError, match=r"at layer index '0', '1', '2' pos and neg have the same mean"):
+            vector()  # were a zero vector and an arbitrary unit vector
+    one = ContrastiveStats(outer=True).update(rows[:, :1], rows[:, 1:3] + 1)
+    with pytest.raises(
+        ValueError, match="effect_size needs at least 2 rows of each class, got 1 pos and 2 neg"
+    ):
+        one.effect_size(one.mean_difference())  # was "covariance with ddof=1 needs more than 1 rows"
+    with pytest.raises(ValueError, match="mean_difference needs at least 1 row of each class, got 0 pos"):
+        ContrastiveStats().mean_difference()
 
 
 def test_effect_size_of_classes_without_spread_matches_the_metric():

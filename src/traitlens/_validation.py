@@ -136,6 +136,13 @@ def check_pos_neg(
     return pos.detach(), neg.detach()
 
 
+def same_mean(pos_mean: torch.Tensor, neg_mean: torch.Tensor) -> torch.Tensor:
+    """Whether two float64 means ``[..., hidden]`` are the same in every feature (to 1e-12 of their size,
+    the rounding of means of the same rows in another order): ``[...]`` bool. No direction separates such
+    classes; a method would return rounding noise, a zero vector or its random start."""
+    return ((pos_mean - neg_mean).abs() <= 1e-12 * torch.maximum(pos_mean.abs(), neg_mean.abs())).all(-1)
+
+
 def check_choice(value: object, name: str, options: Sequence[str]) -> str:
     """A string argument that must be one of ``options``."""
     if not isinstance(value, str) or value not in options:

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from traitlens._validation import check_tensor, shape_of
+from traitlens._validation import check_tensor, same_mean, shape_of, short_list
 
 
 class RunningMoments:
@@ -184,21 +184,46 @@ class ContrastiveStats:
             self.diff._update(pos_rows - neg_rows)
         return self
 
+    def _need(self, what: str, fewest: int) -> None:
+        if min(self.pos.count, self.neg.count) < fewest:
+            raise ValueError(
+                f"{what} needs at least {fewest} row{'s' if fewest > 1 else ''} of each class, got "
+                f"{self.pos.count} pos and {self.neg.count} neg"
+            )
+
+    def _gap(self, what: str) -> torch.Tensor:
+        """``mean(pos) - mean(neg)``, ``[layer, hidden]`` float64, for ``what``, which needs, like the
+        extraction methods, a gap at every layer."""
+        self._need(what, 1)
+        gap = self.pos.mean - self.neg.mean
+        same = same_mean(self.pos.mean, self.neg.mean).nonzero().flatten().tolist()
+        if same:
+            raise ValueError(
+                f"at layer index {short_list(map(str, same))} pos and neg have the same mean in every feature "
+                "(the same rows on both sides?): no direction separates them"
+            )
+        return gap
+
     def mean_difference(self) -> torch.Tensor:
         """``mean(pos) - mean(neg)``: ``[layer, hidden]`` float32 (as ``MeanDifferenceMethod``)."""
-        return (self.pos.mean - self.neg.mean).float()
+        return self._gap("mean_difference").float()
 
     def pca_diff(self) -> torch.Tensor:
         """Top eigenvector of the uncentered second moment of the paired differences, oriented so that
         positives project higher: ``[layer, hidden]`` float32, unit norm (as ``PCADiffMethod``'s default,
-        ``center=False``)."""
+        ``center=False``). Every row must have come in a pair (``pos`` and ``neg`` of one shape in each
+        update)."""
         if not self.diff.outer:
             raise ValueError("pca_diff needs ContrastiveStats(outer=True)")
-        if self.diff.count == 0:
-            raise ValueError("pca_diff needs paired updates (pos and neg of the same shape); none was made")
+        gap = self._gap("pca_diff")
+        if not self.diff.count == self.pos.count == self.neg.count:  # unrelated rows paired by chance
+            raise ValueError(
+                f"pca_diff pairs row i of pos with row i of neg, but only {self.diff.count} of the "
+                f"{self.pos.count} pos and {self.neg.count} neg rows came in updates of equal shapes"
+            )
         _, vectors = torch.linalg.eigh(self.diff.second_moment())  # [layer, hidden, hidden]
         top = vectors[..., -1]  # [layer, hidden]
-        sign = torch.sign((top * (self.pos.mean - self.neg.mean)).sum(-1, keepdim=True))
+        sign = torch.sign((top * gap).sum(-1, keepdim=True))
         return (top * torch.where(sign == 0, 1.0, sign)).float()
 
     def effect_size(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -209,6 +234,7 @@ class ContrastiveStats:
         """
         if not self.pos.outer:
             raise ValueError("effect_size needs ContrastiveStats(outer=True)")
+        self._need("effect_size", 2)  # a variance of each class
         gap = self.pos.mean - self.neg.mean
         vectors = check_tensor(vectors, "vectors")
         if vectors.shape != gap.shape:
