@@ -427,6 +427,66 @@ def test_spilled_batches_without_an_index_are_read_in_file_order_and_mixed_runs_
         read_spilled(tmp_path)
 
 
+def test_a_spill_that_did_not_finish_cannot_be_read_as_a_finished_one(tmp_path):
+    """Pairs of one length keep their own order: an interrupted run's batches looked like a whole run of
+    fewer pairs (24 of 40, no error)."""
+    model, tokenizer = make_tiny_model("llama"), make_word_tokenizer()
+    pairs = [Pair(f"w{i} w{i + 1}", f"w{i + 2} w{i + 60}", "train") for i in range(12)]
+    passes = []
+
+    def interrupt(module, args):
+        passes.append(1)
+        if len(passes) == 5:  # batch 3 of 4 (two passes a batch)
+            raise KeyboardInterrupt
+
+    handle = model.model.embed_tokens.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        stream_statistics(model, tokenizer, pairs, layers=[1], batch_size=3, spill_to=tmp_path)
+    handle.remove()
+    assert list(tmp_path.iterdir()) == []  # its two batches removed: nothing to read, nothing in the way
+    stats = stream_statistics(model, tokenizer, pairs, layers=[1], batch_size=3, spill_to=tmp_path)
+    pos, neg = read_spilled(tmp_path)
+    assert pos.shape == (1, 12, model.config.hidden_size)
+    torch.testing.assert_close((pos - neg).mean(1), stats.mean_difference(), rtol=1e-5, atol=1e-6)
+
+    # a run that was killed leaves its marker: neither read nor written over, as is a run still going
+    killed = tmp_path / "killed"
+    stream_statistics(model, tokenizer, pairs[:6], layers=[1], batch_size=3, spill_to=killed)
+    (killed / ".stream_statistics-running").touch()
+    with pytest.raises(
+        ValueError, match="being written by stream_statistics, or was by a run that was killed"
+    ):
+        read_spilled(killed)
+    with pytest.raises(FileExistsError, match="being written by another run, or by one that was killed"):
+        stream_statistics(model, tokenizer, pairs, layers=[1], spill_to=killed)
+
+    # folders spilled at other layers are not joined as one layer
+    stream_statistics(model, tokenizer, pairs[:6], layers=[0, 1], batch_size=3, spill_to=tmp_path / "a")
+    stream_statistics(model, tokenizer, pairs[6:], layers=[1, 2], batch_size=3, spill_to=tmp_path / "b")
+    with pytest.raises(ValueError, match=r"holds layers \[0, 1\] and .* layers \[1, 2\]: spilled by other"):
+        read_spilled([tmp_path / "a", tmp_path / "b"], 0)
+
+
+def test_non_finite_activations_name_the_pairs_and_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import traitlens.vector
+
+    model, tokenizer = make_tiny_model("llama"), make_word_tokenizer()
+    pairs = [Pair(f"w{i} w{i + 1}", f"w{i + 2}", "train") for i in range(6)]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids("w4")] = float("nan")
+    with pytest.raises(ValueError, match=r"the activations of pairs '2', '3': pos contains"):
+        stream_statistics(model, tokenizer, pairs, layers=[0], batch_size=2)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(traitlens.vector._safetensors().torch, "save_file", full)
+    model = make_tiny_model("llama")
+    with pytest.raises(OSError, match=r"could not write .*batch_000000\.safetensors: .*No space left"):
+        stream_statistics(model, tokenizer, pairs, layers=[0], batch_size=2, spill_to=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_token_texts_keep_characters_split_over_byte_tokens_whole():
     from traitlens.monitor import _token_strings
 

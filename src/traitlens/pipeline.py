@@ -429,13 +429,16 @@ def stream_statistics(
 ) -> ContrastiveStats:
     """Per-layer running moments of the positives, negatives and their paired differences, batch by batch.
 
-    Memory grows with ``len(pairs)`` by the token ids alone (4 bytes a token): each batch's activations are
-    folded into float64 sums and dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also
-    written to ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``, and
-    ``index``, ``[n]``: which pairs its rows are; metadata ``layers``), so that methods that need every row
-    can read one layer at a time from disk with ``read_spilled``, in the order of ``pairs``; a folder that
-    already holds spilled batches is refused (they would be read as part of this run). ``position="all"``
-    is refused: its positive and negative rows do not pair up.
+    Memory grows with ``len(pairs)`` by their token ids alone (about 0.5 KB a pair of ~15 tokens, measured:
+    Python's arrays and lists), not by their activations: each batch's activations are folded into
+    float64 moments and dropped (see ``traitlens.stats``). With ``spill_to`` each batch is also written to
+    ``spill_to/batch_<k>.safetensors`` (tensors ``pos`` and ``neg``, ``[layer, n, hidden]``, and ``index``,
+    ``[n]``: which pairs its rows are; metadata ``layers``), so that methods that need every row (probe,
+    ICA, gradient) can read one layer at a time from disk with ``read_spilled``, in the order of ``pairs``.
+    The folder is claimed before the first batch: one that already holds spilled batches, or that another
+    run is writing, is refused; a run that raises (or is interrupted) removes the batches it wrote. The
+    files stay after a run that finishes: they are its product. ``position="all"`` is refused: its positive
+    and negative rows do not pair up.
 
     Pairs are batched longest first (as in ``collect_activations``), both sides in one order; pairs that
     share their prompt run it once at ``"response_mean"`` (as in ``pair_activations``); ``progress`` as in
@@ -445,23 +448,63 @@ def stream_statistics(
     sides, order = _pairs(tokenizer, pairs, position)
     paths, layers = _hooked_layers(model, layers, batch_size)  # layers are recorded in the spilled files
     batches = _pair_batches(model, tokenizer, sides, order, paths, layers, position, batch_size, progress)
-    if spill_to is not None:
-        spill_to = Path(spill_to)
-        spill_to.mkdir(parents=True, exist_ok=True)
-        earlier = sorted(spill_to.glob("batch_*.safetensors"))
-        if earlier:  # read_spilled reads every batch file there: old ones would join the new rows
-            raise FileExistsError(
-                f"spill_to={str(spill_to)!r} already holds {len(earlier)} spilled batches (e.g. "
-                f"{earlier[0].name}) from an earlier run; give an empty or new folder, or delete them"
-            )
     stats = ContrastiveStats(outer=outer)
-    for k, (pos_acts, neg_acts) in enumerate(batches):
-        stats.update(pos_acts, neg_acts)
-        if spill_to is not None:
-            index = torch.tensor(order[k * batch_size : (k + 1) * batch_size])
-            spilled = {"pos": pos_acts, "neg": neg_acts, "index": index}
-            save_tensors(spilled, spill_to / f"batch_{k:06d}.safetensors", metadata={"layers": str(layers)})
+    if spill_to is None:
+        for k, (pos_acts, neg_acts) in enumerate(batches):
+            _fold(stats, pos_acts, neg_acts, order[k * batch_size : (k + 1) * batch_size])
+        return stats
+    spill_to = Path(spill_to)
+    running = _claim_spill_folder(spill_to)
+    written = []
+    try:
+        for k, (pos_acts, neg_acts) in enumerate(batches):
+            index = order[k * batch_size : (k + 1) * batch_size]
+            _fold(stats, pos_acts, neg_acts, index)
+            spilled = {"pos": pos_acts, "neg": neg_acts, "index": torch.tensor(index)}
+            written.append(spill_to / f"batch_{k:06d}.safetensors")
+            save_tensors(spilled, written[-1], metadata={"layers": str(layers)})
+    except BaseException:  # a run that did not finish leaves nothing to be read as if it had
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        running.unlink(missing_ok=True)
     return stats
+
+
+_RUNNING = ".stream_statistics-running"
+"""The file that marks a spill folder as being written (by a run that has not finished, or was killed)."""
+
+
+def _claim_spill_folder(folder: Path) -> Path:
+    """Make ``folder`` (if needed) and claim it for one run, before any forward pass: an unwritable folder,
+    one that holds spilled batches (``read_spilled`` would read them as part of this run) or one another run
+    is writing is refused. Returns the marker to remove when the run ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    running = folder / _RUNNING
+    try:
+        running.touch(exist_ok=False)  # atomic: of two runs started together, one gets it
+    except FileExistsError:
+        raise FileExistsError(
+            f"spill_to={str(folder)!r} is being written by another run, or by one that was killed (then delete "
+            f"{running.name} and the batch files there)"
+        ) from None
+    earlier = sorted(folder.glob("batch_*.safetensors"))
+    if earlier:
+        running.unlink()
+        raise FileExistsError(
+            f"spill_to={str(folder)!r} already holds {len(earlier)} spilled batches (e.g. {earlier[0].name}) "
+            "from an earlier run; give an empty or new folder, or delete them"
+        )
+    return running
+
+
+def _fold(stats: ContrastiveStats, pos_acts, neg_acts, pairs: list[int]) -> None:
+    """``stats.update`` with a batch's activations, naming its pairs if they cannot be added."""
+    try:
+        stats.update(pos_acts, neg_acts)
+    except ValueError as err:  # NaN or inf: the user has no rows to clean, but has the pairs
+        raise ValueError(f"the activations of pairs {short_list(map(str, sorted(pairs)))}: {err}") from None
 
 
 def read_spilled(
@@ -476,6 +519,11 @@ def read_spilled(
 
     folders = []  # the batch files of each folder
     for one in [folder] if isinstance(folder, (str, Path)) else folder:
+        if (Path(one) / _RUNNING).exists():
+            raise ValueError(
+                f"{one} is being written by stream_statistics, or was by a run that was killed: its batches "
+                f"are not all there (delete {_RUNNING} only if the run did finish)"
+            )
         batches = sorted(Path(one).glob("batch_*.safetensors"))
         if not batches:
             raise FileNotFoundError(
@@ -485,13 +533,20 @@ def read_spilled(
     parts: dict[str, list[torch.Tensor]] = {"pos": [], "neg": []}
     rows: list[torch.Tensor] = []  # where each file's rows go in the result
     total = 0  # rows read so far
+    layers = {}  # the layers each file records -> one file that does
     for batches in folders:
         start = total  # this folder's first row
         for path in batches:
             with safe_open(path, framework="pt") as f:
                 spilled = f.get_slice("pos").get_shape()[0]  # layers in this file
+                recorded = (f.metadata() or {}).get("layers")  # files of before 2026-11-27 have none
+                layers.setdefault(recorded, path)
+                if len(layers.keys() - {None}) > 1:  # rows of one layer would be joined with another's
+                    (a, first), (b, second) = [(k, v) for k, v in layers.items() if k is not None][:2]
+                    raise ValueError(
+                        f"{first} holds layers {a} and {second} layers {b}: spilled by other runs"
+                    )
                 if layer_index is not None and not -spilled <= layer_index < spilled:
-                    recorded = (f.metadata() or {}).get("layers")  # files of before 2026-11-27 have none
                     held = f"layers {recorded}" if recorded else f"{spilled} layers"
                     raise ValueError(
                         f"layer_index {layer_index} is out of range: {path} holds {held}; layer_index is a "

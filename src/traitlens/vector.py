@@ -588,7 +588,12 @@ def save_tensors(
     A ``path`` that is a symbolic link is written through, as ``open`` would, and stays a link.
     """
     path = os.path.realpath(path)  # through a symbolic link: the rename would replace the link itself
-    _safetensors().torch.save_file(tensors, path, metadata=metadata)
+    try:
+        _safetensors().torch.save_file(tensors, path, metadata=metadata)
+    except Exception as err:  # safetensors' errors are not OSErrors, and name no file
+        if "I/O error" in str(err):
+            raise OSError(f"could not write {path}: {err}") from err
+        raise
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
