@@ -326,6 +326,45 @@ def test_bf16_model_steers_in_its_dtype_and_leaves_the_vector_alone():
         model(input_ids=ids)  # runs in bf16 without dtype errors
 
 
+def test_half_precision_vectors_are_steered_at_float32_precision_trainable_or_not():
+    """A trainable float16 vector was normalised in float16: a norm past 65504 is inf, its unit vector 0,
+    and ablation did nothing; coeff * v past 65504 made the logits NaN. A frozen one was right."""
+    family, model = "llama", make_tiny_model("llama")
+    ids = _ids()
+    big = (2e4 * _vector(5).sign()).half()  # norm 1.1e5
+    for vector in (big, big.clone().requires_grad_()):
+        (raw,), (out,), _ = _steered_run(
+            model, family, lambda v=vector: model(input_ids=ids), vector, op="ablate"
+        )
+        unit = big.double() / big.double().norm()
+        assert (out.double() @ unit).abs().max() < 1e-6 < (raw.double() @ unit).abs().max()
+        small = torch.zeros(TINY_HIDDEN, dtype=torch.float16)
+        small[3] = 70.0
+        small.requires_grad_(vector.requires_grad)
+        with steer(model, small, layer=LAYER, coeff=1000.0):  # 7e4 in float16 is inf
+            assert torch.isfinite(model(input_ids=ids).logits).all()
+    # a float64 model is steered at float64 precision (a float32 copy left ~1e-6 of the projection)
+    model64 = make_tiny_model("llama").double()
+    v = _vector(6).double()
+    (raw,), (out,), _ = _steered_run(model64, family, lambda: model64(input_ids=ids), v, op="ablate")
+    assert (out @ (v / v.norm())).abs().max() < 1e-12
+
+
+def test_a_steering_vector_beyond_a_float16_models_range_is_refused():
+    model = make_tiny_model("llama").half()
+    v = torch.zeros(TINY_HIDDEN)
+    v[3] = 1.0
+    with steer(model, v, layer=LAYER, coeff=5e4):
+        assert torch.isfinite(model(input_ids=_ids()).logits).all()
+    with (
+        pytest.raises(
+            ValueError, match=r"70000 x the vector exceeds torch\.float16's range \(largest 65504\)"
+        ),
+        steer(model, v, layer=LAYER, coeff=7e4),
+    ):  # every logit was NaN, without a word
+        model(input_ids=_ids())
+
+
 def test_no_hooks_remain_after_an_exception(tiny):
     _, model = tiny
     with (
@@ -431,6 +470,9 @@ def test_relative_strength_uses_the_measured_norm(tiny):
     torch.testing.assert_close(
         out - raw, (0.5 * norms[LAYER] * v / v.norm()).expand_as(raw), rtol=1e-5, atol=1e-5
     )
+    for bad in (-100.0, 0.0, float("nan"), "12"):  # -100 steered the other way, 0 not at all
+        with pytest.raises(ValueError, match=rf"norm\[{LAYER}\] must be a positive number, got"):
+            steer(model, v, layer=LAYER, coeff=0.5, norm={**norms, LAYER: bad})
 
 
 def test_argument_errors(tiny):

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
-from traitlens._validation import check_choice, check_vector, shape_of, short_list
+from traitlens._validation import check_choice, check_vector, real_number, shape_of, short_list
 from traitlens.capture import output_tensor
 from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, residual_width, resolve_module
@@ -326,9 +326,10 @@ class Intervention:
 
     @property
     def vector(self) -> torch.Tensor:
-        """``[hidden]``: a float32 copy of the vector given (scaled to unit length for ablate and clamp), or,
-        when the vector given requires grad, that tensor itself, so that gradients reach it (trainable
-        steering vectors; it is then cast and, for ablate and clamp, normalised in every call)."""
+        """``[hidden]``: a copy of the vector given in float32 (float64 stays float64), scaled to unit length
+        for ablate and clamp, or, when the vector given requires grad, that tensor itself, so that gradients
+        reach it (trainable steering vectors; it is then scaled, and for ablate and clamp normalised, in
+        float32 or wider in every call)."""
         return self._vector
 
     @vector.setter
@@ -338,9 +339,10 @@ class Intervention:
             raise ValueError(f"{self.op} needs a non-zero vector, got one of norm 0")
         if not vector.requires_grad:
             with torch.inference_mode(False):  # a copy that passes outside inference mode can use
-                vector = vector.detach().to(torch.float32).clone()
+                vector = vector.detach().to(_wide(vector.dtype)).clone()
                 if self.op != "add":
                     vector = vector / vector.norm()
+            self._largest = float(vector.abs().max())  # read here, once: no wait in the hooks
         self._vector = vector
         # scale * vector per (device, dtype, scale), made for this vector at this version (in-place edits)
         self._cast: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
@@ -390,13 +392,20 @@ class Intervention:
         """``scale * vector`` on ``device`` in ``dtype``, made once per (device, dtype, scale), or in every
         call for a vector that requires grad."""
         vector = self._vector
-        if vector.requires_grad:
-            unit = vector if self.op == "add" else vector / vector.norm()
+        if vector.requires_grad:  # float16 norms and products overflow: computed wider, the graph kept
+            wide = vector.to(_wide(vector.dtype))
+            unit = wide if self.op == "add" else wide / wide.norm()
             return (scale * unit).to(device=device, dtype=dtype)
         if _version(vector) != self._cast_version:  # edited in place since the casts were made
             self._cast, self._cast_version = {}, _version(vector)
+            self._largest = float(vector.abs().max())
         key = (device, dtype, scale)
         if key not in self._cast:
+            if abs(scale) * self._largest > torch.finfo(dtype).max:  # inf: the logits would all be NaN
+                raise ValueError(
+                    f"{scale:g} x the vector exceeds {dtype}'s range (largest {torch.finfo(dtype).max:g}): lower "
+                    "the coefficient, or run the model in bfloat16 or float32"
+                )
             with torch.inference_mode(False):  # made under inference mode, it could not serve autograd later
                 self._cast[key] = to_device(scale * self.vector, device).to(dtype)
         return self._cast[key]
@@ -422,6 +431,11 @@ class Intervention:
             f"Intervention({self.op}, vector [{self.vector.shape[0]}] norm {float(self.vector.norm()):.4g}"
             f"{value}, positions={self.positions!r})"
         )
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64: the precision steering computes a vector in."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -676,7 +690,10 @@ def _norm_for(norm, layer_index: int | None, path: str) -> float:
     if isinstance(norm, Mapping):
         for key in (layer_index, path):
             if key is not None and key in norm:
-                return float(norm[key])
+                value = real_number(norm[key])
+                if value is None or value <= 0:  # a negative norm would steer the other way, 0 not at all
+                    raise ValueError(f"norm[{key!r}] must be a positive number, got {norm[key]!r}")
+                return value
         raise ValueError(
             f"norm has no entry for layer {layer_index} ({path!r}); it has {short_list(map(str, norm))}"
         )
