@@ -245,3 +245,27 @@ def test_warnings_are_one_line_each_and_shown_once(monkeypatch, capsys):
     assert (
         capsys.readouterr().err == "traitlens modules: warning: rows 3-4 read the same tokens on both sides\n"
     )
+
+
+def test_the_model_dtype_is_chosen_with_dtype_and_said_when_loaded(monkeypatch, capsys):
+    import torch
+
+    import traitlens.models
+    from conftest import make_tiny_model, make_word_tokenizer
+    from traitlens.cli import main
+
+    asked = []
+
+    def fake_load(name, *, dtype=None, **kwargs):
+        asked.append(dtype)
+        model = make_tiny_model("llama")
+        return model.to(torch.float16) if dtype == "float16" else model, make_word_tokenizer()
+
+    monkeypatch.setattr(traitlens.models, "load_model", fake_load)
+    assert main(["modules", "--dtype", "float16", "--pattern", "layers.0$"]) == 0
+    out = capsys.readouterr()
+    assert asked == ["float16"] and "(float16) in" in out.err and "model.layers.0" in out.out
+    main(["modules", "--pattern", "layers.0$"])
+    assert asked[-1] is None and "(float32) in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["modules", "--dtype", "half"])

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+import traitlens
 from conftest import make_tiny_model
 from traitlens.dataset import (
     SPLITS,
@@ -632,3 +633,17 @@ def test_extract_trait_on_a_peft_model_names_modules_as_in_the_model_inside(toy_
     assert plain.module_paths == result.module_paths and torch.equal(
         plain.vectors["mean_diff"], result.vectors["mean_diff"]
     )
+
+
+def test_an_extraction_records_the_dtype_the_model_computed_in(toy_tokenizer, tmp_path):
+    """Vectors come out float32 whatever the model's dtype, so the file's "dtype" did not say it ran in bf16."""
+    model = make_tiny_model("llama").to(torch.bfloat16)
+    model.resize_token_embeddings(len(toy_tokenizer))
+    with pytest.warns(UserWarning, match="does no better on validation"):  # a random model: no signal
+        result = extract_trait(
+            model, toy_tokenizer, load_dataset("sentiment"), layers=[1], methods=["mean_diff"], progress=False
+        )
+    result.save(tmp_path)
+    vector = traitlens.load_vector(tmp_path / "trait_vector.safetensors")
+    assert vector.dtype == torch.float32 and vector.extra["model_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "summary.json").read_text())["model_dtype"] == "bfloat16"

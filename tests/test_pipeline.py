@@ -629,3 +629,18 @@ def test_a_text_longer_than_the_models_learned_positions_is_named():
     ):
         collect_activations(model, tokenizer, ["w1 " * (limit + 5)], layers=[0])
     collect_activations(model, tokenizer, ["w1 " * limit], layers=[0])
+
+
+def test_a_float16_model_that_overflows_is_named_not_the_users_data():
+    """Captured in float32, the infs of a float16 model reached the methods as "pos_acts contains 2304
+    non-finite values; clean or drop those rows", and residual_norms returned NaN."""
+    from traitlens.steering import residual_norms
+
+    model, tokenizer = make_tiny_model("llama").half(), make_word_tokenizer()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e7)
+    expected = r"'model.layers.1' output \d+ non-finite values .*float16, which overflows above 65504"
+    with pytest.raises(ValueError, match=expected):
+        collect_activations(model, tokenizer, ["w1 w2 w3"], layers=[1])
+    with pytest.raises(ValueError, match=expected):
+        residual_norms(model, tokenizer, ["w1 w2 w3"], layers=[1])

@@ -55,6 +55,13 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--revision", default=None, help="hub revision of --model")
     parser.add_argument("--device", default=None, help="torch device for the model (default: cpu)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="dtype to load the model in (default: float32 for the bundled model, the checkpoint's own, "
+        "'auto', for --model; float16 overflows above 65504 in some models: prefer bfloat16)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,11 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from traitlens.models import load_model
+    from traitlens.models import load_model, model_dtype
 
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, revision=args.revision, device=args.device)
-    _info(f"loaded {model.config._name_or_path} in {time.perf_counter() - start:.1f} s")
+    model, tokenizer = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+    dtype = str(model_dtype(model)).removeprefix("torch.")
+    _info(f"loaded {model.config._name_or_path} ({dtype}) in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
 
 

@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from traitlens.dataset import SPLITS, ContrastiveDataset, Pair
+from traitlens.models import model_dtype
 from traitlens.stats import ContrastiveStats
 
 RAY_MISSING = "the ray backend needs Ray: pip install 'traitlens[ray]'"
@@ -196,7 +197,7 @@ def distributed_activations(
     if not {"dtype", "torch_dtype"} & cluster.model_kwargs.keys():
         # load_model's default (float32 for the bundled model) need not be the driver's: a bf16 driver model
         # would fail the weight check against float32 workers
-        cluster = replace(cluster, model_kwargs={**cluster.model_kwargs, "dtype": _dtype_of(model)})
+        cluster = replace(cluster, model_kwargs={**cluster.model_kwargs, "dtype": model_dtype(model)})
     settings = _settings(layers, position, False, True, cluster)
     pairs = {split: list(dataset.split(split)) for split in SPLITS}
     with _out_dir(cluster) as cluster:
@@ -591,12 +592,6 @@ def _name_to_load(model: torch.nn.Module) -> str | None:
     return name
 
 
-def _dtype_of(model: torch.nn.Module) -> torch.dtype:
-    """The dtype ``load_model`` should give the workers' copy of the driver's ``model``."""
-    dtype = getattr(model, "dtype", None)  # transformers models: the dtype of their floating weights
-    return dtype if isinstance(dtype, torch.dtype) else model.get_input_embeddings().weight.dtype
-
-
 def _fingerprint(model: torch.nn.Module) -> dict | None:
     """``{"dtype": ..., "sums": {name: [sum, sum of magnitudes]}}``: the model's dtype and, per named
     parameter, the sums of its values and of their magnitudes, accumulated in float64 (``None`` when weights
@@ -606,7 +601,7 @@ def _fingerprint(model: torch.nn.Module) -> dict | None:
     if any(param.device.type == "meta" for param in params.values()):
         return None
     sums = {name: _float64_sums(param) for name, param in params.items()}
-    return {"dtype": _as_json(_dtype_of(model)), "sums": sums}
+    return {"dtype": _as_json(model_dtype(model)), "sums": sums}
 
 
 def _float64_sums(param: torch.Tensor) -> list[float]:

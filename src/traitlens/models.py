@@ -83,6 +83,13 @@ def cache_keyword(model: torch.nn.Module) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype ``model`` computes in: a transformers model's ``dtype`` (that of its floating weights), or
+    its input embeddings'."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else model.get_input_embeddings().weight.dtype
+
+
 def cache_dir() -> Path:
     """Where traitlens keeps converted weights (``$TRAITLENS_CACHE`` or ``~/.cache/traitlens``)."""
     return Path(os.environ.get("TRAITLENS_CACHE", Path.home() / ".cache" / "traitlens"))
@@ -101,7 +108,8 @@ def load_model(
     Args:
         name: a Hugging Face hub id or local folder; ``None`` or ``"smollm2"`` for the bundled
             SmolLM2-135M-Instruct (offline).
-        dtype: model dtype; default float32 for the bundled model and ``"auto"`` otherwise.
+        dtype: model dtype; default float32 for the bundled model (its ``"auto"``: the file is read into
+            float32) and ``"auto"`` (the checkpoint's own) otherwise.
         device: where to put the model (default CPU). Use ``device_map=...`` in ``from_pretrained_kwargs``
             to dispatch over several devices instead.
         revision: hub revision (branch, tag or commit) for hub ids; refused for the bundled model, which
@@ -127,7 +135,7 @@ def load_model(
                 f"revision or file to choose: got {shown}. Give a hub id or folder as name to use them"
             )
         model, tokenizer = _load_bundled(
-            dtype=torch.float32 if dtype is None else _as_dtype(dtype), **from_pretrained_kwargs
+            dtype=torch.float32 if dtype in (None, "auto") else _as_dtype(dtype), **from_pretrained_kwargs
         )
     else:
         _check_folder(name)

@@ -42,7 +42,7 @@ import torch
 
 from traitlens import __version__
 from traitlens._progress import progress_bar
-from traitlens._validation import check_choice, short_list, warn_if_training
+from traitlens._validation import check_choice, check_outputs, short_list, warn_if_training
 from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import normalize_vectors
 from traitlens.dataset import (
@@ -58,7 +58,7 @@ from traitlens.hooks import HookManager, _text_config, decoder_layer_paths, inpu
 from traitlens.methods import METHODS as METHOD_CLASSES
 from traitlens.methods import RandomBaselineMethod, get_method
 from traitlens.metrics import _accuracy, _auroc, _midpoint, evaluate_vector, midpoint_threshold
-from traitlens.models import cache_keyword, transformers_model_path
+from traitlens.models import cache_keyword, model_dtype, transformers_model_path
 from traitlens.positions import POSITION_RULES, select_positions
 from traitlens.stats import ContrastiveStats
 from traitlens.vector import TraitVector, save_tensors
@@ -300,6 +300,8 @@ def _capture_pass(model, paths, layers, capture, inputs, **kwargs) -> torch.Tens
         raise ValueError(_ran_twice(repeated))
     acts = torch.stack([capture.get(str(layer)) for layer in layers])
     capture.clear()
+    for i, layer in enumerate(layers):  # said here, where the module is known: no data of the user's is bad
+        check_outputs(acts[i], repr(paths[layer]), model_dtype(model))
     return acts
 
 
@@ -603,6 +605,9 @@ class ExtractionResult:
     control_ok: bool
     model_type: str | None = None
     """The model's ``config.model_type`` (its family, e.g. ``"llama"``), where it has one."""
+    model_dtype: str | None = None
+    """The dtype the model computed the activations in (``"bfloat16"``); the vectors are float32 whatever
+    it was, and their files' ``dtype`` is the tensor's."""
     activations: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     """split -> (pos, neg): train and val ``[layer, n, hidden]`` over ``layers``, test ``[1, n, hidden]`` at
     ``best_layer`` alone (the test split is read only where the choice fell); kept in memory for reports,
@@ -636,6 +641,7 @@ class ExtractionResult:
             split_sizes=self.split_sizes,
             metrics=metrics,
             trait=self.trait,
+            extra={"model_dtype": self.model_dtype} if self.model_dtype else {},
         )
 
     def summary(self) -> dict:
@@ -644,6 +650,7 @@ class ExtractionResult:
             "trait": self.trait,
             "model": self.model_name,
             "model_type": self.model_type,
+            "model_dtype": self.model_dtype,
             "revision": self.revision,
             "position": self.position,
             "layers": self.layers,
@@ -830,6 +837,7 @@ def extract_trait(
         control_test=on_test(CONTROL),
         control_ok=control_ok,
         model_type=getattr(getattr(model, "config", None), "model_type", None),
+        model_dtype=str(model_dtype(model)).removeprefix("torch."),
         activations=acts,
     )
 

@@ -69,11 +69,11 @@ from dataclasses import dataclass
 
 import torch
 
-from traitlens._validation import check_choice, check_vector, real_number, shape_of, short_list
+from traitlens._validation import check_choice, check_outputs, check_vector, real_number, shape_of, short_list
 from traitlens.capture import output_tensor
 from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, residual_width, resolve_module
-from traitlens.models import cache_keyword, locate_module, transformers_model_path
+from traitlens.models import cache_keyword, locate_module, model_dtype, transformers_model_path
 from traitlens.positions import to_device
 
 POSITIONS = ("all", "prompt", "generated")
@@ -753,4 +753,6 @@ def residual_norms(
             real = batch.attention_mask.bool()  # on the CPU, where each layer's norms go once
             for values in norms.values():
                 values[-1] = values[-1].cpu()[real]
+    for index, values in norms.items():  # a NaN norm would pass on to steer(norm=...)
+        check_outputs(torch.cat(values), repr(chosen[index]), model_dtype(model))
     return {i: float(torch.quantile(torch.cat(v).double(), 0.5)) for i, v in norms.items()}

@@ -90,6 +90,7 @@ def test_dtype_and_disk_offload_of_the_bundled_model(real_model, tmp_path):
     reference = real_model[0]
     bf16, _ = models.load_model(dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16
+    assert models.load_model(dtype="auto")[0].dtype == torch.float32  # as for a hub id (was refused)
     for (name, a), b in zip(reference.state_dict().items(), bf16.state_dict().values(), strict=True):
         assert torch.equal(a.to(torch.bfloat16), b), name
     # Not GGUF-quantized (the cache is plain float32), so accelerate may offload layers to disk.
