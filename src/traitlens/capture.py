@@ -77,7 +77,9 @@ class ActivationCapture:
     Args:
         device: where stored activations go: ``"cpu"`` (default) or another device; ``None`` keeps them on
             the device the module produced them on.
-        dtype: dtype to store in (``None``: as produced). Casting happens on the producing device.
+        dtype: dtype to store in (``None``: as produced). Casting happens on the producing device, unchecked:
+            float16 holds values up to 65504 (residual streams reach ~2e4, and more in larger models),
+            beyond which it stores inf; bfloat16 has float32's range.
         positions: which positions to keep, applied on the producing device before storing (see
             ``traitlens.positions``): ``None`` (all), an ``int`` or ``slice``, a ``[batch]`` / ``[batch, k]``
             index tensor, or ``[batch, seq]`` weights (their weighted sums come out in float32). An
