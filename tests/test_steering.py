@@ -523,11 +523,23 @@ def test_argument_errors(tiny):
         {"prompt_lookup_num_tokens": 3},
         # no slot for the last token's feed: an IndexError after the whole generation
         {"cache_implementation": "static"},
+        # self-speculative decoding: the prompt's scores came back as the answer's, on_token called 19 times
+        {"assistant_early_exit": 1},
     ):
         with pytest.raises(
             ValueError, match=rf"one sequence fed token by token .* take {next(iter(option))}="
         ):
             generate_with_projections(model, _FakeTokenizer(), here, "a b c", **option)
+    from transformers import DynamicCache
+
+    keyword = cache_keyword(model)
+    filled = DynamicCache()
+    with torch.no_grad():
+        model(
+            input_ids=_ids(1, 2), **{keyword: filled}, use_cache=True
+        )  # a chat so far: 8 scores for 10 tokens
+    with pytest.raises(ValueError, match=rf"take {keyword}=DynamicCache \(holding 2 positions\)"):
+        generate_with_projections(model, _FakeTokenizer(), here, "a b c", **{keyword: filled})
     with pytest.raises(
         ValueError, match="take num_beams=2"
     ):  # in a generation config too: was a RuntimeError
@@ -827,3 +839,63 @@ def test_a_peft_wrapped_model_is_steered_during_its_generate_as_the_model_inside
         token_projections(wrapped, _CharTokenizer(), vector, "abcd", chat=False).scores,
         token_projections(model, _CharTokenizer(), vector, "abcd", chat=False).scores,
     )
+
+
+def test_assisted_and_prompt_lookup_decoding_are_steered_as_plain_generate():
+    """Their passes check drafted tokens several at a time on the cache: read as more prompt, "generated"
+    steered nothing with an assistant model (the unsteered text) and half with prompt lookup."""
+    import copy
+
+    model = make_tiny_model("qwen2")
+    draft = copy.deepcopy(model)
+    v, prompt = 3 * _vector(7), torch.tensor([[5, 17, 33, 9, 40]])
+    settings = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": 8, "min_new_tokens": 8}
+    with torch.no_grad():
+        plain = model.generate(prompt, **settings)
+        for positions in ("generated", "prompt"):
+            with steer(model, v, layer=LAYER, positions=positions):
+                expected = model.generate(prompt, **settings)
+            assert not torch.equal(expected, plain)
+            for how in ({"assistant_model": draft}, {"prompt_lookup_num_tokens": 3}):
+                with steer(model, v, layer=LAYER, positions=positions):
+                    assert torch.equal(model.generate(prompt, **how, **settings), expected), (positions, how)
+
+
+def test_a_generation_from_a_cache_of_its_own_prefix_is_a_new_sequence():
+    """An earlier, longer generation in the same block made this one's generated tokens count as prompt."""
+    import copy
+
+    from transformers import DynamicCache
+
+    model = make_tiny_model("llama")
+    v, keyword = 3 * _vector(8), cache_keyword(model)
+
+    def prefix_cache(prompt):  # all but the prompt's last token, computed before steering
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(prompt[:, :-1], **{keyword: cache}, use_cache=True)
+        return cache
+
+    long, short = torch.arange(5, 16)[None], torch.arange(20, 25)[None]
+    caches = prefix_cache(long), prefix_cache(short)
+    settings = {"do_sample": False, "max_new_tokens": 5, "min_new_tokens": 5, "pad_token_id": 0}
+    with torch.no_grad():
+        with steer(model, v, layer=LAYER, positions="generated"):
+            alone = model.generate(short, **{keyword: copy.deepcopy(caches[1])}, **settings)
+        with steer(model, v, layer=LAYER, positions="generated"):
+            model.generate(long, **{keyword: copy.deepcopy(caches[0])}, **settings)
+            after = model.generate(short, **{keyword: copy.deepcopy(caches[1])}, **settings)
+        plain = model.generate(short, **{keyword: copy.deepcopy(caches[1])}, **settings)
+    assert torch.equal(after, alone) and not torch.equal(alone, plain)
+
+
+def test_a_static_cache_is_named_whatever_form_its_mask_takes():
+    model = make_tiny_model("qwen2")  # its static-cache masks come as a dict (sliding-window option)
+    ids = torch.tensor([[5, 17, 33, 9]])
+    settings = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "cache_implementation": "static"}
+    with (
+        pytest.raises(ValueError, match=r"got dict .* generate with a static cache"),  # was "pass the mask"
+        steer(model, _vector(), layer=LAYER, positions="generated"),
+        torch.no_grad(),
+    ):
+        model.generate(ids, attention_mask=torch.ones_like(ids), **settings)

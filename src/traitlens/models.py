@@ -83,6 +83,18 @@ def cache_keyword(model: torch.nn.Module) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
+def cache_length(cache: object) -> int | None:
+    """How many positions a transformers cache holds; ``None`` when it cannot say (a state-space model's
+    cache) or is none."""
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return None
+    try:
+        length = cache.get_seq_length()
+    except ValueError:  # Mamba's: "get_seq_length can only be called on Attention layers"
+        return None
+    return None if length is None else int(length)  # Reformer's says None
+
+
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype ``model`` computes in: a transformers model's ``dtype`` (that of its floating weights), or
     its input embeddings'."""

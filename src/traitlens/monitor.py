@@ -19,7 +19,7 @@ from traitlens.capture import ActivationCapture, output_tensor
 from traitlens.compute import projection
 from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager, input_device
-from traitlens.models import cache_keyword, transformers_model_path
+from traitlens.models import cache_keyword, cache_length, transformers_model_path
 from traitlens.pipeline import _capture_pass, _ran_twice
 from traitlens.vector import TraitVector
 
@@ -157,17 +157,18 @@ def generate_with_projections(
     A prompt-style ``Example`` is rendered with the chat template and the generation prompt, so the model
     answers as the assistant. It scores one sequence, fed token by token with the KV cache, so it refuses
     ``use_cache=False`` as a keyword (it passes ``use_cache=True`` over any config's), and, as keywords or in
-    the generation config: ``num_beams`` or ``num_return_sequences`` other than 1, assisted or prompt-lookup
-    decoding (they feed draft tokens that may be rejected), and a static cache (sized to the generation,
-    with no slot for the last token's feed). ``token_projections`` scores any finished text.
+    the generation config: ``num_beams`` or ``num_return_sequences`` other than 1, assisted, prompt-lookup,
+    early-exit or multi-token-prediction decoding (they feed draft tokens that may be rejected), a static
+    cache (sized to the generation, with no slot for the last token's feed), and a cache that already holds
+    positions (the prompt would be fed only in part). ``token_projections`` scores any finished text.
     """
     config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
 
     def setting(key: str, default=None):
         return generate_kwargs[key] if key in generate_kwargs else getattr(config, key, default)
 
-    unsupported = {
-        key: value
+    refused = [
+        f"{key}={type(value).__name__ if key == 'assistant_model' else repr(value)}"
         for key, value, fine in (
             # use_cache=True is passed to generate, over any config's (MPT's own says False)
             ("use_cache", generate_kwargs.get("use_cache", True), lambda v: v is not False),
@@ -175,18 +176,20 @@ def generate_with_projections(
             ("num_return_sequences", setting("num_return_sequences", 1), lambda v: v in (None, 1)),
             ("prompt_lookup_num_tokens", setting("prompt_lookup_num_tokens"), lambda v: v is None),
             ("assistant_model", generate_kwargs.get("assistant_model"), lambda v: v is None),
+            ("assistant_early_exit", setting("assistant_early_exit"), lambda v: v is None),  # drafts too
+            ("use_mtp", setting("use_mtp"), lambda v: not v),
             ("cache_implementation", setting("cache_implementation"), lambda v: "static" not in str(v)),
-            ("return_dict_in_generate", generate_kwargs.get("return_dict_in_generate", True), bool),
         )
         if not fine(value)
-    }
-    if unsupported:
-        shown = ", ".join(
-            f"{k}={type(v).__name__ if k == 'assistant_model' else repr(v)}" for k, v in unsupported.items()
-        )
+    ]
+    for key in ("cache", "past_key_values"):  # generate would feed the prompt's uncached part alone
+        cache, held = generate_kwargs.get(key), cache_length(generate_kwargs.get(key))
+        if held or "Static" in type(cache).__name__:
+            refused.append(f"{key}={type(cache).__name__}" + (f" (holding {held} positions)" if held else ""))
+    if refused:
         raise ValueError(
             "generate_with_projections scores one sequence fed token by token with the KV cache, so it does "
-            f"not take {shown}; generate the text yourself and score it with token_projections"
+            f"not take {', '.join(refused)}; generate the text yourself and score it with token_projections"
         )
     body = transformers_model_path(model)
     inner = model.get_submodule(body)  # what generate calls (the model inside a PEFT model)

@@ -73,7 +73,7 @@ from traitlens._validation import check_choice, check_outputs, check_vector, rea
 from traitlens.capture import output_tensor
 from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, residual_width, resolve_module
-from traitlens.models import cache_keyword, locate_module, model_dtype, transformers_model_path
+from traitlens.models import cache_keyword, cache_length, locate_module, model_dtype, transformers_model_path
 from traitlens.positions import to_device
 
 POSITIONS = ("all", "prompt", "generated")
@@ -161,19 +161,29 @@ class SequenceTracker:
             or mask.shape[1] < seq
         ):
             got = shape_of(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            four_d = isinstance(mask, torch.Tensor) and mask.ndim == 4
+            # generate with a static cache gives 4-D masks (or a dict of them, with sliding windows)
+            four_d = isinstance(mask, Mapping) or (isinstance(mask, torch.Tensor) and mask.ndim == 4)
             raise ValueError(
                 f"steering needs the 2-D attention_mask [batch, past + seq] to tell pads apart; got "
                 f"{got} for inputs of shape {shape_of(given)}. "
                 + (
-                    "A 4-D mask comes from generate with a static cache (cache_implementation='static') or "
-                    "from a caller that builds its own mask: use the default dynamic cache, or pass the "
-                    "tokenizer's 2-D attention_mask"
+                    "Such a mask comes from generate with a static cache (cache_implementation='static' or a "
+                    "StaticCache) or from a caller that builds its own mask: use the default dynamic cache, or "
+                    "pass the tokenizer's 2-D attention_mask"
                     if four_d
                     else "Pass the tokenizer's attention_mask"
                 )
             )
-        past = mask.shape[1] - seq if mask is not None else _cache_length(cache)  # the mask covers past + seq
+        past = mask.shape[1] - seq if mask is not None else cache_length(cache)  # the mask covers past + seq
+        # a cache other than the last pass's (generate fills one in place) holds another sequence's start; a
+        # pass without a cache object before (some models make theirs in the prompt pass) says nothing
+        new_cache = (
+            _weak(cache) is not None and self._last_cache is not None and self._last_cache() is not cache
+        )
+        # assisted and prompt-lookup decoding check drafted tokens in one pass, asking for the logits of them
+        # and one more: the last logits_to_keep - 1 positions are generated, not prompt
+        keep = kwargs.get("logits_to_keep")
+        drafts = keep - 1 if type(keep) is int and keep > 1 else 0
         if past is None and cache is not None:  # the same cache as the last pass's holds what that left
             same = self._last_cache is not None and self._last_cache() is cache
             if not same or self._filled is None:  # made inside the model (Reformer's): its length is unknown
@@ -198,8 +208,12 @@ class SequenceTracker:
         no_cache = kwargs.get("use_cache") is False or self._cacheless  # as generate(use_cache=False) feeds
         if past == 0:
             if not (no_cache and self._continues(given)):
-                self._prompt_len = seq
-        elif seq > 1:  # more prompt on a filled cache: a chunked prefill, or a chat's next turn
+                self._prompt_len = seq - drafts
+        elif new_cache:  # e.g. generate given a cache of a shared prefix: this pass ends its prompt
+            self._prompt_len = past + seq - drafts
+        elif (
+            seq > 1 and not drafts
+        ):  # more prompt on a filled cache: a chunked prefill, or a chat's next turn
             self._prompt_len = past + seq
         self._last_input = given.detach() if no_cache else None  # kept only to compare the next pass with
         if self._prompt_len is None:  # the cache was filled before the tracker came: this pass is prompt too
@@ -270,17 +284,6 @@ def _weak(cache: object) -> weakref.ref | None:
         return weakref.ref(cache) if cache is not None else None
     except TypeError:  # an object that takes no weak reference (a tuple of tensors)
         return None
-
-
-def _cache_length(cache: object) -> int | None:
-    """How many positions ``cache`` holds; ``None`` when it cannot say (a state-space model's cache)."""
-    if cache is None or not hasattr(cache, "get_seq_length"):
-        return None
-    try:
-        length = cache.get_seq_length()
-    except ValueError:  # Mamba's: "get_seq_length can only be called on Attention layers"
-        return None
-    return None if length is None else int(length)  # Reformer's says None
 
 
 # --------------------------------------------------------------------------------------------------------
