@@ -452,17 +452,17 @@ def stream_statistics(
     batches = _pair_batches(model, tokenizer, sides, order, paths, layers, position, batch_size, progress)
     stats = ContrastiveStats(outer=outer)
     if spill_to is None:
-        for k, (pos_acts, neg_acts) in enumerate(batches):
-            _fold(stats, pos_acts, neg_acts, order[k * batch_size : (k + 1) * batch_size])
+        for pos_acts, neg_acts in batches:
+            stats.update(pos_acts, neg_acts)
         return stats
     spill_to = Path(spill_to)
     running = _claim_spill_folder(spill_to)
     written = []
     try:
         for k, (pos_acts, neg_acts) in enumerate(batches):
-            index = order[k * batch_size : (k + 1) * batch_size]
-            _fold(stats, pos_acts, neg_acts, index)
-            spilled = {"pos": pos_acts, "neg": neg_acts, "index": torch.tensor(index)}
+            stats.update(pos_acts, neg_acts)
+            index = torch.tensor(order[k * batch_size : (k + 1) * batch_size])
+            spilled = {"pos": pos_acts, "neg": neg_acts, "index": index}
             written.append(spill_to / f"batch_{k:06d}.safetensors")
             save_tensors(spilled, written[-1], metadata={"layers": str(layers)})
     except BaseException:  # a run that did not finish leaves nothing to be read as if it had
@@ -499,14 +499,6 @@ def _claim_spill_folder(folder: Path) -> Path:
             "from an earlier run; give an empty or new folder, or delete them"
         )
     return running
-
-
-def _fold(stats: ContrastiveStats, pos_acts, neg_acts, pairs: list[int]) -> None:
-    """``stats.update`` with a batch's activations, naming its pairs if they cannot be added."""
-    try:
-        stats.update(pos_acts, neg_acts)
-    except ValueError as err:  # NaN or inf: the user has no rows to clean, but has the pairs
-        raise ValueError(f"the activations of pairs {short_list(map(str, sorted(pairs)))}: {err}") from None
 
 
 def read_spilled(
