@@ -18,8 +18,11 @@ of the hook stores one *chunk* ``[batch, seq, hidden]`` (or what the position se
   slice takes its positions of each pass (``slice(-2, None)``: the prompt's last two, then each step's
   one token) and raises where it leaves none; an index or weights tensor is made for forward passes (its
   chunks are never joined along the sequence) and raises on a decode step. Beam search (``num_beams >
-  1``) reorders the beams between steps, so captured rows do not follow the returned sequences: capture a
-  forward pass over them.
+  1``) reorders the beams between steps, and assisted or prompt-lookup decoding feed drafted tokens that
+  may be rejected, so captured rows do not follow the returned sequences: capture a forward pass over
+  them. A later ``generate`` whose prompt is one token continues an earlier one's run (``clear()``
+  between generations), and ``generate(prefill_chunk_size=...)``'s prompt chunks are passes like any
+  other. With ``positions=-1`` a generation of one new token is one pass: ``[batch, hidden]``.
   ``generate(use_cache=False)`` runs a whole pass per step, one position longer each time: passes like any
   other, so with a selector that leaves one shape they are joined along batch (step after step); read
   them with ``concat=False``;

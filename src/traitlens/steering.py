@@ -532,9 +532,9 @@ class Steering:
         if generated and len(self.hooks) and tracker.passes and not tracker.generated_passes:
             warnings.warn(
                 f"positions='generated' steered nothing: none of the {tracker.passes} forward passes under "
-                "steer held a generated token (generated positions are generate's decode steps; a forward "
-                "pass over a whole text is all prompt). To steer the answer of a text you score, give its "
-                "token indices as positions",
+                "steer held a generated token (generated positions are generate's decode steps: "
+                "generate(max_new_tokens=1) has none, and a forward pass over a whole text is all prompt). "
+                "To steer the answer of a text you score, give its token indices as positions",
                 stacklevel=3,
             )
         self.hooks.remove_all()
