@@ -647,3 +647,22 @@ def test_an_extraction_records_the_dtype_the_model_computed_in(toy_tokenizer, tm
     vector = traitlens.load_vector(tmp_path / "trait_vector.safetensors")
     assert vector.dtype == torch.float32 and vector.extra["model_dtype"] == "bfloat16"
     assert json.loads((tmp_path / "summary.json").read_text())["model_dtype"] == "bfloat16"
+
+
+def test_rows_json_can_hold_but_no_text_can_are_named_by_line_and_any_path_object_is_a_path(tmp_path):
+    import os
+
+    good = {"pos": "good", "neg": "bad", "split": "train"}
+    # half a surrogate pair failed later inside the tokenizer; deep nesting raised a bare RecursionError
+    path = _write(tmp_path, [good, r'{"pos": "good\ud800", "neg": "bad", "split": "train"}', "[" * 100000])
+    with pytest.raises(DatasetError) as err:
+        load_dataset(path)
+    assert "data.jsonl:2: field 'pos' holds '\\ud800', half of a surrogate pair" in str(err.value)
+    assert "data.jsonl:3: invalid JSON (nested too deeply)" in str(err.value)
+
+    class Where(os.PathLike):  # a path object that is not a pathlib.Path was refused
+        def __fspath__(self):
+            return str(tmp_path / "data.jsonl")
+
+    _write(tmp_path, [good, {**good, "split": "val"}, {**good, "split": "test"}])
+    assert load_dataset(Where()).sizes == load_dataset(tmp_path / "data.jsonl").sizes

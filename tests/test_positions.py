@@ -49,6 +49,10 @@ def test_rule_errors():
         select_positions("response_mean", MASK)
     with pytest.raises(ValueError, match="response_mask must have the shape"):
         select_positions("prompt_mean", MASK, RESPONSE[:, :3])
+    empty = torch.zeros(2, 0, dtype=torch.long)  # argmax() of an empty dimension, from inside torch
+    for call in (lambda: last_token_index(empty), lambda: select_positions("prompt_mean", empty)):
+        with pytest.raises(ValueError, match=r"attention_mask must have shape \[batch, seq\] with seq >= 1"):
+            call()
     assert set(POSITION_RULES) == {"prompt_last", "prompt_mean", "response_mean", "all"}
 
 

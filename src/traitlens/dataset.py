@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
@@ -195,7 +196,7 @@ def load_dataset(name_or_path: str | Path) -> ContrastiveDataset:
 
     Raises ``DatasetError`` (a ``ValueError``) listing every bad row by file and line; nothing is dropped.
     """
-    if not isinstance(name_or_path, (str, Path)):
+    if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a dataset name or a path, got {type(name_or_path).__name__}")
     shipped = available_datasets()
     if isinstance(name_or_path, str) and name_or_path in shipped:
@@ -329,6 +330,9 @@ def _parse(path: Path, data: bytes) -> tuple[Pair, ...]:
         except ValueError as err:  # from _unique_keys
             problems.append(Problem(path, number, str(err)))
             continue
+        except RecursionError:  # nested past Python's recursion limit
+            problems.append(Problem(path, number, "invalid JSON (nested too deeply)"))
+            continue
         pair, row_problems = _check_row(row, number)
         problems.extend(Problem(path, number, m) for m in row_problems)
         if pair is not None:
@@ -368,6 +372,13 @@ def _check_row(row: object, line: int) -> tuple[Pair | None, list[str]]:
             problems.append(f"field {key!r} must be a string, got {type(value).__name__}")
         elif isinstance(value, str) and not value.strip():
             problems.append(f"field {key!r} is empty")
+        elif isinstance(value, str) and not value.isascii():
+            try:  # JSON can spell half a surrogate pair (\ud800), which no tokenizer takes
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                problems.append(
+                    f"field {key!r} holds {value[err.start]!r}, half of a surrogate pair: no text"
+                )
 
     split = row.get("split")
     if "split" not in row:

@@ -186,6 +186,6 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _check_mask(mask: object, name: str) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [batch, seq], got {type(mask).__name__}")
-    if mask.ndim != 2:
-        raise ValueError(f"{name} must have shape [batch, seq], got {shape_of(mask)}")
+    if mask.ndim != 2 or mask.shape[1] == 0:
+        raise ValueError(f"{name} must have shape [batch, seq] with seq >= 1, got {shape_of(mask)}")
     return mask
