@@ -664,5 +664,5 @@ def test_rows_json_can_hold_but_no_text_can_are_named_by_line_and_any_path_objec
         def __fspath__(self):
             return str(tmp_path / "data.jsonl")
 
-    _write(tmp_path, [good, {**good, "split": "val"}, {**good, "split": "test"}])
+    _write(tmp_path, [{"pos": f"good {s}", "neg": f"bad {s}", "split": s} for s in ("train", "val", "test")])
     assert load_dataset(Where()).sizes == load_dataset(tmp_path / "data.jsonl").sizes
