@@ -424,3 +424,28 @@ def test_float64_stays_float64():
     assert mean_difference(x, x).dtype == torch.float64
     assert projection(x, randn(4)).dtype == torch.float64
     assert pca_reduce(x, 2).dtype == torch.float64
+
+
+def test_every_dim_argument_is_checked_alike():
+    """Some functions named a bad dim; others raised torch's IndexError, or a TypeError from a tuple index."""
+    x = randn(5, 8, seed=16)
+    calls = [
+        lambda dim: normalize_vectors(x, dim=dim),
+        lambda dim: magnitude(x, dim=dim),
+        lambda dim: attention_entropy(torch.softmax(x, -1), dim=dim),
+        lambda dim: mean_difference(x, x + 1, dim=dim),
+        lambda dim: compute_derivative(x, dim=dim),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"dim=5 is out of range for .* of shape \(5, 8\)"):
+            call(5)
+        with pytest.raises(TypeError, match=r"dim must be an int, got 0\.5"):
+            call(0.5)
+    with pytest.raises(ValueError, match=r"dim=\(0, -2\) names a dimension of pos_acts \(5, 8\) twice"):
+        mean_difference(x, x + 1, dim=(0, -2))
+    for call in (normalize_vectors, magnitude):  # no vector dimension: "amax(): Expected reduction dim"
+        with pytest.raises(
+            ValueError, match=r"needs at least 1 points along dim 1 of vectors, got shape \(3, 0\)"
+        ):
+            call(torch.zeros(3, 0))
+    torch.testing.assert_close(mean_difference(x, x + 1, dim=(0,)), mean_difference(x, x + 1))

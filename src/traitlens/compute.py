@@ -35,6 +35,9 @@ def _at_least_1d(x: torch.Tensor, name: str, shape_doc: str) -> torch.Tensor:
 
 def _size_along(x: torch.Tensor, name: str, dim: int, need: int, who: str) -> int:
     """Normalise ``dim`` for ``x`` and check that ``x`` has at least ``need`` points along it."""
+    if whole_number(dim) is None:
+        raise TypeError(f"dim must be an int, got {dim!r}")
+    dim = int(dim)
     if not -x.ndim <= dim < x.ndim:
         raise ValueError(f"dim={dim} is out of range for {name} of shape {shape_of(x)}")
     dim %= x.ndim
@@ -67,9 +70,15 @@ def mean_difference(
     neg = _at_least_1d(check_tensor(neg_acts, "neg_acts"), "neg_acts", "[n_neg, hidden]")
     means = []
     for name, x in (("pos_acts", pos), ("neg_acts", neg)):
-        dims = dim if dim is not None else tuple(range(x.ndim - 1))
         if x.numel() == 0:
             raise ValueError(f"{name} is empty (shape {shape_of(x)}); need at least one example")
+        dims = tuple(range(x.ndim - 1)) if dim is None else dim
+        if dim is not None:
+            given = dims if isinstance(dims, tuple) else (dims,)
+            checked = [_size_along(x, name, d, 1, "mean_difference") for d in given]
+            if len(set(checked)) != len(checked):
+                raise ValueError(f"dim={dim!r} names a dimension of {name} {shape_of(x)} twice")
+            dims = tuple(checked) if isinstance(dims, tuple) else checked[0]
         x = x.to(torch.float64)
         means.append(x.mean(dim=dims) if dims != () else x)  # [hidden]: one example, its own mean
     if means[0].shape != means[1].shape:
@@ -199,7 +208,8 @@ def normalize_vectors(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
         Same shape, float32. Zero vectors stay zero (no epsilon is added to other norms); very large or
         very small vectors are scaled before squaring, so they neither overflow nor underflow.
     """
-    return _unit(_at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]"), dim)
+    x = _at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]")
+    return _unit(x, _size_along(x, "vectors", dim, 1, "normalize_vectors"))
 
 
 def _unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -225,7 +235,8 @@ def magnitude(vectors: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Returns:
         The input shape without ``dim`` (``[layer, seq]``), float32.
     """
-    return _norm(_at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]"), dim)
+    x = _at_least_1d(check_tensor(vectors, "vectors"), "vectors", "[..., hidden]")
+    return _norm(x, _size_along(x, "vectors", dim, 1, "magnitude"))
 
 
 def _norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -341,6 +352,7 @@ def attention_entropy(attention_weights: torch.Tensor, dim: int = -1) -> torch.T
     """
     p = check_tensor(attention_weights, "attention_weights")
     p = _upcast(_at_least_1d(p, "attention_weights", "[..., n_keys]"))
+    dim = _size_along(p, "attention_weights", dim, 1, "attention_entropy")
     if bool((p < 0).any()):
         raise ValueError(
             f"attention_weights must be non-negative probabilities, got {int((p < 0).sum())} negative "
