@@ -666,3 +666,12 @@ def test_rows_json_can_hold_but_no_text_can_are_named_by_line_and_any_path_objec
 
     _write(tmp_path, [{"pos": f"good {s}", "neg": f"bad {s}", "split": s} for s in ("train", "val", "test")])
     assert load_dataset(Where()).sizes == load_dataset(tmp_path / "data.jsonl").sizes
+
+
+def test_an_example_of_no_tokens_is_named():
+    from conftest import make_word_tokenizer
+
+    tokenizer = make_word_tokenizer()  # splits on whitespace, and keeps none of it
+    for examples in (["w1", "   "], [Example(prompt=" ")]):  # rows of shape (1, 0) reached the model
+        with pytest.raises(ValueError, match=rf"examples\[{len(examples) - 1}\] is no tokens at all"):
+            encode_examples(tokenizer, examples, chat=False)

@@ -622,15 +622,17 @@ def _token_rows(tokenizer, examples, side: str, use_template: bool, eos: int | N
         if isinstance(item, str):
             if not item:
                 raise ValueError(f"examples[{i}] is an empty string")
-            yield _ids(tokenizer, item, special=True), []
+            prompt_ids, response_ids = _ids(tokenizer, item, special=True), []
         elif isinstance(item, Example):
             prompt_ids = _prompt_ids(tokenizer, item, use_template, i)
             response_ids = _ids(tokenizer, item.response, special=False) if item.response else []
             if eos is not None and response_ids:
                 response_ids.append(eos)
-            yield prompt_ids, response_ids
         else:
             raise TypeError(f"examples[{i}] must be a str, an Example or a Pair, got {type(item).__name__}")
+        if not prompt_ids and not response_ids:  # e.g. whitespace, which some tokenizers drop
+            raise ValueError(f"examples[{i}] is no tokens at all for this tokenizer: {item!r}")
+        yield prompt_ids, response_ids
 
 
 def pad_rows(
