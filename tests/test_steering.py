@@ -356,13 +356,45 @@ def test_a_steering_vector_beyond_a_float16_models_range_is_refused():
     v[3] = 1.0
     with steer(model, v, layer=LAYER, coeff=5e4):
         assert torch.isfinite(model(input_ids=_ids()).logits).all()
-    with (
-        pytest.raises(
-            ValueError, match=r"70000 x the vector exceeds torch\.float16's range \(largest 65504\)"
-        ),
-        steer(model, v, layer=LAYER, coeff=7e4),
-    ):  # every logit was NaN, without a word
-        model(input_ids=_ids())
+    for op in ("add", "clamp"):  # every logit was NaN, without a word
+        with (
+            pytest.raises(ValueError, match=r"70000 \(.*\) exceeds float16's range \(largest 65504\)"),
+            steer(model, v, layer=LAYER, op=op, coeff=7e4),
+        ):
+            model(input_ids=_ids())
+    # a vector past float32's norm (1.8e19) had an inf norm, so its unit vector was 0: ablation did nothing
+    model = make_tiny_model("llama")
+    big = _vector(9) * 1e20
+    (raw,), (out,), _ = _steered_run(model, "llama", lambda: model(input_ids=_ids()), big, op="ablate")
+    unit = big.double() / big.double().norm()
+    assert (out.double() @ unit).abs().max() < 1e-6 < (raw.double() @ unit).abs().max()
+
+
+def test_a_trained_vector_frozen_afterwards_still_steers():
+    model = make_tiny_model("llama")
+    v = _vector(10).requires_grad_()
+    with steer(model, v, layer=LAYER, coeff=2.0):
+        model(input_ids=_ids()).logits.sum().backward()
+        v.requires_grad_(False)  # raised AttributeError: '_largest'
+        frozen = model(input_ids=_ids()).logits
+    with steer(model, v.detach().clone(), layer=LAYER, coeff=2.0):
+        torch.testing.assert_close(frozen, model(input_ids=_ids()).logits)
+
+
+def test_a_scoring_pass_that_asks_for_some_logits_is_all_prompt():
+    """logits_to_keep marks drafted tokens only on generate's cache: scoring code passes it too."""
+    model = make_tiny_model("llama")
+    ids = _ids(1, 8)
+    for kwargs in ({}, {"logits_to_keep": 4}):
+        with pytest.warns(UserWarning, match="steered nothing"):
+            (raw,), (out,), _ = _steered_run(
+                model,
+                "llama",
+                lambda kwargs=kwargs: model(input_ids=ids, **kwargs),
+                _vector(),
+                positions="generated",
+            )
+        assert torch.equal(raw, out)
 
 
 def test_no_hooks_remain_after_an_exception(tiny):

@@ -9,7 +9,9 @@ never edits the input, the vector or the model:
 
 The vector is cast to each hidden state's device and dtype on use (bf16 models and models split over
 devices with ``device_map`` work). Addition runs in the hidden state's dtype, so that in float32 the
-steered output is exactly ``h + coeff * v``; the projections of ablation and clamping run in float32.
+steered output is exactly ``h + coeff * v``; the projections of ablation and clamping run in float32 (in
+float64 on a float64 model). On a float16 model, a vector or clamp value past float16's range (65504) is
+refused: every logit would be NaN.
 
 **Where in the sequence.** ``positions`` is ``"all"``, ``"prompt"``, ``"generated"``, or a sequence of
 token indices counted from each row's first real token (so that index 0 is the same token in every row,
@@ -30,16 +32,20 @@ for that pass:
   that cannot say (Mamba's), what went into the same cache object in the passes seen; when nothing tells
   (Reformer's cache, made inside the model, without a mask), positions other than ``"all"`` raise;
 - where the prompt ends. A pass with an empty cache starts a sequence: all of it is prompt. A pass of one
-  position on a filled cache is a generated token; a pass of several positions on a filled cache is more
-  prompt (a chunk of a chunked prefill, or a chat's next turn fed onto the cache of the last one; the
-  last token generated before it counts as prompt too, as it first goes through the model there).
+  position on the cache the previous pass filled is a generated token; a pass of several positions there
+  is more prompt (a chunk of a chunked prefill, or a chat's next turn fed onto the cache of the last one;
+  the last token generated before it counts as prompt too, as it first goes through the model there). A
+  pass on a filled cache other than the previous pass's (``generate`` given the cache of a prefix made
+  earlier) starts a sequence whose prompt ends with the pass.
   ``generate(use_cache=False)`` re-feeds the whole sequence at each step with ``use_cache=False``, one
   token more each time: a pass with ``use_cache=False`` whose input is the previous pass's input plus one
   token is recognised as such a step, so "generated" means the same with and without the cache (and for
   models that take no cache, such as GPT-1, whose ``generate`` always re-feeds). Calls of your own, such
   as scoring growing prefixes, therefore count as new sequences unless they pass ``use_cache=False``.
-  Assisted (speculative) decoding checks several drafted tokens in one pass, which counts as prompt:
-  ``positions="generated"`` does not follow it.
+  Assisted and prompt-lookup decoding check several drafted tokens in one pass on the cache, asking for
+  the logits of the last ``logits_to_keep``: those drafted ``logits_to_keep - 1`` are generated, so both
+  are steered as plain ``generate`` (checked: the same tokens). A pass with no cache object is never
+  read that way (scoring code passes ``logits_to_keep`` too).
 
 The interventions read that record. A forward hook on the same module clears it after each pass, so an
 intervention used outside a forward pass of the model (a layer called by hand) steers every position
@@ -71,6 +77,7 @@ import torch
 
 from traitlens._validation import check_choice, check_outputs, check_vector, real_number, shape_of, short_list
 from traitlens.capture import output_tensor
+from traitlens.compute import _unit
 from traitlens.dataset import Example, encode_examples
 from traitlens.hooks import HookManager, decoder_layer_paths, input_device, residual_width, resolve_module
 from traitlens.models import cache_keyword, cache_length, locate_module, model_dtype, transformers_model_path
@@ -182,8 +189,8 @@ class SequenceTracker:
         )
         # assisted and prompt-lookup decoding check drafted tokens in one pass, asking for the logits of them
         # and one more: the last logits_to_keep - 1 positions are generated, not prompt
-        keep = kwargs.get("logits_to_keep")
-        drafts = keep - 1 if type(keep) is int and keep > 1 else 0
+        keep = kwargs.get("logits_to_keep")  # (generate passes a cache object; a scoring pass may not)
+        drafts = keep - 1 if cache is not None and type(keep) is int and keep > 1 else 0
         if past is None and cache is not None:  # the same cache as the last pass's holds what that left
             same = self._last_cache is not None and self._last_cache() is cache
             if not same or self._filled is None:  # made inside the model (Reformer's): its length is unknown
@@ -302,9 +309,9 @@ class Intervention:
     def __init__(self, op: str, vector: object, value: float, positions, tracker: SequenceTracker | None):
         self.op = check_choice(op, "op", OPERATIONS)
         self.vector = vector
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise TypeError(f"coeff/value must be a number, got {type(value).__name__}")
-        self.value = float(value)
+        if real_number(value) is None:
+            raise TypeError(f"coeff/value must be a finite number, got {value!r}")
+        self.value = real_number(value)
         if tracker is not None and not isinstance(tracker, SequenceTracker):
             raise TypeError(f"tracker must be a SequenceTracker, got {type(tracker).__name__}")
         self.tracker = tracker
@@ -338,15 +345,15 @@ class Intervention:
     @vector.setter
     def vector(self, vector: object) -> None:
         vector = check_vector(vector, "vector")
-        if self.op != "add" and float(vector.detach().norm()) == 0.0:
+        if self.op != "add" and not bool(vector.detach().any()):
             raise ValueError(f"{self.op} needs a non-zero vector, got one of norm 0")
         if not vector.requires_grad:
             with torch.inference_mode(False):  # a copy that passes outside inference mode can use
                 vector = vector.detach().to(_wide(vector.dtype)).clone()
                 if self.op != "add":
-                    vector = vector / vector.norm()
-            self._largest = float(vector.abs().max())  # read here, once: no wait in the hooks
+                    vector = _unit(vector)  # scaled: a norm past 1.8e19 was inf in float32
         self._vector = vector
+        self._largest: float | None = None  # the largest magnitude, read when a float16 model needs it
         # scale * vector per (device, dtype, scale), made for this vector at this version (in-place edits)
         self._cast: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
         self._cast_version = _version(vector)
@@ -384,6 +391,8 @@ class Intervention:
     def _apply(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.op == "add":
             return hidden + self._on(hidden.device, hidden.dtype, self.value)
+        if self.op == "clamp" and hidden.dtype == torch.float16:
+            _check_half(abs(self.value), "the clamp value")
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # projections in float32 (or float64)
         unit = self._on(hidden.device, dtype)  # [hidden]
         h = hidden.to(dtype)
@@ -397,18 +406,16 @@ class Intervention:
         vector = self._vector
         if vector.requires_grad:  # float16 norms and products overflow: computed wider, the graph kept
             wide = vector.to(_wide(vector.dtype))
-            unit = wide if self.op == "add" else wide / wide.norm()
+            unit = wide if self.op == "add" else _unit(wide)
             return (scale * unit).to(device=device, dtype=dtype)
         if _version(vector) != self._cast_version:  # edited in place since the casts were made
-            self._cast, self._cast_version = {}, _version(vector)
-            self._largest = float(vector.abs().max())
+            self._cast, self._cast_version, self._largest = {}, _version(vector), None
         key = (device, dtype, scale)
         if key not in self._cast:
-            if abs(scale) * self._largest > torch.finfo(dtype).max:  # inf: the logits would all be NaN
-                raise ValueError(
-                    f"{scale:g} x the vector exceeds {dtype}'s range (largest {torch.finfo(dtype).max:g}): lower "
-                    "the coefficient, or run the model in bfloat16 or float32"
-                )
+            if dtype == torch.float16:  # the one dtype a vector overflows (read once: a wait, after an edit)
+                if self._largest is None:
+                    self._largest = float(vector.abs().max())
+                _check_half(abs(scale) * self._largest, "x the vector" if scale != 1.0 else "the vector")
             with torch.inference_mode(False):  # made under inference mode, it could not serve autograd later
                 self._cast[key] = to_device(scale * self.vector, device).to(dtype)
         return self._cast[key]
@@ -433,6 +440,15 @@ class Intervention:
         return (
             f"Intervention({self.op}, vector [{self.vector.shape[0]}] norm {float(self.vector.norm()):.4g}"
             f"{value}, positions={self.positions!r})"
+        )
+
+
+def _check_half(size: float, what: str) -> None:
+    """Refuse what a float16 model would turn into inf (and then every logit into NaN)."""
+    if size > torch.finfo(torch.float16).max:
+        raise ValueError(
+            f"{size:g} ({what}) exceeds float16's range (largest 65504): lower the coefficient, or run the "
+            "model in bfloat16 or float32"
         )
 
 
@@ -607,11 +623,11 @@ def steer(
                             "its gradients; steer a vector that requires grad with norm=None"
                         )
                     vec = vec.detach().to(torch.float32)
-                    if float(vec.norm()) == 0.0:
+                    if not bool(vec.any()):
                         raise ValueError(
                             "a relative coeff (norm=...) needs a non-zero vector, got one of norm 0"
                         )
-                    vec = vec / vec.norm() * scale
+                    vec = _unit(vec) * scale
                 else:
                     value = coeff * scale
             intervention = Intervention(op, vec, value, positions, tracker)
@@ -700,8 +716,8 @@ def _norm_for(norm, layer_index: int | None, path: str) -> float:
         raise ValueError(
             f"norm has no entry for layer {layer_index} ({path!r}); it has {short_list(map(str, norm))}"
         )
-    if isinstance(norm, (int, float)) and not isinstance(norm, bool) and norm > 0:
-        return float(norm)
+    if (real_number(norm) or 0.0) > 0:
+        return real_number(norm)
     raise ValueError(f"norm must be a positive number or a {{layer: norm}} mapping, got {norm!r}")
 
 
