@@ -445,7 +445,12 @@ def test_every_dim_argument_is_checked_alike():
         mean_difference(x, x + 1, dim=(0, -2))
     for call in (normalize_vectors, magnitude):  # no vector dimension: "amax(): Expected reduction dim"
         with pytest.raises(
-            ValueError, match=r"needs at least 1 points along dim 1 of vectors, got shape \(3, 0\)"
+            ValueError, match=r"needs at least 1 point along dim 1 of vectors, got shape \(3, 0\)"
         ):
             call(torch.zeros(3, 0))
     torch.testing.assert_close(mean_difference(x, x + 1, dim=(0,)), mean_difference(x, x + 1))
+
+
+def test_mean_difference_takes_a_list_of_dims_as_torch_does():
+    x = randn(2, 3, 8, seed=17)
+    torch.testing.assert_close(mean_difference(x, x + 1, dim=[0, 1]), mean_difference(x, x + 1))

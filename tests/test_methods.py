@@ -655,7 +655,7 @@ def test_huge_activations_are_oriented_and_fitted_as_at_unit_scale():
         assert cos(small.double(), big.double()) > 0.98, name  # ICA: 0.989 (its iteration rounds anew)
         assert float((pos.double().mean(0) - neg.double().mean(0)) @ big.double()) > 0
     big = GradientMethod().extract(pos * 1e18, neg * 1e18)["vector"]
-    assert cos(big, RandomBaselineMethod().extract(pos, neg)["vector"]) < 0.9
+    assert abs(cos(big, RandomBaselineMethod().extract(pos, neg)["vector"])) < 0.9  # the start, maybe flipped
 
 
 def test_bad_hyper_parameters_are_named():
@@ -666,7 +666,7 @@ def test_bad_hyper_parameters_are_named():
         ValueError, match="solver must be one of 'torch', 'sklearn', got 'sklern'; did you mean 'sklearn'"
     ):
         ProbeMethod(solver="sklern").extract(pos, neg)
-    with pytest.raises(ValueError, match="C must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"C must be a finite number > 0 .*, got 0"):
         ProbeMethod(C=0).extract(pos, neg)
     with pytest.raises(ValueError, match="shrinkage must be in"):
         GradientMethod(shrinkage=0.0).extract(pos, neg)
@@ -682,9 +682,9 @@ def test_bad_hyper_parameters_are_named():
     for method, message in [
         (ProbeMethod(max_iter=0), "max_iter must be a positive int, got 0"),
         (ProbeMethod(max_iter=10.0), r"max_iter must be a positive int, got 10\.0"),
-        (ProbeMethod(C="1"), "C must be > 0, got '1'"),
-        (ProbeMethod(tol=float("nan")), "tol must be > 0, got nan"),
-        (ICAMethod(tol=float("nan")), "tol must be > 0, got nan"),
+        (ProbeMethod(C="1"), r"C must be a finite number > 0 .*, got '1'"),
+        (ProbeMethod(tol=float("nan")), "tol must be >= 0, got nan"),
+        (ICAMethod(tol=float("nan")), "tol must be >= 0, got nan"),
         (ICAMethod(component_idx=True), r"component_idx must be an int in \[0, "),
         (GradientMethod(lr=float("nan")), "lr must be > 0, got nan"),
         (GradientMethod(lr=0), "lr must be > 0, got 0"),

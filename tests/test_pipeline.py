@@ -647,3 +647,19 @@ def test_a_float16_model_that_overflows_is_named_not_the_users_data():
         collect_activations(model, tokenizer, ["w1 w2 w3"], layers=[1])
     with pytest.raises(ValueError, match=expected):
         residual_norms(model, tokenizer, ["w1 w2 w3"], layers=[1])
+
+
+def test_a_model_that_is_not_a_transformers_model_is_captured():
+    """Any torch module with decoder layers: the dtype lookup for the float16 hint needs no transformers API."""
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    inner, tokenizer = make_tiny_model("llama"), make_word_tokenizer()
+    acts = collect_activations(Wrap(inner).eval(), tokenizer, ["w1 w2"], module="inner.model.layers.1")
+    torch.testing.assert_close(acts, collect_activations(inner, tokenizer, ["w1 w2"], layers=[1]))

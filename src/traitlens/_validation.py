@@ -143,12 +143,12 @@ def same_mean(pos_mean: torch.Tensor, neg_mean: torch.Tensor) -> torch.Tensor:
     return ((pos_mean - neg_mean).abs() <= 1e-12 * torch.maximum(pos_mean.abs(), neg_mean.abs())).all(-1)
 
 
-def check_outputs(x: torch.Tensor, where: str, dtype: torch.dtype) -> None:
-    """Raise if ``x``, what the module ``where`` of a model computing in ``dtype`` output, holds NaN or inf
-    (the model's doing, not the user's data: a float16 model overflows above 65504)."""
+def check_outputs(x: torch.Tensor, where: str, dtype: Callable[[], torch.dtype]) -> None:
+    """Raise if ``x``, what the module ``where`` of a model computing in ``dtype()`` output, holds NaN or
+    inf (the model's doing, not the user's data: a float16 model overflows above 65504)."""
     if not bool(torch.isfinite(x).all()):
         hint = ""
-        if dtype == torch.float16:
+        if dtype() == torch.float16:
             hint = "; the model runs in float16, which overflows above 65504: load it in bfloat16 or float32"
         raise ValueError(
             f"{where} output {int((~torch.isfinite(x)).sum())} non-finite values (NaN or inf){hint}"

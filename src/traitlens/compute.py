@@ -43,7 +43,8 @@ def _size_along(x: torch.Tensor, name: str, dim: int, need: int, who: str) -> in
     dim %= x.ndim
     if x.shape[dim] < need:
         raise ValueError(
-            f"{who} needs at least {need} points along dim {dim} of {name}, got shape {shape_of(x)}"
+            f"{who} needs at least {need} point{'s' if need > 1 else ''} along dim {dim} of {name}, got shape "
+            f"{shape_of(x)}"
         )
     return dim
 
@@ -74,11 +75,11 @@ def mean_difference(
             raise ValueError(f"{name} is empty (shape {shape_of(x)}); need at least one example")
         dims = tuple(range(x.ndim - 1)) if dim is None else dim
         if dim is not None:
-            given = dims if isinstance(dims, tuple) else (dims,)
-            checked = [_size_along(x, name, d, 1, "mean_difference") for d in given]
+            several = isinstance(dims, (tuple, list))
+            checked = [_size_along(x, name, d, 1, "mean_difference") for d in (dims if several else [dims])]
             if len(set(checked)) != len(checked):
                 raise ValueError(f"dim={dim!r} names a dimension of {name} {shape_of(x)} twice")
-            dims = tuple(checked) if isinstance(dims, tuple) else checked[0]
+            dims = tuple(checked) if several else checked[0]
         x = x.to(torch.float64)
         means.append(x.mean(dim=dims) if dims != () else x)  # [hidden]: one example, its own mean
     if means[0].shape != means[1].shape:

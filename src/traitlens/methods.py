@@ -191,11 +191,11 @@ class ProbeMethod(ExtractionMethod):
     ) -> dict[str, Any]:
         check_choice(penalty, "penalty", ("l2", "l1", "elasticnet"))
         check_choice(solver, "solver", ("torch", "sklearn"))
-        C = check_real(C, "C", "> 0", lambda v: v > 0)
+        C = check_real(C, "C", "a finite number > 0 (a large C for almost no penalty)", lambda v: v > 0)
         if penalty == "elasticnet":
             l1_ratio = check_real(l1_ratio, "l1_ratio", "in [0, 1]", lambda v: 0 <= v <= 1)
         max_iter = check_int(max_iter, "max_iter", minimum=1)
-        tol = check_real(tol, "tol", "> 0", lambda v: v > 0)
+        tol = check_real(tol, "tol", ">= 0", lambda v: v >= 0)
         ratio = {"l2": 0.0, "l1": 1.0, "elasticnet": float(l1_ratio)}[penalty]
 
         x = torch.cat([pos, neg])  # [n, hidden]
@@ -528,7 +528,7 @@ class ICAMethod(ExtractionMethod):
         check_choice(solver, "solver", ("torch", "sklearn"))
         n_components = check_int(n_components, "n_components", minimum=1)
         max_iter = check_int(max_iter, "max_iter", minimum=1)
-        tol = check_real(tol, "tol", "> 0", lambda v: v > 0)
+        tol = check_real(tol, "tol", ">= 0", lambda v: v >= 0)
         x = torch.cat([pos, neg])  # [n, hidden]
         k = min(n_components, len(x) - 1, x.shape[1])
         if component_idx is not None:

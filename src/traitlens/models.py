@@ -97,9 +97,11 @@ def cache_length(cache: object) -> int | None:
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype ``model`` computes in: a transformers model's ``dtype`` (that of its floating weights), or
-    its input embeddings'."""
+    its first floating parameter's (float32 for a model without one)."""
     dtype = getattr(model, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else model.get_input_embeddings().weight.dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def cache_dir() -> Path:

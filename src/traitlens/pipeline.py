@@ -301,7 +301,7 @@ def _capture_pass(model, paths, layers, capture, inputs, **kwargs) -> torch.Tens
     acts = torch.stack([capture.get(str(layer)) for layer in layers])
     capture.clear()
     for i, layer in enumerate(layers):  # said here, where the module is known: no data of the user's is bad
-        check_outputs(acts[i], repr(paths[layer]), model_dtype(model))
+        check_outputs(acts[i], repr(paths[layer]), lambda: model_dtype(model))
     return acts
 
 

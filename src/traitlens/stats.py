@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from traitlens._validation import check_tensor, same_mean, shape_of, short_list
+from traitlens._validation import check_tensor, same_mean, shape_of
 
 
 class RunningMoments:
@@ -199,7 +199,7 @@ class ContrastiveStats:
         same = same_mean(self.pos.mean, self.neg.mean).nonzero().flatten().tolist()
         if same:
             raise ValueError(
-                f"at layer index {short_list(map(str, same))} pos and neg have the same mean in every feature "
+                f"at layer indices {', '.join(map(str, same))} (positions in the layers given) pos and neg have the same mean in every feature "
                 "(the same rows on both sides?): no direction separates them"
             )
         return gap

@@ -773,5 +773,5 @@ def residual_norms(
             for values in norms.values():
                 values[-1] = values[-1].cpu()[real]
     for index, values in norms.items():  # a NaN norm would pass on to steer(norm=...)
-        check_outputs(torch.cat(values), repr(chosen[index]), model_dtype(model))
+        check_outputs(torch.cat(values), repr(chosen[index]), lambda: model_dtype(model))
     return {i: float(torch.quantile(torch.cat(v).double(), 0.5)) for i, v in norms.items()}
