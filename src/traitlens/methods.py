@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from traitlens._validation import (
+    all_finite,
     check_choice,
     check_int,
     check_pos_neg,
@@ -103,7 +104,7 @@ class ExtractionMethod(ABC):
             merged.pop("seed", None)  # deterministic method
         pos, neg = pos.float(), neg.float()
         for arg, x, given in (("pos_acts", pos, pos_acts), ("neg_acts", neg, neg_acts)):
-            if given.dtype == torch.float64 and not bool(torch.isfinite(x).all()):
+            if given.dtype == torch.float64 and not all_finite(x):
                 raise ValueError(
                     f"{arg} has values beyond float32's range (3.4e38), in which the methods compute: rescale it"
                 )
