@@ -41,9 +41,13 @@ from traitlens._validation import (
 from traitlens.compute import _unit
 
 
-def _orient(vector: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Flip ``vector [hidden]`` if negatives project higher than positives on average; return it and ``flipped``."""
-    delta = pos.mean(0, dtype=torch.float64) - neg.mean(0, dtype=torch.float64)  # float32 sums may overflow
+def _orient(
+    vector: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, delta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool]:
+    """Flip ``vector [hidden]`` if negatives project higher than positives on average; return it and ``flipped``.
+    ``delta``: the float64 difference of the class means (computed here unless the caller has it)."""
+    if delta is None:  # float64: float32 sums may overflow
+        delta = pos.mean(0, dtype=torch.float64) - neg.mean(0, dtype=torch.float64)
     flipped = bool(delta @ vector.double() < 0)
     return (-vector if flipped else vector), flipped
 
@@ -51,6 +55,35 @@ def _orient(vector: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple
 def _generator(seed: int) -> torch.Generator:
     """A CPU generator, so that a seed gives the same numbers on every device (draw on CPU, then move)."""
     return torch.Generator().manual_seed(check_int(seed, "seed"))
+
+
+def _checked_classes(
+    pos_acts: torch.Tensor, neg_acts: torch.Tensor, *, min_per_class: int = 1, method: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``ExtractionMethod.extract`` checks of ``pos_acts [n_pos, hidden]`` and ``neg_acts [n_neg,
+    hidden]`` (``check_pos_neg``, then ``_float_classes``): float32 ``pos``, ``neg`` for ``_extract_checked``."""
+    pos, neg = check_pos_neg(pos_acts, neg_acts, min_per_class=min_per_class, method=method)
+    return _float_classes(pos, neg, pos_acts, neg_acts)
+
+
+def _float_classes(
+    pos: torch.Tensor, neg: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pos``, ``neg`` (``check_pos_neg`` of ``pos_acts``, ``neg_acts``) in float32, refused where float64
+    values do not fit float32 or where the classes have the same mean (no direction separates them)."""
+    pos, neg = pos.float(), neg.float()
+    for arg, x, given in (("pos_acts", pos, pos_acts), ("neg_acts", neg, neg_acts)):
+        if given.dtype == torch.float64 and not all_finite(x):
+            raise ValueError(
+                f"{arg} has values beyond float32's range (3.4e38), in which the methods compute: rescale it"
+            )
+    if same_mean(pos.mean(0, dtype=torch.float64), neg.mean(0, dtype=torch.float64)):
+        raise ValueError(
+            "pos_acts and neg_acts have the same mean in every feature (the same rows on both sides?): no "
+            "direction separates them; if the two sides differ only after a shared prompt, read the "
+            "activations there (e.g. position='response_mean')"
+        )
+    return pos, neg
 
 
 class ExtractionMethod(ABC):
@@ -99,22 +132,20 @@ class ExtractionMethod(ABC):
         pos, neg = check_pos_neg(
             pos_acts, neg_acts, min_per_class=self.min_per_class, method=type(self).__name__
         )
+        merged = self._merged(params)
+        return self._extract(*_float_classes(pos, neg, pos_acts, neg_acts), **merged)
+
+    def _extract_checked(self, pos: torch.Tensor, neg: torch.Tensor, **params: Any) -> dict[str, Any]:
+        """``extract`` of the float32 ``pos``, ``neg`` that ``_checked_classes`` returned, not checked again:
+        the pipeline checks each layer's activations once for all its methods."""
+        return self._extract(pos, neg, **self._merged(params))
+
+    def _merged(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The constructor's hyper-parameters updated with the checked ``params`` of a call."""
         merged = {**self.params, **self._check_params(params)}
         if "seed" not in inspect.signature(self._extract).parameters:
             merged.pop("seed", None)  # deterministic method
-        pos, neg = pos.float(), neg.float()
-        for arg, x, given in (("pos_acts", pos, pos_acts), ("neg_acts", neg, neg_acts)):
-            if given.dtype == torch.float64 and not all_finite(x):
-                raise ValueError(
-                    f"{arg} has values beyond float32's range (3.4e38), in which the methods compute: rescale it"
-                )
-        if same_mean(pos.mean(0, dtype=torch.float64), neg.mean(0, dtype=torch.float64)):
-            raise ValueError(
-                "pos_acts and neg_acts have the same mean in every feature (the same rows on both sides?): no "
-                "direction separates them; if the two sides differ only after a shared prompt, read the "
-                "activations there (e.g. position='response_mean')"
-            )
-        return self._extract(pos, neg, **merged)
+        return merged
 
     @abstractmethod
     def _extract(self, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, Any]:
@@ -741,7 +772,7 @@ class GradientMethod(ExtractionMethod):
             adam.step(grad)
             history.append(loss)  # read once at the end: no host sync per step
 
-        vector, flipped = _orient(param / param.norm(), pos, neg)
+        vector, flipped = _orient(param / param.norm(), pos, neg, pos_mean - neg_mean)
         pos_mean_proj, neg_mean_proj = float(pos_mean @ vector.double()), float(neg_mean @ vector.double())
         return {
             "vector": vector,

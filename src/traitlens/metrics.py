@@ -52,6 +52,12 @@ def _scores(
     divided by one norm (products with the rounded unit vector gave equal projections different last
     digits)."""
     pos, neg = check_pos_neg(pos_acts, neg_acts, min_per_class=min_per_class, method=who)
+    return _projections(vector, pos, neg)
+
+
+def _projections(vector: object, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_scores`` of ``pos`` and ``neg`` that ``check_pos_neg`` has passed, not checked again (the pipeline
+    checks a layer's activations once for all its methods); ``vector`` is checked here."""
     vec = check_vector(vector, "vector", hidden=pos.shape[1], hidden_of=f"pos_acts {shape_of(pos)}")
     vec = vec.detach().to(device=pos.device, dtype=torch.float64)
     vec = torch.ldexp(vec, -torch.frexp(vec.abs().amax()).exponent)  # largest magnitude in [0.5, 1), or 0

@@ -56,8 +56,8 @@ from traitlens.dataset import (
 )
 from traitlens.hooks import HookManager, _text_config, decoder_layer_paths, input_device, resolve_module
 from traitlens.methods import METHODS as METHOD_CLASSES
-from traitlens.methods import RandomBaselineMethod, get_method
-from traitlens.metrics import _accuracy, _auroc, _midpoint, evaluate_vector, midpoint_threshold
+from traitlens.methods import RandomBaselineMethod, _checked_classes, get_method
+from traitlens.metrics import _accuracy, _auroc, _midpoint, _projections, evaluate_vector
 from traitlens.models import cache_keyword, model_dtype, transformers_model_path
 from traitlens.positions import POSITION_RULES, select_positions
 from traitlens.stats import ContrastiveStats
@@ -764,10 +764,14 @@ def extract_trait(
     details: dict[str, list[dict]] = {m: [] for m in methods}
     (train_pos, train_neg), (val_pos, val_neg) = acts["train"], acts["val"]
     jobs = [(m, i) for i in range(len(layers)) for m in methods]
+    fits = {m: get_method(m) for m in methods}
+    checked = {}  # layer index -> its train activations, checked once for all the methods (as extract does)
     for method, i in progress_bar(jobs, "methods x layers" if progress else False, unit="fit"):
-        out = get_method(method).extract(train_pos[i], train_neg[i], seed=seed)
+        if i not in checked:
+            checked = {i: _checked_classes(train_pos[i], train_neg[i])}
+        out = fits[method]._extract_checked(*checked[i], seed=seed)
         vector = out["vector"].float().cpu()
-        threshold = midpoint_threshold(vector, train_pos[i], train_neg[i])
+        threshold = float(_midpoint(*_projections(vector, *checked[i])))  # as midpoint_threshold
         vectors[method].append(vector)
         thresholds[method].append(threshold)
         val[method].append(_clean(evaluate_vector(vector, val_pos[i], val_neg[i], threshold=threshold)))
