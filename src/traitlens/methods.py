@@ -461,11 +461,12 @@ def _inverse_hessian_times(
     computed as ``scale r + S p`` with ``r = g - Y q`` and ``p = R^-T (D q - scale Y'r)``.
     """
     sy = steps @ changes.T  # [m, m], entry (i, j) = s_i @ y_j
-    upper = sy.triu()
-    q = torch.linalg.solve_triangular(upper, (steps @ grad)[:, None], upper=True)[:, 0]  # [m]
+    # R is sy's upper triangle, and solve_triangular reads only the triangle that ``upper`` names (as its
+    # documentation says): no triu copy, a parallel kernel of its own, slow on a busy machine
+    q = torch.linalg.solve_triangular(sy, (steps @ grad)[:, None], upper=True)[:, 0]  # [m]
     r = grad - q @ changes  # [p]: g - Y q, so that Y'Y q - Y'g = -Y'r (no difference of large terms)
     inner = sy.diagonal() * q - scale * (changes @ r)
-    p = torch.linalg.solve_triangular(upper.T, inner[:, None], upper=False)[:, 0]  # [m]
+    p = torch.linalg.solve_triangular(sy.T, inner[:, None], upper=False)[:, 0]  # [m]: R' p = inner
     return scale * r + p @ steps
 
 
