@@ -209,12 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from traitlens.models import load_model, model_dtype
+    from traitlens.models import dtype_name, load_model, model_dtype
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
-    dtype = str(model_dtype(model)).removeprefix("torch.")
-    _info(f"loaded {model.config._name_or_path} ({dtype}) in {time.perf_counter() - start:.1f} s")
+    took = time.perf_counter() - start
+    _info(f"loaded {model.config._name_or_path} ({dtype_name(model_dtype(model))}) in {took:.1f} s")
     return model, tokenizer
 
 

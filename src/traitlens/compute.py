@@ -73,13 +73,14 @@ def mean_difference(
     for name, x in (("pos_acts", pos), ("neg_acts", neg)):
         if x.numel() == 0:
             raise ValueError(f"{name} is empty (shape {shape_of(x)}); need at least one example")
-        dims = tuple(range(x.ndim - 1)) if dim is None else dim
-        if dim is not None:
-            several = isinstance(dims, (tuple, list))
-            checked = [_size_along(x, name, d, 1, "mean_difference") for d in (dims if several else [dims])]
-            if len(set(checked)) != len(checked):
+        if dim is None:
+            dims = tuple(range(x.ndim - 1))
+        else:
+            several = isinstance(dim, (tuple, list))
+            dims = [_size_along(x, name, d, 1, "mean_difference") for d in (dim if several else [dim])]
+            if len(set(dims)) != len(dims):
                 raise ValueError(f"dim={dim!r} names a dimension of {name} {shape_of(x)} twice")
-            dims = tuple(checked) if several else checked[0]
+            dims = tuple(dims) if several else dims[0]
         x = x.to(torch.float64)
         means.append(x.mean(dim=dims) if dims != () else x)  # [hidden]: one example, its own mean
     if means[0].shape != means[1].shape:

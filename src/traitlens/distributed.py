@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from traitlens.dataset import SPLITS, ContrastiveDataset, Pair
-from traitlens.models import model_dtype
+from traitlens.models import dtype_name, model_dtype
 from traitlens.stats import ContrastiveStats
 
 RAY_MISSING = "the ray backend needs Ray: pip install 'traitlens[ray]'"
@@ -460,7 +460,7 @@ def _settings(layers, position, outer, spill, cluster: RayCluster) -> dict:
     layers = _check_layers(layers, None)  # against the model's depth once a worker has loaded it
     model_kwargs = _as_json(cluster.model_kwargs)
     if isinstance(model_kwargs.get("dtype"), str):  # torch.bfloat16, "bfloat16", "torch.bfloat16": the same
-        model_kwargs["dtype"] = model_kwargs["dtype"].removeprefix("torch.")
+        model_kwargs["dtype"] = dtype_name(model_kwargs["dtype"])
     return {
         "model": cluster.model, "model_kwargs": model_kwargs, "layers": layers, "position": position,
         "outer": outer, "spill": spill,
@@ -471,7 +471,7 @@ def _as_json(value):
     """``value`` in a form that JSON keeps as it is (for the manifest): dtypes by name (``"bfloat16"``),
     configs with ``to_dict()`` (quantization) as their dict, tuples as lists, other objects by ``repr``."""
     if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
+        return dtype_name(value)
     if hasattr(value, "to_dict"):
         value = value.to_dict()
     if isinstance(value, Mapping):

@@ -61,16 +61,9 @@ def _checked_classes(
     pos_acts: torch.Tensor, neg_acts: torch.Tensor, *, min_per_class: int = 1, method: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``ExtractionMethod.extract`` checks of ``pos_acts [n_pos, hidden]`` and ``neg_acts [n_neg,
-    hidden]`` (``check_pos_neg``, then ``_float_classes``): float32 ``pos``, ``neg`` for ``_extract_checked``."""
+    hidden]``: ``check_pos_neg``, then float32 ``pos``, ``neg`` (for ``_extract_checked``), refused where
+    float64 values do not fit float32 or where the classes have the same mean (no direction separates them)."""
     pos, neg = check_pos_neg(pos_acts, neg_acts, min_per_class=min_per_class, method=method)
-    return _float_classes(pos, neg, pos_acts, neg_acts)
-
-
-def _float_classes(
-    pos: torch.Tensor, neg: torch.Tensor, pos_acts: torch.Tensor, neg_acts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pos``, ``neg`` (``check_pos_neg`` of ``pos_acts``, ``neg_acts``) in float32, refused where float64
-    values do not fit float32 or where the classes have the same mean (no direction separates them)."""
     pos, neg = pos.float(), neg.float()
     for arg, x, given in (("pos_acts", pos, pos_acts), ("neg_acts", neg, neg_acts)):
         if given.dtype == torch.float64 and not all_finite(x):
@@ -129,11 +122,8 @@ class ExtractionMethod(ABC):
 
     def extract(self, pos_acts: torch.Tensor, neg_acts: torch.Tensor, **params: Any) -> dict[str, Any]:
         """Extract a trait vector ``[hidden]`` from ``pos_acts [n_pos, hidden]`` and ``neg_acts [n_neg, hidden]``."""
-        pos, neg = check_pos_neg(
-            pos_acts, neg_acts, min_per_class=self.min_per_class, method=type(self).__name__
-        )
-        merged = self._merged(params)
-        return self._extract(*_float_classes(pos, neg, pos_acts, neg_acts), **merged)
+        checked = _checked_classes(pos_acts, neg_acts, min_per_class=self.min_per_class, method=self.name())
+        return self._extract_checked(*checked, **params)
 
     def _extract_checked(self, pos: torch.Tensor, neg: torch.Tensor, **params: Any) -> dict[str, Any]:
         """``extract`` of the float32 ``pos``, ``neg`` that ``_checked_classes`` returned, not checked again:

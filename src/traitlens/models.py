@@ -104,6 +104,11 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16``: a dtype as JSON, logs and ``load_model`` spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cache_dir() -> Path:
     """Where traitlens keeps converted weights (``$TRAITLENS_CACHE`` or ``~/.cache/traitlens``)."""
     return Path(os.environ.get("TRAITLENS_CACHE", Path.home() / ".cache" / "traitlens"))
@@ -207,7 +212,7 @@ def _check_folder(name: str) -> None:
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    value = getattr(torch, dtype_name(dtype), None)
     if not isinstance(value, torch.dtype):
         raise ValueError(f"dtype must be a torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
     return value

@@ -58,7 +58,7 @@ from traitlens.hooks import HookManager, _text_config, decoder_layer_paths, inpu
 from traitlens.methods import METHODS as METHOD_CLASSES
 from traitlens.methods import RandomBaselineMethod, _checked_classes, get_method
 from traitlens.metrics import _accuracy, _auroc, _midpoint, _projections, evaluate_vector
-from traitlens.models import cache_keyword, model_dtype, transformers_model_path
+from traitlens.models import cache_keyword, dtype_name, model_dtype, transformers_model_path
 from traitlens.positions import POSITION_RULES, select_positions
 from traitlens.stats import ContrastiveStats
 from traitlens.vector import TraitVector, save_tensors
@@ -765,10 +765,10 @@ def extract_trait(
     (train_pos, train_neg), (val_pos, val_neg) = acts["train"], acts["val"]
     jobs = [(m, i) for i in range(len(layers)) for m in methods]
     fits = {m: get_method(m) for m in methods}
-    checked = {}  # layer index -> its train activations, checked once for all the methods (as extract does)
+    # each layer's train activations checked once for all the methods, as extract checks them (float32
+    # already: the checked tensors are views, no copies)
+    checked = [_checked_classes(pos, neg) for pos, neg in zip(train_pos, train_neg, strict=True)]
     for method, i in progress_bar(jobs, "methods x layers" if progress else False, unit="fit"):
-        if i not in checked:
-            checked = {i: _checked_classes(train_pos[i], train_neg[i])}
         out = fits[method]._extract_checked(*checked[i], seed=seed)
         vector = out["vector"].float().cpu()
         threshold = float(_midpoint(*_projections(vector, *checked[i])))  # as midpoint_threshold
@@ -833,7 +833,7 @@ def extract_trait(
         control_test=on_test(CONTROL),
         control_ok=control_ok,
         model_type=getattr(getattr(model, "config", None), "model_type", None),
-        model_dtype=str(model_dtype(model)).removeprefix("torch."),
+        model_dtype=dtype_name(model_dtype(model)),
         activations=acts,
     )
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from traitlens._validation import check_choice, shape_of
+from traitlens._validation import all_finite, check_choice, shape_of
 
 POSITION_RULES = ("prompt_last", "prompt_mean", "response_mean", "all")
 
@@ -142,7 +142,7 @@ def check_selector(selector) -> None:
         )
     if selector.is_floating_point() and selector.ndim != 2:
         raise ValueError(f"position weights must have shape [batch, seq], got {shape_of(selector)}")
-    if selector.is_floating_point() and selector.device.type == "cpu" and not bool(selector.isfinite().all()):
+    if selector.is_floating_point() and selector.device.type == "cpu" and not all_finite(selector):
         raise ValueError("position weights contain NaN or inf")
     if not selector.is_floating_point() and selector.ndim not in (1, 2):
         raise ValueError(f"position index must have shape [batch] or [batch, k], got {shape_of(selector)}")

@@ -195,14 +195,14 @@ class ContrastiveStats:
         """``mean(pos) - mean(neg)``, ``[layer, hidden]`` float64, for ``what``, which needs, like the
         extraction methods, a gap at every layer."""
         self._need(what, 1)
-        gap = self.pos.mean - self.neg.mean
-        same = same_mean(self.pos.mean, self.neg.mean).nonzero().flatten().tolist()
+        pos_mean, neg_mean = self.pos.mean, self.neg.mean  # copies: read once
+        same = same_mean(pos_mean, neg_mean).nonzero().flatten().tolist()
         if same:
             raise ValueError(
-                f"at layer indices {', '.join(map(str, same))} (positions in the layers given) pos and neg have the same mean in every feature "
-                "(the same rows on both sides?): no direction separates them"
+                f"at layer indices {', '.join(map(str, same))} (positions in the layers given) pos and neg have "
+                "the same mean in every feature (the same rows on both sides?): no direction separates them"
             )
-        return gap
+        return pos_mean - neg_mean
 
     def mean_difference(self) -> torch.Tensor:
         """``mean(pos) - mean(neg)``: ``[layer, hidden]`` float32 (as ``MeanDifferenceMethod``)."""

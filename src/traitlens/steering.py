@@ -75,7 +75,15 @@ from dataclasses import dataclass
 
 import torch
 
-from traitlens._validation import check_choice, check_outputs, check_vector, real_number, shape_of, short_list
+from traitlens._validation import (
+    check_choice,
+    check_outputs,
+    check_real,
+    check_vector,
+    real_number,
+    shape_of,
+    short_list,
+)
 from traitlens.capture import output_tensor
 from traitlens.compute import _unit
 from traitlens.dataset import Example, encode_examples
@@ -218,9 +226,7 @@ class SequenceTracker:
                 self._prompt_len = seq - drafts
         elif new_cache:  # e.g. generate given a cache of a shared prefix: this pass ends its prompt
             self._prompt_len = past + seq - drafts
-        elif (
-            seq > 1 and not drafts
-        ):  # more prompt on a filled cache: a chunked prefill, or a chat's next turn
+        elif seq > 1 and not drafts:  # more prompt on a filled cache: a chunked prefill, a chat's next turn
             self._prompt_len = past + seq
         self._last_input = given.detach() if no_cache else None  # kept only to compare the next pass with
         if self._prompt_len is None:  # the cache was filled before the tracker came: this pass is prompt too
@@ -309,9 +315,9 @@ class Intervention:
     def __init__(self, op: str, vector: object, value: float, positions, tracker: SequenceTracker | None):
         self.op = check_choice(op, "op", OPERATIONS)
         self.vector = vector
-        if real_number(value) is None:
-            raise TypeError(f"coeff/value must be a finite number, got {value!r}")
         self.value = real_number(value)
+        if self.value is None:
+            raise TypeError(f"coeff/value must be a finite number, got {value!r}")
         if tracker is not None and not isinstance(tracker, SequenceTracker):
             raise TypeError(f"tracker must be a SequenceTracker, got {type(tracker).__name__}")
         self.tracker = tracker
@@ -708,17 +714,12 @@ def _where(model: torch.nn.Module, key) -> tuple[str, int | None]:
 def _norm_for(norm, layer_index: int | None, path: str) -> float:
     if isinstance(norm, Mapping):
         for key in (layer_index, path):
-            if key is not None and key in norm:
-                value = real_number(norm[key])
-                if value is None or value <= 0:  # a negative norm would steer the other way, 0 not at all
-                    raise ValueError(f"norm[{key!r}] must be a positive number, got {norm[key]!r}")
-                return value
+            if key is not None and key in norm:  # a negative norm would steer the other way, 0 not at all
+                return check_real(norm[key], f"norm[{key!r}]", "a positive number", lambda v: v > 0)
         raise ValueError(
             f"norm has no entry for layer {layer_index} ({path!r}); it has {short_list(map(str, norm))}"
         )
-    if (real_number(norm) or 0.0) > 0:
-        return real_number(norm)
-    raise ValueError(f"norm must be a positive number or a {{layer: norm}} mapping, got {norm!r}")
+    return check_real(norm, "norm", "a positive number or a {layer: norm} mapping", lambda v: v > 0)
 
 
 # --------------------------------------------------------------------------------------------------------
