@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from traitlens._validation import did_you_mean, short_list
-from traitlens.positions import apply_selector, check_selector, past_the_end, to_device
+from traitlens.positions import _apply_checked, check_selector, past_the_end, to_device
 
 
 def output_tensor(output: object) -> torch.Tensor:
@@ -151,7 +151,7 @@ class ActivationCapture:
                     f"{past_the_end(self._index_end - 1, length)}; set positions for each batch "
                     "(capture.positions = last_token_index(batch['attention_mask']))"
                 )
-        if hidden.device not in self._selector_on:  # the dtype of weights is apply_selector's to choose
+        if hidden.device not in self._selector_on:  # the dtype of weights is _apply_checked's to choose
             self._selector_on[hidden.device] = to_device(selector, hidden.device)
         return self._selector_on[hidden.device]
 
@@ -186,7 +186,7 @@ class ActivationCapture:
         if not isinstance(activations, torch.Tensor):
             raise TypeError(f"activations must be a torch.Tensor, got {type(activations).__name__}")
         selector = self._selector(activations)
-        x = apply_selector(activations.detach(), selector)
+        x = _apply_checked(activations.detach(), selector)  # checked when positions were set
         if isinstance(selector, slice) and activations.ndim == 3 and x.shape[1] == 0 < activations.shape[1]:
             step = " (a decode step of generate)" if activations.shape[1] == 1 else ""
             raise ValueError(

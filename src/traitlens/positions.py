@@ -92,11 +92,17 @@ def apply_selector(hidden: torch.Tensor, selector) -> torch.Tensor:
     ``[batch, seq]`` weights) or ``[batch, k, hidden]`` (``slice``, ``[batch, k]`` index). Weighted sums are
     computed and returned in float32 (float64 for float64 activations); selections keep the dtype.
     """
+    check_selector(selector)  # an int or a slice passes (not a bool); a tensor's values are read on the host
+    return _apply_checked(hidden, selector)
+
+
+def _apply_checked(hidden: torch.Tensor, selector) -> torch.Tensor:
+    """``apply_selector`` of a selector that ``check_selector`` has passed, without checking it again: the
+    capture checks its positions once, when they are set, not in every hook call."""
     if selector is None:
         return hidden
     if hidden.ndim != 3:
         raise ValueError(f"positions need activations of shape [batch, seq, hidden], got {shape_of(hidden)}")
-    check_selector(selector)  # an int or a slice passes (not a bool); a tensor's values are read on the host
     if not isinstance(selector, torch.Tensor):
         return hidden[:, selector]
     batch, seq, width = hidden.shape
