@@ -527,16 +527,17 @@ def read_spilled(
     parts: dict[str, list[torch.Tensor]] = {"pos": [], "neg": []}
     rows: list[torch.Tensor] = []  # where each file's rows go in the result
     total = 0  # rows read so far
-    layers = {}  # the layers each file records -> one file that does
+    layers: dict[str, Path] = {}  # the layers files record -> the first file that does
     for batches in folders:
         start = total  # this folder's first row
         for path in batches:
             with safe_open(path, framework="pt") as f:
                 spilled = f.get_slice("pos").get_shape()[0]  # layers in this file
                 recorded = (f.metadata() or {}).get("layers")  # files of before 2026-11-27 have none
-                layers.setdefault(recorded, path)
-                if len(layers.keys() - {None}) > 1:  # rows of one layer would be joined with another's
-                    (a, first), (b, second) = [(k, v) for k, v in layers.items() if k is not None][:2]
+                if recorded is not None:
+                    layers.setdefault(recorded, path)
+                if len(layers) > 1:  # rows of one layer would be joined with another's
+                    (a, first), (b, second) = layers.items()
                     raise ValueError(
                         f"{first} holds layers {a} and {second} layers {b}: spilled by other runs"
                     )
